@@ -1,0 +1,47 @@
+"""spyke-lora: train Stable Diffusion 1.5 LoRAs with kohya-ss/sd-scripts inside your Python process.
+
+    from spyke_lora import TrainConfig, train
+    result = train(TrainConfig.from_toml("spyke.toml"), callbacks=[print])
+"""
+
+import os as _os
+
+# MPS runs need this before torch is first imported (an op MPS lacks then runs on the CPU instead of failing).
+# It is set here because nothing in this package imports torch before this line; an explicit value is kept.
+_os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+
+import logging as _logging  # noqa: E402
+
+from . import events  # noqa: E402
+from ._config import TrainConfig  # noqa: E402
+from ._device import DevicePlan, SpykeLoraWarning  # noqa: E402
+from ._engine import sd_scripts_argv  # noqa: E402
+from ._errors import ConfigError, DeviceError, EngineError, SpykeLoraError, TrainingError  # noqa: E402
+from ._train import Callback, TrainResult, train  # noqa: E402
+from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback",
+    "CheckpointSaved",
+    "ConfigError",
+    "DeviceError",
+    "DevicePlan",
+    "EngineError",
+    "Event",
+    "SpykeLoraError",
+    "SpykeLoraWarning",
+    "StepEnded",
+    "Stop",
+    "TrainConfig",
+    "TrainEnded",
+    "TrainResult",
+    "TrainStarted",
+    "TrainingError",
+    "events",
+    "sd_scripts_argv",
+    "train",
+]
+
+_logging.getLogger("spyke_lora").addHandler(_logging.NullHandler())

@@ -1,0 +1,375 @@
+"""`TrainConfig`: one flat, frozen, typed description of a LoRA run.
+
+Field names follow kohya-ss/sd-scripts' option names wherever one exists, so a kohya user recognises every field.
+Defaults are the reference recipe (LORA-01, the Spyke character LoRA). Paths are made absolute when the config is
+built (relative to the working directory, or to the TOML file's folder in :meth:`TrainConfig.from_toml`), so a config
+means the same thing wherever it is later used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from ._errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["TrainConfig", "repeats_from_folder_name"]
+
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+SavePrecision = Literal["float", "fp16", "bf16"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+_FOLDER_PREFIX = re.compile(r"^(\d+)_(.+)$")
+
+
+def repeats_from_folder_name(folder: Path | str) -> tuple[int, str] | None:
+    """``10_spyke_plasma_v1`` -> ``(10, "spyke_plasma_v1")``: kohya's ``N_name`` folder convention, else None."""
+    match = _FOLDER_PREFIX.match(Path(folder).name)
+    if match is None:
+        return None
+    return int(match.group(1)), match.group(2)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A LoRA training run. Required: ``base_model``, ``output_dir``, ``output_name`` and a dataset
+    (``train_dir``, optionally ``reg_dir``; or ``dataset_config``). Everything else defaults to the LORA-01 recipe."""
+
+    # --- what to train on -------------------------------------------------------------------------------------------
+    base_model: Path  # an SD1.x checkpoint (.safetensors)
+    output_dir: Path  # where the LoRA files (and the generated dataset TOML) are written
+    output_name: str  # file stem: NAME.safetensors, NAME-step00000200.safetensors, ...
+    train_dir: Path | None = None  # folder of images + captions, e.g. .../10_spyke_plasma_v1
+    num_repeats: int | None = None  # None: the N_ prefix of train_dir's folder name (10_spyke_plasma_v1 -> 10)
+    reg_dir: Path | None = None  # regularisation images (optional)
+    reg_repeats: int = 1
+    dataset_config: Path | None = None  # an existing kohya dataset TOML, instead of train_dir/reg_dir
+    # --- dataset ----------------------------------------------------------------------------------------------------
+    resolution: int = 512
+    train_batch_size: int = 1
+    enable_bucket: bool = True
+    caption_extension: str = ".txt"
+    shuffle_caption: bool = True
+    keep_tokens: int = 1  # the trigger word stays first when captions are shuffled
+    flip_aug: bool = False  # off: mirroring breaks asymmetric costumes
+    # --- network and optimiser --------------------------------------------------------------------------------------
+    network_module: str = "networks.lora"
+    network_dim: int = 32
+    network_alpha: float = 16.0
+    optimizer_type: str = "AdamW"
+    learning_rate: float = 1e-4
+    unet_lr: float | None = 1e-4
+    text_encoder_lr: float | None = 5e-5
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    # --- length and saving ------------------------------------------------------------------------------------------
+    max_train_epochs: int | None = 4
+    max_train_steps: int | None = None  # when set, wins over max_train_epochs
+    save_every_n_steps: int | None = 200
+    save_precision: SavePrecision = "float"
+    overwrite: bool = False  # False: refuse to start when files of this output_name already exist
+    # --- model behaviour --------------------------------------------------------------------------------------------
+    mixed_precision: MixedPrecision = "auto"  # auto: fp16 on CUDA, no on MPS and CPU
+    clip_skip: int | None = 2
+    prior_loss_weight: float = 1.0
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    # --- where it runs ----------------------------------------------------------------------------------------------
+    device: Device = "auto"  # auto: cuda, else mps, else cpu
+    tokenizer_cache_dir: Path | None = None  # holds openai_clip-vit-large-patch14/ (offline runs)
+    sd_scripts_dir: Path | None = None  # None: $SPYKE_LORA_SD_SCRIPTS, else the vendored submodule
+    extra_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # any other sd-scripts option
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for f in dataclasses.fields(self):
+            value, problem = _coerce(f.name, _HINTS[f.name], getattr(self, f.name))
+            if problem:
+                problems.append(problem)
+            else:
+                object.__setattr__(self, f.name, value)
+        if not problems:
+            problems += self._cross_field_problems()
+        if problems:
+            raise ConfigError(problems)
+
+    # --- construction -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        """Read a config written by :meth:`to_toml` or by hand. Relative paths are relative to the TOML's folder.
+        Unknown keys and bad values are reported together, each with its key."""
+        path = Path(path).expanduser()
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist; check the path") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        return cls.from_dict(data, base_dir=path.parent, source=str(path))
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, base_dir: Path | None = None, source: str | None = None
+    ) -> TrainConfig:
+        """Build a config from plain data (a parsed TOML). Relative paths are resolved against ``base_dir``."""
+        problems = _unknown_key_problems(data.keys())
+        missing = [n for n in _REQUIRED if n not in data]
+        problems += [f"`{n}` is required but missing; add `{n} = ...`" for n in missing]
+        values = {k: v for k, v in data.items() if k in _HINTS}
+        if base_dir is not None:
+            for name in _PATH_FIELDS:
+                if isinstance(values.get(name), str):
+                    values[name] = _absolute(Path(base_dir) / Path(values[name]).expanduser())
+        if problems:
+            # Report value problems together with the key problems.
+            for name, value in values.items():
+                problem = _coerce(name, _HINTS[name], value)[1]
+                if problem:
+                    problems.append(problem)
+            raise ConfigError(problems, source=source)
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(list(e.problems), source=source) from None
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (and checked). Unknown names are an error with a suggestion."""
+        problems = _unknown_key_problems(changes.keys())
+        if problems:
+            raise ConfigError(problems)
+        return dataclasses.replace(self, **changes)
+
+    # --- output -----------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (paths as strings, ``None`` values left out): what :meth:`to_toml` writes."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    def to_toml(self, path: str | os.PathLike[str]) -> Path:
+        """Write the config as TOML; ``TrainConfig.from_toml(path) == self``. Returns the path."""
+        path = Path(path)
+        path.write_text(self.to_toml_string(), encoding="utf-8")
+        return path
+
+    def to_toml_string(self) -> str:
+        data = self.to_dict()
+        extra = data.pop("extra_args", {})
+        lines = ["# spyke-lora TrainConfig", *(f"{k} = {_toml_value(v)}" for k, v in data.items())]
+        if extra:
+            lines += ["", "[extra_args]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in extra.items())]
+        return "\n".join(lines) + "\n"
+
+    # --- derived values ---------------------------------------------------------------------------------------------
+    def resolved_num_repeats(self) -> int | None:
+        """``num_repeats``, else the ``N_`` prefix of ``train_dir``'s name, else None (no train_dir)."""
+        if self.num_repeats is not None:
+            return self.num_repeats
+        if self.train_dir is None:
+            return None
+        parsed = repeats_from_folder_name(self.train_dir)
+        return parsed[0] if parsed else None
+
+    def _cross_field_problems(self) -> list[str]:
+        problems = []
+        if self.train_dir is None and self.dataset_config is None:
+            problems.append("no dataset: set `train_dir` (a folder of images and captions) or `dataset_config`")
+        if self.train_dir is not None and self.dataset_config is not None:
+            problems.append(
+                "`train_dir` and `dataset_config` are both set; use one: the dataset TOML already names its folders"
+            )
+        if self.reg_dir is not None and self.dataset_config is not None:
+            problems.append("`reg_dir` cannot be combined with `dataset_config`; add the folder to the dataset TOML")
+        if self.reg_dir is not None and self.train_dir is None and self.dataset_config is None:
+            problems.append("`reg_dir` is set without `train_dir`; set `train_dir` too")
+        if self.train_dir is not None and self.resolved_num_repeats() is None:
+            name = self.train_dir.name
+            problems.append(
+                f"`num_repeats` is not set and the folder name {name!r} of `train_dir` has no `N_` prefix; "
+                f"set `num_repeats = 10` or rename the folder to '10_{name}'"
+            )
+        if self.max_train_epochs is None and self.max_train_steps is None:
+            problems.append("set `max_train_epochs` or `max_train_steps`; both are empty")
+        if self.resolution % 64:
+            suggestion = max(64, round(self.resolution / 64) * 64)
+            problems.append(f"`resolution` must be a multiple of 64, got {self.resolution}; try {suggestion}")
+        if not self.output_name or any(c in self.output_name for c in "/\\") or self.output_name in {".", ".."}:
+            problems.append(
+                f"`output_name` must be a plain file stem such as 'spyke_plasma_v1', got {self.output_name!r}"
+            )
+        if not self.caption_extension.startswith("."):
+            problems.append(
+                f"`caption_extension` must start with a dot, got {self.caption_extension!r}; "
+                f"try '.{self.caption_extension}'"
+            )
+        problems += _extra_args_problems(self.extra_args)
+        return problems
+
+
+# --- checking values --------------------------------------------------------------------------------------------------
+
+_HINTS: dict[str, Any] = typing.get_type_hints(TrainConfig)
+_REQUIRED = tuple(
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+)
+_PATH_FIELDS = tuple(
+    name for name, hint in _HINTS.items() if hint is Path or Path in typing.get_args(hint)
+)
+_MINIMUM: dict[str, float] = {  # the smallest allowed value of numeric fields
+    "num_repeats": 1, "reg_repeats": 1, "resolution": 64, "train_batch_size": 1, "keep_tokens": 0,
+    "network_dim": 1, "network_alpha": 0, "learning_rate": 0, "unet_lr": 0, "text_encoder_lr": 0,
+    "lr_warmup_steps": 0, "max_train_epochs": 1, "max_train_steps": 1, "save_every_n_steps": 1,
+    "clip_skip": 1, "prior_loss_weight": 0,
+}  # fmt: skip
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised (``..`` removed) without resolving symlinks."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(c) for c in typing.get_args(hint))
+    return {Path: "a path", int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, str(hint)
+    )
+
+
+def _coerce(name: str, hint: Any, value: Any) -> tuple[Any, str | None]:
+    """Check ``value`` against the field's type; return (normalised value, problem or None)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None, None
+        return _coerce(name, args[0], value)
+    if value is None:
+        return value, f"`{name}` is required, got None; set it to {_type_name(hint)}"
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value, None
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint_text = f"; did you mean {close[0]!r}?" if close else ""
+        return value, f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}{hint_text}"
+    if hint is Path:
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            return _absolute(Path(value)), None
+        return value, f"`{name}` must be a path, got {value!r}"
+    if hint is bool:
+        if isinstance(value, bool):
+            return value, None
+        return value, f"`{name}` must be true or false, got {value!r}"
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _range_checked(name, value)
+        return value, f"`{name}` must be an integer, got {value!r}"
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                return value, f"`{name}` must be a finite number, got {value!r}"
+            return _range_checked(name, float(value))
+        return value, f"`{name}` must be a number, got {value!r}"
+    if hint is str:
+        if isinstance(value, str):
+            return value, None
+        return value, f"`{name}` must be a string, got {value!r}"
+    if typing.get_origin(hint) in (Mapping, dict) or hint is Mapping:
+        if isinstance(value, Mapping):
+            return types.MappingProxyType(dict(value)), None
+        return value, f"`{name}` must be a table of sd-scripts options, got {value!r}"
+    raise AssertionError(f"unhandled type {hint!r} for {name}")  # pragma: no cover
+
+
+def _range_checked(name: str, value: float) -> tuple[Any, str | None]:
+    low = _MINIMUM.get(name)
+    if low is not None and value < low:
+        return value, f"`{name}` must be at least {low:g}, got {value!r}"
+    if name == "network_alpha" and value == 0:
+        return value, f"`network_alpha` must be above 0, got {value!r}; the recipe uses 16 (half of network_dim)"
+    return value, None
+
+
+def _unknown_key_problems(keys: typing.Iterable[str]) -> list[str]:
+    problems = []
+    for key in keys:
+        if key in _HINTS:
+            continue
+        close = difflib.get_close_matches(key, list(_HINTS), n=1, cutoff=0.6)
+        fix = f"did you mean `{close[0]}`?" if close else "remove it, or put an sd-scripts option under [extra_args]"
+        problems.append(f"unknown key `{key}`; {fix}")
+    return problems
+
+
+_EXTRA_SCALARS = (bool, int, float, str)
+
+
+def _extra_args_problems(extra: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for key, value in extra.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            fix = f"write {key.lstrip('-')!r}" if isinstance(key, str) and key.startswith("-") else "use its name"
+            problems.append(f"`extra_args` key {key!r} is not an sd-scripts option name; {fix}")
+            continue
+        if key in _HINTS:
+            problems.append(f"`extra_args.{key}` duplicates the config field `{key}`; set the field instead")
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, _EXTRA_SCALARS) for v in items):
+            problems.append(
+                f"`extra_args.{key}` must be true/false, a number, a string or a list of those, got {value!r}"
+            )
+    return problems
+
+
+# --- writing TOML -----------------------------------------------------------------------------------------------------
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        text = repr(value)
+        return text if any(c in text for c in ".eEn") else text + ".0"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")  # pragma: no cover

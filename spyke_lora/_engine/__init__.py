@@ -1,0 +1,209 @@
+"""The one part of spyke-lora that knows kohya-ss/sd-scripts: its location, option names, trainer and files.
+
+Everything else in the package speaks in :class:`~spyke_lora.TrainConfig`, :class:`~spyke_lora._device.DevicePlan`
+and :mod:`spyke_lora.events`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from .._config import TrainConfig
+from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_device, resolve_device
+from .._errors import DeviceError, SpykeLoraError, TrainingError
+from ..events import Event
+from ._argv import build_argv, dataset_toml_path, dataset_toml_text, parse_argv
+from ._host import PINNED_COMMIT, PINNED_VERSION, EngineHost, host_for, locate_engine
+from ._process import free_memory, isolated_run
+from ._trainer import Probe, StopRun, finish_after_stop, trainer_class
+
+__all__ = [
+    "PINNED_COMMIT",
+    "PINNED_VERSION",
+    "Outcome",
+    "dataset_toml_path",
+    "device_plan",
+    "existing_outputs",
+    "locate_engine",
+    "run",
+    "sd_scripts_argv",
+    "write_random_sd15_checkpoint",
+]
+
+_RUN_LOCK = threading.Lock()  # sd-scripts keeps process-wide singletons: one run at a time per process
+
+
+def device_plan(cfg: TrainConfig, device: str | None = None) -> DevicePlan:
+    """The device policy for ``cfg``: on ``device`` when given (no hardware check), else on what ``cfg.device``
+    resolves to on this machine."""
+    if device is None:
+        cuda, mps = available_devices()
+        device = resolve_device(cfg.device, cuda_available=cuda, mps_available=mps)
+    elif device not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device must be 'cpu', 'cuda' or 'mps', got {device!r}")
+    xformers = bool(cfg.extra_args.get("xformers", False))
+    return plan_device(device, mixed_precision=cfg.mixed_precision, optimizer_type=cfg.optimizer_type, xformers=xformers)
+
+
+def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
+    """Exactly the ``train_network.py`` arguments :func:`spyke_lora.train` runs for ``cfg``, checked by sd-scripts'
+    own parser. ``device`` ("cpu", "cuda", "mps") applies that device's policy without needing the hardware; by
+    default the device ``cfg.device`` resolves to here. Corrections (e.g. fp16 on MPS) are issued as
+    :class:`SpykeLoraWarning`."""
+    plan = device_plan(cfg, device)
+    for note in plan.corrections:
+        warnings.warn(note, SpykeLoraWarning, stacklevel=2)
+    argv = build_argv(cfg, plan)
+    host = host_for(cfg.sd_scripts_dir)
+    with host.active():
+        parse_argv(host.train_network().setup_parser(), argv)
+    return argv
+
+
+def existing_outputs(cfg: TrainConfig) -> list[Path]:
+    """LoRA files of ``cfg.output_name`` already in ``cfg.output_dir`` (final, per-step and per-epoch names)."""
+    if not cfg.output_dir.is_dir():
+        return []
+    name = cfg.output_name
+    found = []
+    for path in sorted(cfg.output_dir.iterdir()):
+        stem, suffix = path.stem, path.suffix
+        if suffix != ".safetensors" or not path.is_file():
+            continue
+        rest = stem[len(name) :] if stem.startswith(name) else None
+        # sd-scripts' names: NAME, NAME-step00000200 (STEP_FILE_NAME), NAME-000001 (EPOCH_FILE_NAME)
+        if rest == "" or (rest and (rest.startswith("-step") and rest[5:].isdigit() or rest[1:].isdigit())):
+            found.append(path)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    steps: int
+    final_path: Path | None
+    stopped: bool
+
+
+def run(
+    cfg: TrainConfig,
+    plan: DevicePlan,
+    emit: Callable[[Event], None],
+    stop_requested: Callable[[], bool],
+    started_at: float,
+) -> Outcome:
+    """Train ``cfg`` in this process with sd-scripts. Events go to ``emit``; ``stop_requested`` is polled at safe
+    points. sd-scripts' own exceptions come out as :class:`TrainingError`; others (a callback's, Ctrl-C) unchanged."""
+    argv = build_argv(cfg, plan)
+    host = host_for(cfg.sd_scripts_dir)
+    if not _RUN_LOCK.acquire(blocking=False):
+        raise SpykeLoraError(
+            "another spyke-lora run is active in this process; sd-scripts keeps process-wide state, so runs in one "
+            "process go one at a time: wait for it to end (or stop it) first"
+        )
+    try:
+        with host.active() as caller_logging:
+            train_network = host.train_network()
+            _write_dataset_toml(cfg)
+            env = {"ACCELERATE_USE_CPU": "true"} if plan.device == "cpu" else {}
+            with isolated_run(train_network, env):
+                return _train(train_network, host, argv, emit, stop_requested, started_at, caller_logging.restore)
+    finally:
+        _RUN_LOCK.release()
+        free_memory()
+
+
+def _train(train_network, host: EngineHost, argv, emit, stop_requested, started_at, restore_logging) -> Outcome:
+    parser = train_network.setup_parser()
+    args = parse_argv(parser, argv)
+    probe = Probe(emit, stop_requested, started_at, restore_logging)
+    trainer = trainer_class(train_network)(probe)
+    try:
+        try:
+            trainer.train(args)
+        except StopRun as stop:
+            final = finish_after_stop(stop, train_network, probe)
+            _clear_engine_frames(stop.__traceback__, host.root)
+            return Outcome(probe.steps_done, final, stopped=True)
+        final = Path(args.output_dir) / train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
+        return Outcome(probe.steps_done, final, stopped=False)
+    except SystemExit as e:  # sd-scripts calls exit() on some bad input; a library must not
+        _clear_engine_frames(e.__traceback__, host.root)
+        raise TrainingError(f"sd-scripts tried to exit the process (exit code {e.code}); see its log above") from None
+    except BaseException as e:
+        _clear_engine_frames(e.__traceback__, host.root)
+        if isinstance(e, Exception) and e is not probe.callback_error and not isinstance(e, SpykeLoraError):
+            raise TrainingError(f"sd-scripts failed: {type(e).__name__}: {e}") from e
+        raise
+
+
+def _clear_engine_frames(tb: TracebackType | None, root: Path) -> None:
+    """Drop the locals of sd-scripts' frames held by a traceback: they hold the models (gigabytes), and a notebook
+    keeps the last exception alive. The traceback's lines stay readable."""
+    prefix = str(root) + os.sep
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.startswith(prefix):
+            try:
+                frame.clear()
+            except RuntimeError:  # still executing; cannot happen for an unwound frame
+                pass
+        tb = tb.tb_next
+
+
+def _write_dataset_toml(cfg: TrainConfig) -> None:
+    text = dataset_toml_text(cfg)
+    if text is None:
+        return
+    path = dataset_toml_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_random_sd15_checkpoint(path: Path, *, seed: int = 0, sd_scripts_dir: Path | None = None) -> Path:
+    """A randomly initialised, full-size SD1.5 checkpoint (fp16 .safetensors, about 2.1 GB), built with sd-scripts'
+    own ``model_util`` so its keys are exactly what the trainer loads. Written atomically to ``path``."""
+    host = host_for(sd_scripts_dir)
+    with host.active():
+        host.train_network()  # imports library.* with the right sys.path
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        model_util = sys.modules["library.model_util"]
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            unet = UNet2DConditionModel(**model_util.create_unet_diffusers_config(False))
+            vae = AutoencoderKL(**model_util.create_vae_diffusers_config())
+            text_encoder = CLIPTextModel._from_config(
+                CLIPTextConfig(  # the v1 config of model_util.load_models_from_stable_diffusion_checkpoint
+                    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-05,
+                    dropout=0.0, attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
+                    pad_token_id=1, bos_token_id=0, eos_token_id=2, model_type="clip_text_model",
+                    projection_dim=768, torch_dtype="float32",
+                )  # fmt: skip
+            )
+        finally:
+            torch.set_rng_state(state)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
+        try:
+            model_util.save_stable_diffusion_checkpoint(
+                False, str(tmp), text_encoder, unet, None, 0, 0, None, save_dtype=torch.float16, vae=vae
+            )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        del unet, vae, text_encoder
+    free_memory()
+    return path

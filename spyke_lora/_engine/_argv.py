@@ -1,0 +1,181 @@
+"""TrainConfig + device plan -> the exact ``train_network.py`` arguments, and the dataset TOML they point at.
+
+This is the only place that knows sd-scripts' option names. Building the list is pure; checking it runs sd-scripts'
+own ``setup_parser()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .._config import TrainConfig, repeats_from_folder_name
+from .._device import DevicePlan
+from .._errors import ConfigError, DeviceError, EngineError
+
+# Options the library sets itself from config fields or the device policy: extra_args may not set them.
+_MANAGED: dict[str, str] = {
+    "pretrained_model_name_or_path": "set `base_model` instead",
+    "train_data_dir": "set `train_dir` instead",
+    "reg_data_dir": "set `reg_dir` instead",
+    "in_json": "use `dataset_config` (a kohya dataset TOML) instead",
+    "save_model_as": "spyke-lora always writes .safetensors",
+    "sdpa": "attention is chosen by the device policy (sdpa everywhere, or extra_args.xformers = true on CUDA)",
+    "mem_eff_attn": "attention is chosen by the device policy (sdpa everywhere, or extra_args.xformers = true on CUDA)",
+    "use_8bit_adam": "set `optimizer_type` instead",
+    "use_lion_optimizer": "set `optimizer_type` instead",
+    "caption_extention": "set `caption_extension` instead",
+    "console_log_level": "configure Python logging in your program instead",
+    "console_log_file": "configure Python logging in your program instead",
+    "console_log_simple": "configure Python logging in your program instead",
+}
+# Options only CUDA can run.
+_CUDA_ONLY = ("full_fp16", "full_bf16", "fp8_base")
+
+
+def dataset_toml_path(cfg: TrainConfig) -> Path:
+    """Where ``train()`` writes the dataset TOML for ``train_dir``/``reg_dir`` (a fixed path, so the command line
+    of a finished run can be rerun as-is); the user's own file when ``dataset_config`` is set."""
+    if cfg.dataset_config is not None:
+        return cfg.dataset_config
+    return cfg.output_dir / f"{cfg.output_name}_dataset.toml"
+
+
+def dataset_toml_text(cfg: TrainConfig) -> str | None:
+    """The dataset TOML for ``train_dir``/``reg_dir`` (None when the user supplies ``dataset_config``).
+
+    Only the folders are in it: resolution, batch size, bucketing and the caption options are passed on the command
+    line, which sd-scripts uses for every subset that does not set them itself."""
+    if cfg.dataset_config is not None or cfg.train_dir is None:
+        return None
+    subsets = [_subset(cfg.train_dir, cfg.resolved_num_repeats(), is_reg=False)]
+    if cfg.reg_dir is not None:
+        subsets.append(_subset(cfg.reg_dir, cfg.reg_repeats, is_reg=True))
+    lines = [
+        "# Written by spyke-lora for sd-scripts' --dataset_config. Resolution, batch size, bucketing and caption",
+        "# options come from the command line (see the run's arguments).",
+        "[[datasets]]",
+    ]
+    for subset in subsets:
+        lines += ["", "[[datasets.subsets]]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in subset.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _subset(folder: Path, repeats: int | None, *, is_reg: bool) -> dict[str, Any]:
+    parsed = repeats_from_folder_name(folder)
+    # kohya's folder convention: '10_spyke_plasma_v1' -> the caption used for images without a caption file
+    class_tokens = parsed[1] if parsed else folder.name
+    return {"image_dir": str(folder), "num_repeats": repeats, "is_reg": is_reg, "class_tokens": class_tokens}
+
+
+def build_argv(cfg: TrainConfig, plan: DevicePlan) -> list[str]:
+    """The ``train_network.py`` arguments for ``cfg`` on ``plan.device``. Pure: no file is read or written."""
+    problems = []
+    for key in cfg.extra_args:
+        if key in _MANAGED:
+            problems.append(f"`extra_args.{key}` cannot be set: {_MANAGED[key]}")
+        if key in _CUDA_ONLY and cfg.extra_args[key] and plan.device != "cuda":
+            raise DeviceError(f"`extra_args.{key}` needs CUDA and this run is on {plan.device!r}; remove it")
+    if plan.device == "mps" and "max_data_loader_n_workers" in cfg.extra_args:
+        problems.append(
+            "`extra_args.max_data_loader_n_workers` cannot be set on mps: workers start with `spawn` there, which "
+            "breaks in notebooks, so spyke-lora loads data in the main process"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+    a: list[str] = []
+
+    def opt(name: str, value: Any) -> None:
+        if value is None or value is False:
+            return
+        if value is True:
+            a.append(f"--{name}")
+        elif isinstance(value, (list, tuple)):
+            a.extend([f"--{name}", *(_text(v) for v in value)])
+        else:
+            a.extend([f"--{name}", _text(value)])
+
+    opt("pretrained_model_name_or_path", str(cfg.base_model))
+    opt("dataset_config", str(dataset_toml_path(cfg)))
+    opt("output_dir", str(cfg.output_dir))
+    opt("output_name", cfg.output_name)
+    opt("save_model_as", "safetensors")
+    opt("resolution", cfg.resolution)
+    opt("train_batch_size", cfg.train_batch_size)
+    opt("enable_bucket", cfg.enable_bucket)
+    opt("caption_extension", cfg.caption_extension)
+    opt("shuffle_caption", cfg.shuffle_caption)
+    opt("keep_tokens", cfg.keep_tokens)
+    opt("flip_aug", cfg.flip_aug)
+    opt("prior_loss_weight", cfg.prior_loss_weight)
+    opt("network_module", cfg.network_module)
+    opt("network_dim", cfg.network_dim)
+    opt("network_alpha", cfg.network_alpha)
+    opt("optimizer_type", cfg.optimizer_type)
+    opt("learning_rate", cfg.learning_rate)
+    opt("unet_lr", cfg.unet_lr)
+    opt("text_encoder_lr", cfg.text_encoder_lr)
+    opt("lr_scheduler", cfg.lr_scheduler)
+    opt("lr_warmup_steps", cfg.lr_warmup_steps)
+    if cfg.max_train_steps is not None:  # steps win over epochs
+        opt("max_train_steps", cfg.max_train_steps)
+    else:
+        opt("max_train_epochs", cfg.max_train_epochs)
+    opt("save_every_n_steps", cfg.save_every_n_steps)
+    opt("save_precision", cfg.save_precision)
+    opt("mixed_precision", plan.mixed_precision)
+    opt("no_half_vae", plan.full_precision_vae)
+    opt(plan.attention, True)
+    opt("max_data_loader_n_workers", plan.data_loader_workers)
+    opt("clip_skip", cfg.clip_skip)
+    opt("gradient_checkpointing", cfg.gradient_checkpointing)
+    opt("seed", cfg.seed)
+    opt("tokenizer_cache_dir", str(cfg.tokenizer_cache_dir) if cfg.tokenizer_cache_dir else None)
+    for key, value in cfg.extra_args.items():
+        if key == "xformers" or (key == "no_half_vae" and plan.full_precision_vae):
+            continue  # already decided by the device policy
+        opt(key, value)
+    return a
+
+
+def _text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class _ParserError(Exception):
+    pass
+
+
+def parse_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse with sd-scripts' own parser, turning its ``exit()`` into an :class:`EngineError` that names the
+    offending option and suggests the closest real one."""
+
+    def error(message: str) -> None:
+        raise _ParserError(message)
+
+    parser.error = error  # type: ignore[method-assign]  # this parser instance only
+    try:
+        return parser.parse_args(list(argv))
+    except _ParserError as e:
+        message = str(e)
+        if message.startswith("unrecognized arguments:"):
+            options = [s[2:] for action in parser._actions for s in action.option_strings if s.startswith("--")]
+            fixes = []
+            for token in message.split(":", 1)[1].split():
+                if token.startswith("--"):
+                    close = difflib.get_close_matches(token[2:], options, n=1)
+                    fixes.append(
+                        f"`extra_args.{token[2:]}` is not an sd-scripts train_network.py option"
+                        + (f"; did you mean `{close[0]}`?" if close else "")
+                    )
+            if fixes:
+                raise ConfigError(fixes) from None
+        raise EngineError(f"sd-scripts rejected the arguments: {message}") from None
+    except SystemExit as e:  # pragma: no cover - --help or a version flag in extra_args
+        raise EngineError(f"sd-scripts' argument parser exited (code {e.code}); check extra_args") from None

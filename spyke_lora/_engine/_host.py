@@ -1,0 +1,180 @@
+"""Finding sd-scripts and hosting it in this process without leaving traces.
+
+sd-scripts is a folder of scripts, not a package: importing it puts generic top-level names (``library``,
+``networks``, ``tools``, ``finetune``, a dummy ``pytorch_lightning``) into ``sys.modules``. :class:`EngineHost`
+installs those names only while the engine is in use and takes them out again afterwards, restoring any module of
+the caller's that had the same name. It also restores the root logger, which sd-scripts reconfigures on import and
+at the start of every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+from .._device import SpykeLoraWarning
+from .._errors import EngineError
+
+PINNED_COMMIT = "ae72efb92babe89ff8e70f057e42db68440e8d61"
+PINNED_VERSION = "v0.10.1"
+ENV_VAR = "SPYKE_LORA_SD_SCRIPTS"
+VENDORED = Path(__file__).resolve().parents[2] / "vendor" / "sd-scripts"
+SUBMODULE_FIX = "git submodule update --init vendor/sd-scripts"
+
+
+def locate_engine(configured: Path | None) -> Path:
+    """The sd-scripts folder: ``configured`` (TrainConfig.sd_scripts_dir), else $SPYKE_LORA_SD_SCRIPTS, else the
+    vendored submodule. Raises :class:`EngineError` with the fix when it is missing or empty."""
+    if configured is not None:
+        root, source = Path(configured), "`sd_scripts_dir`"
+    elif os.environ.get(ENV_VAR):
+        root, source = Path(os.environ[ENV_VAR]).expanduser(), f"${ENV_VAR}"
+    else:
+        root, source = VENDORED, "the vendored submodule"
+    if (root / "train_network.py").is_file() and (root / "library" / "train_util.py").is_file():
+        return Path(os.path.abspath(root))
+    if root == VENDORED:
+        state = "is empty" if root.is_dir() else "is missing"
+        raise EngineError(
+            f"sd-scripts (the training engine) {state} at {root}. Fetch it with:\n"
+            f"    {SUBMODULE_FIX}\n"
+            f"(run it in the spyke-lora checkout), or point ${ENV_VAR} or `sd_scripts_dir` at an existing "
+            f"sd-scripts checkout such as ~/tools/kohya_ss/sd-scripts"
+        )
+    raise EngineError(
+        f"{source} is {str(root)!r}, which is not an sd-scripts checkout (no train_network.py and "
+        f"library/train_util.py there); point it at the sd-scripts folder, or unset it to use the vendored copy "
+        f"(fetch that with `{SUBMODULE_FIX}`)"
+    )
+
+
+def engine_commit(root: Path) -> str | None:
+    """The git commit of an sd-scripts checkout, or None when it is not a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit or None
+
+
+class RootLoggerSnapshot:
+    """The root logger's handlers and level, to put back after sd-scripts replaced them."""
+
+    def __init__(self) -> None:
+        root = logging.getLogger()
+        self.handlers = list(root.handlers)
+        self.level = root.level
+
+    def restore(self) -> None:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if handler not in self.handlers:
+                root.removeHandler(handler)
+        for handler in self.handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(self.level)
+
+
+class EngineHost:
+    """One sd-scripts folder hosted in this process: imports it on first use and keeps its modules out of
+    ``sys.modules`` between uses."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.top_names = frozenset(
+            p.stem if p.suffix == ".py" else p.name
+            for p in root.iterdir()
+            if (p.suffix == ".py" or p.is_dir()) and not p.name.startswith(".")
+        )
+        self._stash: dict[str, ModuleType] = {}
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._logging = RootLoggerSnapshot()
+        self._train_network: ModuleType | None = None
+        commit = engine_commit(root)
+        self.commit = commit
+        if commit is not None and commit != PINNED_COMMIT:
+            warnings.warn(
+                f"sd-scripts at {root} is at commit {commit[:10]}, not the tested {PINNED_VERSION} "
+                f"({PINNED_COMMIT[:10]}); training may still work, but results are not guaranteed",
+                SpykeLoraWarning,
+                stacklevel=3,
+            )
+
+    def _owns(self, module: ModuleType) -> bool:
+        paths = [getattr(module, "__file__", None) or ""]
+        paths += list(getattr(module, "__path__", []) or [])
+        root = str(self.root) + os.sep
+        return any(str(p).startswith(root) for p in paths if p)
+
+    def _is_engine_name(self, name: str) -> bool:
+        return name.split(".", 1)[0] in self.top_names
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[RootLoggerSnapshot]:
+        """Make sd-scripts importable and its modules visible, for the duration of the block. Yields the caller's
+        root-logger configuration, which is restored at the end (and can be restored earlier)."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._logging
+                finally:
+                    self._depth -= 1
+                return
+            callers: dict[str, ModuleType] = {}
+            for name in [n for n in sys.modules if self._is_engine_name(n)]:
+                module = sys.modules[name]
+                if not self._owns(module):
+                    callers[name] = sys.modules.pop(name)
+            sys.modules.update(self._stash)
+            self._stash.clear()
+            sys.path.insert(0, str(self.root))
+            self._depth = 1
+            self._logging = RootLoggerSnapshot()
+            try:
+                yield self._logging
+            finally:
+                self._depth = 0
+                self._logging.restore()
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(str(self.root))
+                for name in [n for n in sys.modules if self._is_engine_name(n)]:
+                    if self._owns(sys.modules[name]):
+                        self._stash[name] = sys.modules.pop(name)
+                sys.modules.update(callers)
+
+    def train_network(self) -> ModuleType:
+        """sd-scripts' ``train_network`` module (imported once; about 6 s). Call inside :meth:`active`."""
+        if self._train_network is None:
+            import importlib
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SyntaxWarning)  # sd-scripts has `is not "no"` comparisons
+                self._train_network = importlib.import_module("train_network")
+        return self._train_network
+
+
+_HOSTS: dict[Path, EngineHost] = {}
+_HOSTS_LOCK = threading.Lock()
+
+
+def host_for(configured: Path | None) -> EngineHost:
+    """The (cached) host of the engine that ``configured`` / $SPYKE_LORA_SD_SCRIPTS / the submodule names."""
+    root = locate_engine(configured)
+    with _HOSTS_LOCK:
+        if root not in _HOSTS:
+            _HOSTS[root] = EngineHost(root)
+        return _HOSTS[root]

@@ -1,0 +1,83 @@
+"""Process-wide state a run touches, saved before and put back after, so a run leaves nothing behind.
+
+sd-scripts and accelerate keep singletons (the four strategy classes' ``_strategy``, accelerate's
+``PartialState``/``AcceleratorState``/``GradientState``), seed every random generator, and may set environment
+variables. A second run in the same process needs all of those fresh; the caller needs them as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import random
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+_STRATEGY_CLASSES = (
+    "TokenizeStrategy",
+    "TextEncodingStrategy",
+    "TextEncoderOutputsCachingStrategy",
+    "LatentsCachingStrategy",
+)
+
+
+@contextlib.contextmanager
+def isolated_run(train_network: ModuleType, env: dict[str, str]) -> Iterator[None]:
+    """Fresh engine singletons inside, the caller's random generators, environment and singletons outside."""
+    import numpy as np
+    import torch
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    strategy_base = train_network.strategy_base
+    singletons = [PartialState, AcceleratorState, GradientState]
+    saved_singletons = [dict(cls._shared_state) for cls in singletons]
+    saved_strategies = {name: getattr(strategy_base, name)._strategy for name in _STRATEGY_CLASSES}
+    saved_rng: tuple[Any, ...] = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
+    saved_env = dict(os.environ)
+
+    def fresh() -> None:
+        for cls in singletons:
+            cls._shared_state.clear()
+        for name in _STRATEGY_CLASSES:
+            getattr(strategy_base, name)._strategy = None
+
+    fresh()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        fresh()
+        for cls, state in zip(singletons, saved_singletons):
+            cls._shared_state.update(state)
+        for name, strategy in saved_strategies.items():
+            getattr(strategy_base, name)._strategy = strategy
+        for key in set(os.environ) - set(saved_env):
+            del os.environ[key]
+        for key, value in saved_env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        random.setstate(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        torch.set_rng_state(saved_rng[2])
+        if saved_rng[3] is not None:
+            torch.cuda.set_rng_state_all(saved_rng[3])
+        free_memory()
+
+
+def free_memory() -> None:
+    """Collect the models a run left unreferenced and return cached device memory."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()

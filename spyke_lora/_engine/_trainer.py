@@ -1,0 +1,223 @@
+"""Running sd-scripts' ``NetworkTrainer`` in this process, observed through its own hook methods.
+
+Where each event comes from (sd-scripts v0.10.1, ``train_network.py``):
+
+* ``TrainStarted``: the ``sample_images(epoch=0)`` call made once before the training loop, when
+  ``args.max_train_steps`` is final.
+* ``StepEnded``: the ``sample_images(epoch=None)`` call made after every optimizer step; the loss is what
+  ``process_batch`` returned for the step's micro-batches, the learning rates are read from the optimizer just
+  before the step.
+* ``CheckpointSaved``: a wrapper around ``network.save_weights`` installed in ``post_process_network``, so every
+  file sd-scripts saves is seen after it is written.
+
+A stop is a private ``BaseException`` raised at a safe point (right after a step, or before the next batch or
+epoch); ``finish_after_stop`` then runs the end of sd-scripts' ``train()`` itself, with the ``save_model`` closure
+and metadata of the interrupted ``train()`` frame, so the final file is written by sd-scripts' own saving code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType, ModuleType, TracebackType
+from typing import Any
+
+from ..events import CheckpointSaved, Event, StepEnded, TrainStarted
+
+
+class StopRun(BaseException):
+    """Raised inside sd-scripts' loop to end the run after the current step (never escapes the engine)."""
+
+
+class Probe:
+    """Engine-side state of one run: turns hook calls into events and raises :class:`StopRun` at safe points."""
+
+    def __init__(
+        self,
+        emit: Callable[[Event], None],
+        stop_requested: Callable[[], bool],
+        started_at: float,
+        restore_logging: Callable[[], None],
+    ) -> None:
+        self._emit_to_callbacks = emit
+        # sd-scripts re-installs its root handler at the start of train() and whenever one of its modules is
+        # imported lazily; the caller's logging configuration is put back at every hook.
+        self.restore_logging = restore_logging
+        self.callback_error: BaseException | None = None  # an exception a callback raised: passed on unchanged
+        self._stop_requested = stop_requested
+        self._started_at = started_at
+        self.total_steps = 0
+        self.steps_done = 0
+        self.epoch = 0  # 1-based, counted from the network's on_epoch_start
+        self.started = False
+        self._step_in_epoch = 0  # data-loader index within the epoch, as sd-scripts' LossRecorder counts it
+        self._micro_losses: list[Any] = []  # detached loss tensors of the current optimizer step
+        self._lrs: tuple[float, float | None] = (0.0, None)
+        self._unet_param_ids: frozenset[int] = frozenset()
+        self._recorder: Any = None
+        self._last_ckpt_name = ""
+
+    def _emit(self, event: Event) -> None:
+        self.restore_logging()
+        try:
+            self._emit_to_callbacks(event)
+        except Exception as e:
+            self.callback_error = e
+            raise
+
+    # --- called from the trainer hooks ------------------------------------------------------------------------------
+    def attach(self, train_util: ModuleType, args: Any, network: Any) -> None:
+        self.restore_logging()
+        self._recorder = train_util.LossRecorder()
+        self._last_ckpt_name = train_util.get_last_ckpt_name(args, "." + args.save_model_as)
+        self._unet_param_ids = frozenset(
+            id(p) for lora in getattr(network, "unet_loras", None) or () for p in lora.parameters()
+        )
+        original_save = network.save_weights
+        original_epoch_start = network.on_epoch_start
+
+        def save_weights(file: str, dtype: Any, metadata: Any) -> Any:
+            result = original_save(file, dtype, metadata)
+            path = Path(file)
+            self._emit(CheckpointSaved(self.steps_done, self.epoch, path, path.name == self._last_ckpt_name))
+            return result  # a Stop asked for here takes effect at the next safe point, after sd-scripts' bookkeeping
+
+        def on_epoch_start(*a: Any, **kw: Any) -> Any:
+            self.raise_if_stopping()
+            self.epoch += 1
+            self._step_in_epoch = 0
+            return original_epoch_start(*a, **kw)
+
+        network.save_weights = save_weights
+        network.on_epoch_start = on_epoch_start
+
+    def training_starts(self, args: Any, accelerator: Any) -> None:
+        self.started = True
+        self.total_steps = int(args.max_train_steps)
+        self._emit(
+            TrainStarted(
+                total_steps=self.total_steps,
+                device=accelerator.device.type,
+                mixed_precision=str(accelerator.mixed_precision),
+                output_dir=Path(args.output_dir),
+            )
+        )
+        self.raise_if_stopping()
+
+    def before_micro_batch(self, accelerator: Any) -> None:
+        self.raise_if_stopping()
+        optimizers = getattr(accelerator, "_optimizers", None)
+        if optimizers:
+            self._lrs = self._read_lrs(optimizers[0].param_groups)
+
+    def after_micro_batch(self, loss: Any) -> None:
+        self._micro_losses.append(loss.detach())
+
+    def step_ends(self, global_step: int) -> None:
+        losses = [float(t.item()) for t in self._micro_losses]
+        self._micro_losses.clear()
+        for value in losses:  # the same additions sd-scripts' own LossRecorder makes
+            self._recorder.add(epoch=self.epoch - 1, step=self._step_in_epoch, loss=value)
+            self._step_in_epoch += 1
+        self.steps_done = global_step
+        self._emit(
+            StepEnded(
+                step=global_step,
+                total_steps=self.total_steps,
+                epoch=self.epoch,
+                loss=sum(losses) / len(losses) if losses else float("nan"),
+                avg_loss=float(self._recorder.moving_average),
+                lr=self._lrs[0],
+                lr_text_encoder=self._lrs[1],
+                elapsed_s=time.perf_counter() - self._started_at,
+            )
+        )
+        self.raise_if_stopping()
+
+    def raise_if_stopping(self) -> None:
+        if self._stop_requested():
+            raise StopRun
+
+    def _read_lrs(self, groups: list[dict[str, Any]]) -> tuple[float, float | None]:
+        unet = [g["lr"] for g in groups if g["params"] and id(g["params"][0]) in self._unet_param_ids]
+        text = [g["lr"] for g in groups if g["params"] and id(g["params"][0]) not in self._unet_param_ids]
+        if not self._unet_param_ids:  # a network module without unet_loras: report the last group
+            return float(groups[-1]["lr"]), None
+        return float(unet[0]) if unet else 0.0, float(text[0]) if text else None
+
+
+_TRAINER_CLASSES: dict[int, type] = {}
+
+
+def trainer_class(train_network: ModuleType) -> type:
+    """A ``NetworkTrainer`` subclass that reports to a :class:`Probe` (one class per engine module)."""
+    key = id(train_network)
+    if key in _TRAINER_CLASSES:
+        return _TRAINER_CLASSES[key]
+    train_util = train_network.train_util
+
+    class SpykeTrainer(train_network.NetworkTrainer):  # type: ignore[name-defined,misc]
+        def __init__(self, probe: Probe) -> None:
+            super().__init__()
+            self._probe = probe
+
+        def get_tokenize_strategy(self, args):  # the first hook after train()'s setup_logging(reset=True)
+            self._probe.restore_logging()
+            return super().get_tokenize_strategy(args)
+
+        def post_process_network(self, args, accelerator, network, text_encoders, unet):
+            super().post_process_network(args, accelerator, network, text_encoders, unet)
+            self._probe.attach(train_util, args, network)
+
+        def process_batch(self, batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype,
+                          accelerator, args, text_encoding_strategy, tokenize_strategy, is_train=True,
+                          train_text_encoder=True, train_unet=True):  # fmt: skip
+            if is_train:
+                self._probe.before_micro_batch(accelerator)
+            loss = super().process_batch(
+                batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype, accelerator,
+                args, text_encoding_strategy, tokenize_strategy, is_train=is_train,
+                train_text_encoder=train_text_encoder, train_unet=train_unet,
+            )  # fmt: skip
+            if is_train:
+                self._probe.after_micro_batch(loss)
+            return loss
+
+        def sample_images(self, accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet):
+            if epoch is None:
+                self._probe.step_ends(global_step)
+            elif epoch == 0 and not self._probe.started:
+                self._probe.training_starts(args, accelerator)
+            else:
+                self._probe.raise_if_stopping()
+            super().sample_images(accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet)
+
+    _TRAINER_CLASSES[key] = SpykeTrainer
+    return SpykeTrainer
+
+
+def _train_frame(tb: TracebackType | None, train_code: Any) -> FrameType | None:
+    found = None
+    while tb is not None:
+        if tb.tb_frame.f_code is train_code:
+            found = tb.tb_frame
+        tb = tb.tb_next
+    return found
+
+
+def finish_after_stop(stop: StopRun, train_network: ModuleType, probe: Probe) -> Path | None:
+    """End the run the way the end of sd-scripts' ``train()`` does, for the step reached; returns the final file
+    (None when no step was taken, so there is nothing worth saving)."""
+    frame = _train_frame(stop.__traceback__, train_network.NetworkTrainer.train.__code__)
+    if frame is None or probe.steps_done == 0:
+        return None
+    local = frame.f_locals
+    accelerator, args = local["accelerator"], local["args"]
+    network = accelerator.unwrap_model(local["network"])
+    accelerator.end_training()
+    local["optimizer_eval_fn"]()
+    name = train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
+    local["save_model"](name, network, local["global_step"], probe.epoch, force_sync_upload=True)
+    return Path(os.path.join(args.output_dir, name))

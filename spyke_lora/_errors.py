@@ -1,0 +1,45 @@
+"""The exception tree. Every error the library raises derives from :class:`SpykeLoraError`.
+
+::
+
+    SpykeLoraError
+     ├── ConfigError          a TrainConfig value, TOML key or extra argument is wrong (lists every problem)
+     ├── DeviceError          the config cannot run on the chosen device (e.g. an 8-bit optimizer on MPS)
+     ├── EngineError          sd-scripts is missing, or is not the pinned version, or refused the arguments
+     └── TrainingError        sd-scripts failed while training (the original exception is chained)
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "DeviceError", "EngineError", "SpykeLoraError", "TrainingError"]
+
+
+class SpykeLoraError(Exception):
+    """Root of every error spyke-lora raises."""
+
+
+class ConfigError(SpykeLoraError, ValueError):
+    """One or more configuration problems; ``problems`` holds each message, all reported at once."""
+
+    def __init__(self, problems: list[str] | str, *, source: str | None = None) -> None:
+        self.problems: tuple[str, ...] = (problems,) if isinstance(problems, str) else tuple(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        if len(self.problems) == 1:
+            message = f"invalid configuration{where}: {self.problems[0]}"
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            message = f"{len(self.problems)} configuration problems{where}:\n{lines}"
+        super().__init__(message)
+
+
+class DeviceError(SpykeLoraError):
+    """The configuration asks for something the device cannot do."""
+
+
+class EngineError(SpykeLoraError):
+    """sd-scripts (the engine) is missing, unusable, or rejected the arguments."""
+
+
+class TrainingError(SpykeLoraError):
+    """sd-scripts raised while training; the original exception is the ``__cause__``."""

@@ -1,0 +1,143 @@
+"""``train(cfg, callbacks)``: one sd-scripts LoRA run in this process, delivered as events."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Union
+
+from . import _engine
+from ._config import TrainConfig
+from ._device import SpykeLoraWarning
+from ._errors import ConfigError
+from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted
+
+__all__ = ["Callback", "TrainResult", "train"]
+
+logger = logging.getLogger("spyke_lora")
+
+Callback = Callable[[Event], Union[Stop, None, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a run did. ``status``: "completed", or "stopped" when a callback returned :class:`Stop`."""
+
+    status: str
+    steps: int  # optimizer steps taken
+    final_path: Path | None  # NAME.safetensors (None only when a stop came before the first step)
+    checkpoints: tuple[CheckpointSaved, ...]  # every file written, in order; the final one last
+    history: tuple[StepEnded, ...]  # one entry per step
+    device: str
+    mixed_precision: str
+    stop_reason: str | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [s.loss for s in self.history]
+
+
+class _Session:
+    """Delivers events to the callbacks in order and remembers what the result needs."""
+
+    def __init__(self, callbacks: tuple[Callback, ...]) -> None:
+        self.callbacks = callbacks
+        self.started: TrainStarted | None = None
+        self.history: list[StepEnded] = []
+        self.checkpoints: list[CheckpointSaved] = []
+        self.stop_reason: str | None = None
+        self.ended = False
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, TrainStarted):
+            self.started = event
+        elif isinstance(event, StepEnded):
+            self.history.append(event)
+        elif isinstance(event, CheckpointSaved):
+            self.checkpoints.append(event)
+        for callback in self.callbacks:
+            answer = callback(event)  # an exception here is the caller's: it propagates unchanged
+            if isinstance(answer, Stop) and self.stop_reason is None and not isinstance(event, TrainEnded):
+                self.stop_reason = answer.reason
+                logger.info("stop requested after step %d: %s", len(self.history), answer.reason)
+
+    def stop_requested(self) -> bool:
+        return self.stop_reason is not None
+
+    def end(self, status: str, steps: int, final_path: Path | None) -> None:
+        if self.started is not None and not self.ended:
+            self.ended = True
+            self.emit(TrainEnded(status, steps, final_path))  # type: ignore[arg-type]
+
+
+def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> TrainResult:
+    """Train a LoRA with kohya-ss/sd-scripts in this process.
+
+    ``callbacks`` (one callable or several) receive every :mod:`~spyke_lora.events` event in order; a callback that
+    returns :class:`~spyke_lora.Stop` ends the run cleanly after the current step, with that step's LoRA saved under
+    the final name. An exception raised by a callback ends the run (``TrainEnded(status="failed")`` is delivered
+    first) and propagates unchanged. sd-scripts' own failures raise :class:`~spyke_lora.TrainingError`.
+    """
+    started_at = time.perf_counter()
+    session = _Session((callbacks,) if callable(callbacks) else tuple(callbacks))
+    _check_inputs(cfg)
+    plan = _engine.device_plan(cfg)
+    for note in plan.corrections:
+        warnings.warn(note, SpykeLoraWarning, stacklevel=2)
+    if plan.device == "mps" and os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1":
+        warnings.warn(
+            "PYTORCH_ENABLE_MPS_FALLBACK is not '1', so an operation MPS lacks will fail instead of running on the "
+            "CPU; import spyke_lora before torch (it sets the variable) or export PYTORCH_ENABLE_MPS_FALLBACK=1",
+            SpykeLoraWarning,
+            stacklevel=2,
+        )
+    logger.info("training %s on %s (mixed precision %s)", cfg.output_name, plan.device, plan.mixed_precision)
+    try:
+        outcome = _engine.run(cfg, plan, session.emit, session.stop_requested, started_at)
+    except KeyboardInterrupt:
+        session.end("interrupted", len(session.history), None)
+        raise
+    except BaseException:
+        session.end("failed", len(session.history), None)
+        raise
+    status = "stopped" if outcome.stopped else "completed"
+    session.end(status, outcome.steps, outcome.final_path)
+    return TrainResult(
+        status=status,
+        steps=outcome.steps,
+        final_path=outcome.final_path,
+        checkpoints=tuple(session.checkpoints),
+        history=tuple(session.history),
+        device=session.started.device if session.started else plan.device,
+        mixed_precision=session.started.mixed_precision if session.started else plan.mixed_precision,
+        stop_reason=session.stop_reason if outcome.stopped else None,
+    )
+
+
+def _check_inputs(cfg: TrainConfig) -> None:
+    """What must hold before anything is loaded or written: inputs exist, no earlier LoRA would be overwritten."""
+    problems = []
+    if not cfg.base_model.is_file():
+        problems.append(f"`base_model` {str(cfg.base_model)!r} does not exist; check the path")
+    for name in ("train_dir", "reg_dir"):
+        folder = getattr(cfg, name)
+        if folder is not None and not folder.is_dir():
+            problems.append(f"`{name}` {str(folder)!r} is not a folder; check the path")
+    if cfg.dataset_config is not None and not cfg.dataset_config.is_file():
+        problems.append(f"`dataset_config` {str(cfg.dataset_config)!r} does not exist; check the path")
+    if cfg.tokenizer_cache_dir is not None and not cfg.tokenizer_cache_dir.is_dir():
+        problems.append(f"`tokenizer_cache_dir` {str(cfg.tokenizer_cache_dir)!r} is not a folder; check the path")
+    existing = [] if cfg.overwrite else _engine.existing_outputs(cfg)
+    if existing:
+        names = ", ".join(p.name for p in existing[:5]) + (", ..." if len(existing) > 5 else "")
+        problems.append(
+            f"{len(existing)} LoRA file(s) named `{cfg.output_name}` already exist in {cfg.output_dir} ({names}); "
+            f"choose another `output_name` or `output_dir`, or set `overwrite = true` to replace them"
+        )
+    if problems:
+        raise ConfigError(problems)

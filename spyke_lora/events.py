@@ -1,0 +1,75 @@
+"""Events a training run delivers to its callbacks, in this order:
+
+1. :class:`TrainStarted` once, when the model is loaded and the step count is known;
+2. :class:`StepEnded` after every optimizer step, and :class:`CheckpointSaved` after every LoRA file written
+   (a checkpoint of step N follows the ``StepEnded`` of step N);
+3. :class:`TrainEnded` exactly once, last (only when ``TrainStarted`` was delivered).
+
+Events are small frozen dataclasses of plain data (ints, floats, strings, paths): they compare by value, print
+readably and pickle, so they can cross a thread or a process. A callback is any callable taking one event; it may
+return :class:`Stop` to end the run cleanly after the current step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, Union
+
+__all__ = ["CheckpointSaved", "Event", "StepEnded", "Stop", "TrainEnded", "TrainStarted"]
+
+Status = Literal["completed", "stopped", "failed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStarted:
+    """The engine is ready: models loaded, dataset counted, ``total_steps`` optimizer steps planned."""
+
+    total_steps: int
+    device: str  # "cuda", "mps" or "cpu"
+    mixed_precision: str  # "no", "fp16" or "bf16": what the engine actually runs with
+    output_dir: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEnded:
+    """One optimizer step finished."""
+
+    step: int  # 1-based global step
+    total_steps: int
+    epoch: int  # 1-based epoch this step belongs to
+    loss: float  # this step's loss (mean over gradient-accumulation micro-batches)
+    avg_loss: float  # sd-scripts' running average ("avr_loss" in its progress bar)
+    lr: float  # U-Net learning rate used for this step
+    lr_text_encoder: float | None  # text-encoder learning rate used for this step (None when it is not trained)
+    elapsed_s: float  # seconds since train() was called
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSaved:
+    """A LoRA file was written (and closed) at ``path``."""
+
+    step: int
+    epoch: int
+    path: Path
+    final: bool  # True for NAME.safetensors, the run's last file
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEnded:
+    """The run is over. ``status``: "completed", "stopped" (a callback returned Stop) or "failed"."""
+
+    status: Status
+    steps: int  # optimizer steps actually taken
+    final_path: Path | None  # NAME.safetensors, or None when no final file was written
+
+
+Event = Union[TrainStarted, StepEnded, CheckpointSaved, TrainEnded]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Return this from a callback to end the run after the current step; the LoRA of that step is saved under the
+    final name and the run ends with status "stopped"."""
+
+    reason: str = "stopped by a callback"

@@ -1,0 +1,148 @@
+"""A tiny, fully local world to train in: for the tests, the demo, and trying the library without real data.
+
+* a randomly initialised, full-size SD1.5 checkpoint, built with sd-scripts' own ``model_util`` (sd-scripts' SD1.5
+  U-Net has fixed channel sizes, so it cannot be smaller): about 30 s and 2.1 GB the first time, then cached in
+  ``$SPYKE_LORA_CACHE`` (default ``~/.cache/spyke-lora``) under a name that changes with the recipe;
+* CLIP tokenizer files (the 256 byte-level characters, no merges) in the layout sd-scripts' ``tokenizer_cache_dir``
+  expects, so nothing is fetched from the Hugging Face hub;
+* a few generated images with captions: a train folder ``2_spyke_plasma_v1`` and a regularisation folder
+  ``1_person``.
+
+Nothing here is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ._config import TrainConfig
+
+__all__ = ["TinyWorld", "build_tiny_world", "cache_dir"]
+
+TRIGGER = "spyke_plasma_v1"
+# Bump when the way the model, tokenizer or images are made changes: the cache key follows it.
+RECIPE_VERSION = 1
+TOKENIZER_FOLDER = "openai_clip-vit-large-patch14"  # what sd-scripts looks for inside tokenizer_cache_dir
+
+_TRAIN_CAPTIONS = (
+    f"{TRIGGER}, red disc, blue background",
+    f"{TRIGGER}, green square, yellow background",
+    f"{TRIGGER}, white stripes, purple background",
+)
+_REG_CAPTIONS = ("person, grey background", "person, orange background")
+
+
+def cache_dir() -> Path:
+    """Where the tiny model and tokenizer are cached: ``$SPYKE_LORA_CACHE``, else ``~/.cache/spyke-lora``."""
+    return Path(os.environ.get("SPYKE_LORA_CACHE") or Path.home() / ".cache" / "spyke-lora").expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyWorld:
+    base_model: Path
+    tokenizer_cache_dir: Path
+    train_dir: Path
+    reg_dir: Path
+    output_dir: Path
+    resolution: int
+
+    def config(self, **changes: Any) -> TrainConfig:
+        """A config that trains on this world: the recipe, made small (64 px, no bucketing, 5 steps, a checkpoint
+        every 2 steps), with ``changes`` applied."""
+        base = TrainConfig(
+            base_model=self.base_model,
+            tokenizer_cache_dir=self.tokenizer_cache_dir,
+            train_dir=self.train_dir,
+            reg_dir=self.reg_dir,
+            output_dir=self.output_dir,
+            output_name=TRIGGER,
+            resolution=self.resolution,
+            enable_bucket=False,  # every image is already resolution x resolution
+            max_train_steps=5,
+            save_every_n_steps=2,
+            device="cpu",
+        )
+        return base.replace(**changes) if changes else base
+
+
+def build_tiny_world(root: str | os.PathLike[str], *, resolution: int = 64, sd_scripts_dir: Path | None = None) -> TinyWorld:
+    """Create the tiny world's data under ``root`` (images, captions, an ``output`` folder) and make sure the cached
+    model and tokenizer exist. Safe to call again: existing files are reused."""
+    root = Path(root).absolute()
+    cache = cache_dir()
+    model = cache / f"tiny-sd15-r{RECIPE_VERSION}.safetensors"
+    if not model.is_file():
+        from . import _engine
+
+        _engine.write_random_sd15_checkpoint(model, seed=0, sd_scripts_dir=sd_scripts_dir)
+    tokenizers = cache / f"tokenizer-r{RECIPE_VERSION}"
+    write_tokenizer(tokenizers / TOKENIZER_FOLDER)
+    train_dir = root / "train" / f"2_{TRIGGER}"
+    reg_dir = root / "reg" / "1_person"
+    _write_images(train_dir, _TRAIN_CAPTIONS, resolution, seed=1)
+    _write_images(reg_dir, _REG_CAPTIONS, resolution, seed=2)
+    output_dir = root / "output"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return TinyWorld(model, tokenizers, train_dir, reg_dir, output_dir, resolution)
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """CLIP tokenizer files whose vocabulary is the 256 byte-level characters, their ``</w>`` forms and the two
+    special tokens, with no merges: loads with ``CLIPTokenizer`` and keeps every id below 49408."""
+    if (folder / "vocab.json").is_file():
+        return folder
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    files = {
+        "vocab.json": json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n",
+        "tokenizer_config.json": json.dumps(
+            {
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+                "tokenizer_class": "CLIPTokenizer",
+            }
+        ),
+        "special_tokens_map.json": json.dumps(
+            {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+             "pad_token": "<|endoftext|>"}  # fmt: skip
+        ),
+    }
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first
+        for child in tmp.iterdir():
+            child.unlink()
+        tmp.rmdir()
+    return folder
+
+
+def _write_images(folder: Path, captions: tuple[str, ...], size: int, *, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i, caption in enumerate(captions):
+        image = folder / f"img{i:02d}.png"
+        if not image.exists():
+            background = rng.uniform(0, 255, 3)
+            shape = (((xx - rng.uniform(0.3, 0.7)) ** 2 + (yy - rng.uniform(0.3, 0.7)) ** 2) < 0.05)[..., None]
+            pixels = np.where(shape, rng.uniform(0, 255, 3), background) + rng.normal(0, 8, (size, size, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(image)
+        (folder / f"img{i:02d}.txt").write_text(caption + "\n", encoding="utf-8")
