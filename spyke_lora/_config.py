@@ -132,21 +132,24 @@ class TrainConfig:
         missing = [n for n in _REQUIRED if n not in data]
         problems += [f"`{n}` is required but missing; add `{n} = ...`" for n in missing]
         values = {k: v for k, v in data.items() if k in _HINTS}
+        for name, value in values.items():  # "none" unsets an optional field whose default is a value
+            if isinstance(value, str) and value.lower() == _NONE and type(None) in typing.get_args(_HINTS[name]):
+                values[name] = None
         if base_dir is not None:
             for name in _PATH_FIELDS:
                 if isinstance(values.get(name), str):
                     values[name] = _absolute(Path(base_dir) / Path(values[name]).expanduser())
-        if problems:
-            # Report value problems together with the key problems.
-            for name, value in values.items():
-                problem = _coerce(name, _HINTS[name], value)[1]
-                if problem:
-                    problems.append(problem)
+        config = None
+        if missing:  # cannot build: report the values' own problems with the missing keys
+            problems += [p for name, v in values.items() if (p := _coerce(name, _HINTS[name], v)[1])]
+        else:
+            try:
+                config = cls(**values)
+            except ConfigError as e:
+                problems += e.problems
+        if problems or config is None:
             raise ConfigError(problems, source=source)
-        try:
-            return cls(**values)
-        except ConfigError as e:
-            raise ConfigError(list(e.problems), source=source) from None
+        return config
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (and checked). Unknown names are an error with a suggestion."""
@@ -157,11 +160,14 @@ class TrainConfig:
 
     # --- output -----------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (paths as strings, ``None`` values left out): what :meth:`to_toml` writes."""
+        """Plain data, what :meth:`to_toml` writes: paths as strings; ``None`` left out where it is the default,
+        else written as ``"none"`` (TOML has no null)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None:
+                if f.default is not None:
+                    out[f.name] = _NONE
                 continue
             if isinstance(value, Path):
                 value = str(value)
@@ -329,6 +335,7 @@ def _unknown_key_problems(keys: typing.Iterable[str]) -> list[str]:
 
 
 _EXTRA_SCALARS = (bool, int, float, str)
+_NONE = "none"
 
 
 def _extra_args_problems(extra: Mapping[str, Any]) -> list[str]:

@@ -20,7 +20,7 @@ from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_devi
 from .._errors import DeviceError, SpykeLoraError, TrainingError
 from ..events import Event
 from ._argv import build_argv, dataset_toml_path, dataset_toml_text, parse_argv
-from ._host import PINNED_COMMIT, PINNED_VERSION, EngineHost, host_for, locate_engine
+from ._host import PINNED_COMMIT, PINNED_VERSION, EngineHost, host_for, locate_engine, random_untouched_by_logging
 from ._process import free_memory, isolated_run
 from ._trainer import Probe, StopRun, finish_after_stop, trainer_class
 
@@ -112,7 +112,7 @@ def run(
             train_network = host.train_network()
             _write_dataset_toml(cfg)
             env = {"ACCELERATE_USE_CPU": "true"} if plan.device == "cpu" else {}
-            with isolated_run(train_network, env):
+            with isolated_run(train_network, env), random_untouched_by_logging(host.logger_names()):
                 return _train(train_network, host, argv, emit, stop_requested, started_at, caller_logging.restore)
     finally:
         _RUN_LOCK.release()

@@ -31,7 +31,8 @@ _MANAGED: dict[str, str] = {
     "caption_extention": "set `caption_extension` instead",
     "console_log_level": "configure Python logging in your program instead",
     "console_log_file": "configure Python logging in your program instead",
-    "console_log_simple": "configure Python logging in your program instead",
+    "console_log_simple": "spyke-lora always sets it (rich log rendering draws from Python's `random`, which "
+    "sd-scripts also uses for caption shuffling, so a rich log changes what is trained)",
 }
 # Options only CUDA can run.
 _CUDA_ONLY = ("full_fp16", "full_bf16", "fp8_base")
@@ -137,6 +138,9 @@ def build_argv(cfg: TrainConfig, plan: DevicePlan) -> list[str]:
     opt("gradient_checkpointing", cfg.gradient_checkpointing)
     opt("seed", cfg.seed)
     opt("tokenizer_cache_dir", str(cfg.tokenizer_cache_dir) if cfg.tokenizer_cache_dir else None)
+    # Plain log lines: rich's rendering draws from Python's global `random` (link ids), the generator sd-scripts
+    # shuffles captions with, so with rich the LoRA would depend on how (and how often) logs were rendered.
+    opt("console_log_simple", True)
     for key, value in cfg.extra_args.items():
         if key == "xformers" or (key == "no_half_vae" and plan.full_precision_vae):
             continue  # already decided by the device policy

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -87,6 +88,36 @@ class RootLoggerSnapshot:
         root.setLevel(self.level)
 
 
+@contextlib.contextmanager
+def random_untouched_by_logging(logger_names: list[str]) -> Iterator[None]:
+    """Handling a record of these loggers leaves Python's global ``random`` as it was.
+
+    sd-scripts shuffles captions with the global ``random``; some log handlers draw from it (rich makes a random
+    link id per styled path), so the caller's logging configuration would otherwise change what is trained. The
+    loggers are created here before sd-scripts' modules ask for them, so lazily imported modules are covered too."""
+    wrapped = []
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        if "handle" in vars(logger):
+            continue
+        original = logger.handle
+
+        def handle(record: logging.LogRecord, _original=original) -> None:
+            state = random.getstate()
+            try:
+                _original(record)
+            finally:
+                random.setstate(state)
+
+        logger.handle = handle  # type: ignore[method-assign]  # this logger instance, for this run only
+        wrapped.append(logger)
+    try:
+        yield
+    finally:
+        for logger in wrapped:
+            del logger.handle
+
+
 class EngineHost:
     """One sd-scripts folder hosted in this process: imports it on first use and keeps its modules out of
     ``sys.modules`` between uses."""
@@ -112,6 +143,14 @@ class EngineHost:
                 SpykeLoraWarning,
                 stacklevel=3,
             )
+
+    def logger_names(self) -> list[str]:
+        """Every logger name sd-scripts' modules can create (``logging.getLogger(__name__)``)."""
+        names = [p.stem for p in self.root.glob("*.py")]
+        for package in ("library", "networks", "tools", "finetune"):
+            names += [f"{package}.{p.stem}" for p in (self.root / package).glob("*.py") if p.stem != "__init__"]
+            names.append(package)
+        return names
 
     def _owns(self, module: ModuleType) -> bool:
         paths = [getattr(module, "__file__", None) or ""]
@@ -141,6 +180,7 @@ class EngineHost:
                     callers[name] = sys.modules.pop(name)
             sys.modules.update(self._stash)
             self._stash.clear()
+            paths_before = sys.path.count(str(self.root))
             sys.path.insert(0, str(self.root))
             self._depth = 1
             self._logging = RootLoggerSnapshot()
@@ -149,8 +189,12 @@ class EngineHost:
             finally:
                 self._depth = 0
                 self._logging.restore()
-                with contextlib.suppress(ValueError):
-                    sys.path.remove(str(self.root))
+                # ours at the front, plus the one train() appends itself (train_network.py l.642)
+                root = str(self.root)
+                if sys.path and sys.path[0] == root and sys.path.count(root) > paths_before:
+                    del sys.path[0]
+                while sys.path.count(root) > paths_before:
+                    del sys.path[len(sys.path) - 1 - sys.path[::-1].index(root)]
                 for name in [n for n in sys.modules if self._is_engine_name(n)]:
                     if self._owns(sys.modules[name]):
                         self._stash[name] = sys.modules.pop(name)

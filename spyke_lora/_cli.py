@@ -1,0 +1,136 @@
+"""The ``spyke-lora`` command: ``train``, ``argv`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+from . import __version__
+from ._config import TrainConfig
+from ._errors import SpykeLoraError
+from .events import CheckpointSaved, Event, StepEnded, TrainEnded, TrainStarted
+
+
+def describe(event: Event) -> str:
+    """One readable line per event."""
+    if isinstance(event, TrainStarted):
+        return (
+            f"started: {event.total_steps} steps on {event.device} (mixed precision {event.mixed_precision}), "
+            f"writing to {event.output_dir}"
+        )
+    if isinstance(event, StepEnded):
+        te = f"  te lr {event.lr_text_encoder:.2e}" if event.lr_text_encoder is not None else ""
+        return (
+            f"step {event.step:>{len(str(event.total_steps))}}/{event.total_steps}  epoch {event.epoch}  "
+            f"loss {event.loss:.4f}  avg {event.avg_loss:.4f}  lr {event.lr:.2e}{te}  {event.elapsed_s:.1f}s"
+        )
+    if isinstance(event, CheckpointSaved):
+        return f"{'final' if event.final else 'checkpoint'} (step {event.step}): {event.path}"
+    if isinstance(event, TrainEnded):
+        where = f"; final LoRA {event.final_path}" if event.final_path else ""
+        return f"ended: {event.status} after {event.steps} steps{where}"
+    return repr(event)  # pragma: no cover
+
+
+def _printer(stream: IO[str]) -> Callable[[Event], None]:
+    def print_event(event: Event) -> None:
+        print(describe(event), file=stream, flush=True)
+
+    return print_event
+
+
+@contextlib.contextmanager
+def _engine_output_to(log: Path | None) -> Iterator[IO[str]]:
+    """Send sd-scripts' own prints and progress bars to ``log`` (when given); yield the stream for our lines."""
+    out = sys.stdout
+    if log is None:
+        yield out
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield out
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ._train import train
+
+    cfg = TrainConfig.from_toml(args.config)
+    if args.overwrite:
+        cfg = cfg.replace(overwrite=True)
+    with _engine_output_to(args.engine_log) as out:
+        train(cfg, callbacks=_printer(out))
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> int:
+    from ._engine import locate_engine, sd_scripts_argv
+
+    cfg = TrainConfig.from_toml(args.config)
+    argv = sd_scripts_argv(cfg, device=args.device)
+    script = locate_engine(cfg.sd_scripts_dir) / "train_network.py"
+    print(shlex.join([sys.executable, str(script), *argv]))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._train import train
+    from .tiny_world import build_tiny_world
+
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="spyke-lora-demo-"))
+    print(f"building the tiny world in {root} (the first time: a random SD1.5 model, about 30 s and 2.1 GB)")
+    world = build_tiny_world(root)
+    output = root / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = world.config(output_dir=output, max_train_steps=args.steps)
+    log = output / "sd-scripts.log"
+    print(f"training {args.steps} steps; sd-scripts' own output goes to {log}")
+    with _engine_output_to(log) as out:
+        result = train(cfg, callbacks=_printer(out))
+    print(f"device {result.device}, mixed precision {result.mixed_precision}")
+    print("losses: " + ", ".join(f"{loss:.4f}" for loss in result.losses))
+    print("checkpoints:")
+    for saved in result.checkpoints:
+        print(f"  step {saved.step}: {saved.path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spyke-lora", description="Train SD1.5 LoRAs with sd-scripts, in-process.")
+    parser.add_argument("--version", action="version", version=f"spyke-lora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the LoRA a TOML config describes")
+    p.add_argument("config", type=Path)
+    p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same output_name")
+    p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("argv", help="print the equivalent sd-scripts command line")
+    p.add_argument("config", type=Path)
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="apply this device's policy (default: this machine)")
+    p.set_defaults(run=_argv)
+
+    p = sub.add_parser("demo", help="train a few steps on a tiny, locally generated model and dataset")
+    p.add_argument("--dir", help="where to build the demo (default: a new temporary folder)")
+    p.add_argument("--steps", type=int, default=5)
+    p.set_defaults(run=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except SpykeLoraError as e:
+        print(f"spyke-lora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spyke-lora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

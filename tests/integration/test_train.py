@@ -1,0 +1,201 @@
+"""The real engine, the tiny model, 64 px, 5 steps, a checkpoint every 2 steps."""
+
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+from rich.logging import RichHandler
+
+from spyke_lora import (
+    CheckpointSaved,
+    StepEnded,
+    Stop,
+    TrainEnded,
+    TrainStarted,
+    TrainingError,
+    sd_scripts_argv,
+    train,
+)
+from spyke_lora._engine._host import VENDORED
+
+from .helpers import assert_same_tensors, read_lora
+
+NAME = "spyke_plasma_v1"
+
+
+@pytest.fixture(scope="module")
+def first_run(world, tmp_path_factory):
+    """One 5-step run shared by the tests that only inspect it. The caller's logging is a rich handler at INFO,
+    which draws from Python's `random` for every styled line: the LoRA must not depend on that."""
+    cfg = world.config(output_dir=tmp_path_factory.mktemp("first") / "out")
+    events = []
+    handler = RichHandler(console=Console(stderr=True))
+    root = logging.getLogger()
+    saved_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    before = (list(root.handlers), root.level)
+    try:
+        result = train(cfg, callbacks=[events.append])
+        after = (list(root.handlers), root.level)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+    # copies to compare against, whatever later tests do to the output folder
+    reference = tmp_path_factory.mktemp("reference")
+    for saved in result.checkpoints:
+        shutil.copy(saved.path, reference / saved.path.name)
+    return SimpleNamespace(cfg=cfg, result=result, events=events, logging_before=before, logging_after=after,
+                           reference=reference)
+
+
+def test_events_arrive_in_order(first_run):
+    cfg, result, events = first_run.cfg, first_run.result, first_run.events
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == [
+        "TrainStarted",
+        "StepEnded", "StepEnded", "CheckpointSaved",
+        "StepEnded", "StepEnded", "CheckpointSaved",
+        "StepEnded", "CheckpointSaved",
+        "TrainEnded",
+    ]  # fmt: skip
+    started = events[0]
+    assert started == TrainStarted(total_steps=5, device="cpu", mixed_precision="no", output_dir=cfg.output_dir)
+    steps = [e for e in events if isinstance(e, StepEnded)]
+    assert [s.step for s in steps] == [1, 2, 3, 4, 5]
+    assert all(s.total_steps == 5 and s.epoch == 1 for s in steps)
+    assert all(math.isfinite(s.loss) and s.loss > 0 for s in steps)
+    # avg_loss is sd-scripts' running mean over the epoch
+    for i, s in enumerate(steps):
+        assert s.avg_loss == pytest.approx(sum(x.loss for x in steps[: i + 1]) / (i + 1))
+    # cosine schedule without warm-up: starts at the configured rates and decreases
+    assert steps[0].lr == pytest.approx(1e-4) and steps[0].lr_text_encoder == pytest.approx(5e-5)
+    assert all(a.lr > b.lr for a, b in zip(steps, steps[1:]))
+    assert all(a.elapsed_s < b.elapsed_s for a, b in zip(steps, steps[1:]))
+    assert events[-1] == TrainEnded("completed", 5, cfg.output_dir / f"{NAME}.safetensors")
+
+
+def test_checkpoints_and_files(first_run):
+    cfg, result, events = first_run.cfg, first_run.result, first_run.events
+    saved = [e for e in events if isinstance(e, CheckpointSaved)]
+    assert saved == [
+        CheckpointSaved(2, 1, cfg.output_dir / f"{NAME}-step00000002.safetensors", False),
+        CheckpointSaved(4, 1, cfg.output_dir / f"{NAME}-step00000004.safetensors", False),
+        CheckpointSaved(5, 1, cfg.output_dir / f"{NAME}.safetensors", True),
+    ]
+    assert sorted(p.name for p in cfg.output_dir.glob("*.safetensors")) == [
+        f"{NAME}-step00000002.safetensors",
+        f"{NAME}-step00000004.safetensors",
+        f"{NAME}.safetensors",
+    ]
+    for event in saved:
+        tensors, metadata = read_lora(event.path)
+        assert len(tensors) == 792
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
+        assert metadata["ss_network_dim"] == "32"
+        assert float(metadata["ss_network_alpha"]) == 16.0
+        assert metadata["ss_steps"] == str(event.step)
+        assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in tensors.values())  # save_precision float
+
+
+def test_result_summarises_the_run(first_run):
+    cfg, result, events = first_run.cfg, first_run.result, first_run.events
+    assert result.status == "completed"
+    assert result.steps == 5
+    assert result.final_path == cfg.output_dir / f"{NAME}.safetensors"
+    assert result.checkpoints == tuple(e for e in events if isinstance(e, CheckpointSaved))
+    assert result.history == tuple(e for e in events if isinstance(e, StepEnded))
+    assert (result.device, result.mixed_precision) == ("cpu", "no")
+
+
+def test_host_process_is_left_as_it_was(first_run):
+    assert first_run.logging_after == first_run.logging_before  # the caller's root handlers and level
+    assert "library" not in sys.modules and "networks" not in sys.modules and "train_network" not in sys.modules
+    assert str(VENDORED) not in sys.path
+
+
+def test_command_line_reproduces_the_run_bit_for_bit(first_run, tmp_path):
+    """`python vendor/sd-scripts/train_network.py *sd_scripts_argv(cfg)` after train(cfg) gives the same LoRA."""
+    cfg, result, reference = first_run.cfg, first_run.result, first_run.reference
+    library_final = reference / result.final_path.name
+    for path in cfg.output_dir.glob("*.safetensors"):
+        path.unlink()
+    argv = sd_scripts_argv(cfg)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(VENDORED / "train_network.py"), *argv],
+        cwd=VENDORED, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_tensors(library_final, cfg.output_dir / f"{NAME}.safetensors")
+    _, meta_cli = read_lora(cfg.output_dir / f"{NAME}.safetensors")
+    _, meta_lib = read_lora(library_final)
+    assert meta_cli["ss_steps"] == meta_lib["ss_steps"] == "5"
+
+
+def test_second_run_in_the_same_process_is_identical(first_run, world, tmp_path):
+    """A second train() in the same process (this one with no logging configured) gives the same files."""
+    cfg, result, reference = first_run.cfg, first_run.result, first_run.reference
+    again = train(cfg.replace(output_dir=tmp_path / "again"))
+    assert again.status == "completed" and again.steps == 5
+    assert again.losses == result.losses
+    assert [c.path.name for c in again.checkpoints] == [c.path.name for c in result.checkpoints]
+    for second in again.checkpoints:
+        assert_same_tensors(reference / second.path.name, second.path)
+
+
+def test_stop_at_step_3_takes_exactly_3_steps(world, out):
+    events = []
+
+    def stop_at_3(event):
+        events.append(event)
+        if isinstance(event, StepEnded) and event.step == 3:
+            return Stop("enough")
+
+    result = train(world.config(output_dir=out), callbacks=stop_at_3)
+    steps = [e.step for e in events if isinstance(e, StepEnded)]
+    assert steps == [1, 2, 3]
+    assert result.status == "stopped" and result.steps == 3 and result.stop_reason == "enough"
+    final = out / f"{NAME}.safetensors"
+    assert result.final_path == final
+    assert [type(e).__name__ for e in events[-2:]] == ["CheckpointSaved", "TrainEnded"]
+    assert events[-2] == CheckpointSaved(3, 1, final, True)
+    assert events[-1] == TrainEnded("stopped", 3, final)
+    _, metadata = read_lora(final)
+    assert metadata["ss_steps"] == "3"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"{NAME}-step00000002.safetensors", f"{NAME}.safetensors"]
+
+
+def test_callback_exception_propagates_unchanged(world, out):
+    class Boom(Exception):
+        pass
+
+    events = []
+
+    def explode(event):
+        events.append(event)
+        if isinstance(event, TrainStarted):
+            raise Boom("from the callback")
+
+    with pytest.raises(Boom, match="from the callback"):
+        train(world.config(output_dir=out), callbacks=explode)
+    assert [type(e).__name__ for e in events] == ["TrainStarted", "TrainEnded"]
+    assert events[-1] == TrainEnded("failed", 0, None)
+    assert not list(out.glob("*.safetensors"))
+    assert "library" not in sys.modules
+
+
+def test_engine_failure_is_a_training_error(world, out, tmp_path):
+    bad_model = tmp_path / "not-a-model.safetensors"
+    bad_model.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # a valid, empty safetensors file
+    with pytest.raises(TrainingError, match="sd-scripts failed"):
+        train(world.config(output_dir=out, base_model=bad_model))
+    assert "library" not in sys.modules

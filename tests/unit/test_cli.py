@@ -1,0 +1,61 @@
+import shlex
+from pathlib import Path
+
+from spyke_lora import CheckpointSaved, StepEnded, TrainEnded, TrainStarted, TrainConfig
+from spyke_lora._cli import describe, main
+from spyke_lora._engine._host import VENDORED
+
+
+def write_config(tmp_path, **changes):
+    cfg = TrainConfig(
+        base_model=tmp_path / "m.safetensors", train_dir=tmp_path / "10_spyke_plasma_v1", output_dir=tmp_path / "o",
+        output_name="spyke_plasma_v1", mixed_precision="fp16", **changes,
+    )  # fmt: skip
+    return cfg.to_toml(tmp_path / "c.toml")
+
+
+def test_argv_prints_a_runnable_command_line(tmp_path, capsys):
+    assert main(["argv", str(write_config(tmp_path)), "--device", "mps"]) == 0
+    words = shlex.split(capsys.readouterr().out)
+    assert words[1] == str(VENDORED / "train_network.py")
+    assert words[words.index("--mixed_precision") + 1] == "no"
+    assert "--no_half_vae" in words
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('base_model = "m"\ntrain_dir = "10_x"\noutput_dir = "o"\noutput_name = "x"\nnetwork_dimm = 4\n')
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spyke-lora: error: invalid configuration in")
+    assert "unknown key `network_dimm`; did you mean `network_dim`?" in err
+
+
+def test_train_refuses_missing_inputs_before_loading_anything(tmp_path, capsys):
+    assert main(["train", str(write_config(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert "`base_model`" in err and "does not exist" in err and "`train_dir`" in err
+
+
+def test_refuses_to_overwrite_an_earlier_lora(tmp_path, capsys):
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    (tmp_path / "10_spyke_plasma_v1").mkdir()
+    (tmp_path / "o").mkdir()
+    earlier = tmp_path / "o" / "spyke_plasma_v1-step00000200.safetensors"
+    earlier.write_bytes(b"my earlier LoRA")
+    assert main(["train", str(write_config(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert "1 LoRA file(s) named `spyke_plasma_v1` already exist" in err and "overwrite = true" in err
+    assert earlier.read_bytes() == b"my earlier LoRA"
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [earlier.name]  # nothing written
+
+
+def test_event_lines():
+    assert describe(TrainStarted(920, "mps", "no", Path("/o"))) == (
+        "started: 920 steps on mps (mixed precision no), writing to /o"
+    )
+    assert describe(StepEnded(3, 920, 1, 0.12345, 0.2, 1e-4, 5e-5, 12.0)) == (
+        "step   3/920  epoch 1  loss 0.1235  avg 0.2000  lr 1.00e-04  te lr 5.00e-05  12.0s"
+    )
+    assert describe(CheckpointSaved(200, 1, Path("/o/x.safetensors"), False)) == "checkpoint (step 200): /o/x.safetensors"
+    assert describe(TrainEnded("stopped", 3, None)) == "ended: stopped after 3 steps"
