@@ -6,7 +6,7 @@ ENGINE := vendor/sd-scripts/train_network.py
 PINNED := ae72efb92babe89ff8e70f057e42db68440e8d61
 STAMP := $(VENV)/.spyke-lora-installed
 
-.PHONY: setup demo test test-unit test-integration clean
+.PHONY: setup demo test test-unit test-integration test-mps test-gpu clean
 
 setup: $(STAMP) $(ENGINE)  ## venv + sd-scripts submodule + dependencies; idempotent (seconds when done)
 	@$(PY) -c "import spyke_lora, sys; print('spyke-lora', spyke_lora.__version__, 'ready on Python', sys.version.split()[0])"
@@ -40,6 +40,12 @@ test-unit: setup
 
 test-integration: setup
 	$(PY) -m pytest tests/integration -q --durations=5
+
+test-mps: setup  ## on an Apple Silicon Mac only
+	$(PY) -m pytest tests/device -q -m mps
+
+test-gpu: setup  ## on a CUDA machine only
+	$(PY) -m pytest tests/device -q -m gpu
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -14,7 +14,7 @@ import logging as _logging  # noqa: E402
 
 from . import events  # noqa: E402
 from ._config import TrainConfig  # noqa: E402
-from ._device import DevicePlan, SpykeLoraWarning  # noqa: E402
+from ._device import SpykeLoraWarning  # noqa: E402
 from ._engine import sd_scripts_argv  # noqa: E402
 from ._errors import ConfigError, DeviceError, EngineError, SpykeLoraError, TrainingError  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
@@ -27,7 +27,6 @@ __all__ = [
     "CheckpointSaved",
     "ConfigError",
     "DeviceError",
-    "DevicePlan",
     "EngineError",
     "Event",
     "SpykeLoraError",

@@ -18,7 +18,7 @@ from typing import Literal, Union
 
 __all__ = ["CheckpointSaved", "Event", "StepEnded", "Stop", "TrainEnded", "TrainStarted"]
 
-Status = Literal["completed", "stopped", "failed"]
+Status = Literal["completed", "stopped", "failed", "interrupted"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,8 @@ class CheckpointSaved:
 
 @dataclasses.dataclass(frozen=True)
 class TrainEnded:
-    """The run is over. ``status``: "completed", "stopped" (a callback returned Stop) or "failed"."""
+    """The run is over. ``status``: "completed"; "stopped" (a callback returned Stop); "failed" (an exception,
+    which propagates after this event); "interrupted" (Ctrl-C, re-raised after this event)."""
 
     status: Status
     steps: int  # optimizer steps actually taken

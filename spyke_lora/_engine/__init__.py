@@ -79,7 +79,7 @@ def existing_outputs(cfg: TrainConfig) -> list[Path]:
             continue
         rest = stem[len(name) :] if stem.startswith(name) else None
         # sd-scripts' names: NAME, NAME-step00000200 (STEP_FILE_NAME), NAME-000001 (EPOCH_FILE_NAME)
-        if rest == "" or (rest and (rest.startswith("-step") and rest[5:].isdigit() or rest[1:].isdigit())):
+        if rest == "" or (rest and rest[0] == "-" and (rest[1:].isdigit() or rest[5:].isdigit() and rest[1:5] == "step")):
             found.append(path)
     return found
 

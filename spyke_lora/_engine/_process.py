@@ -68,7 +68,6 @@ def isolated_run(train_network: ModuleType, env: dict[str, str]) -> Iterator[Non
         torch.set_rng_state(saved_rng[2])
         if saved_rng[3] is not None:
             torch.cuda.set_rng_state_all(saved_rng[3])
-        free_memory()
 
 
 def free_memory() -> None:

@@ -1,7 +1,9 @@
 import shlex
 from pathlib import Path
 
-from spyke_lora import CheckpointSaved, StepEnded, TrainEnded, TrainStarted, TrainConfig
+import pytest
+
+from spyke_lora import CheckpointSaved, SpykeLoraWarning, StepEnded, TrainConfig, TrainEnded, TrainStarted
 from spyke_lora._cli import describe, main
 from spyke_lora._engine._host import VENDORED
 
@@ -15,7 +17,8 @@ def write_config(tmp_path, **changes):
 
 
 def test_argv_prints_a_runnable_command_line(tmp_path, capsys):
-    assert main(["argv", str(write_config(tmp_path)), "--device", "mps"]) == 0
+    with pytest.warns(SpykeLoraWarning, match="mixed_precision 'fp16' changed to 'no' on mps"):
+        assert main(["argv", str(write_config(tmp_path)), "--device", "mps"]) == 0
     words = shlex.split(capsys.readouterr().out)
     assert words[1] == str(VENDORED / "train_network.py")
     assert words[words.index("--mixed_precision") + 1] == "no"
