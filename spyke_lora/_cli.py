@@ -70,11 +70,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _argv(args: argparse.Namespace) -> int:
-    from ._engine import locate_engine, sd_scripts_argv
+    from ._engine import locate_engine, sd_scripts_argv, write_dataset_toml
 
     cfg = TrainConfig.from_toml(args.config)
     argv = sd_scripts_argv(cfg, device=args.device)
     script = locate_engine(cfg.sd_scripts_dir) / "train_network.py"
+    written = write_dataset_toml(cfg)  # the command below reads it: make it runnable as printed
+    if written:
+        print(f"# wrote the dataset TOML it reads: {written}", file=sys.stderr)
     print(shlex.join([sys.executable, str(script), *argv]))
     return 0
 
@@ -111,9 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("argv", help="print the equivalent sd-scripts command line")
+    p = sub.add_parser(
+        "argv", help="print the equivalent sd-scripts command line (and write the dataset TOML it reads)"
+    )
     p.add_argument("config", type=Path)
-    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="apply this device's policy (default: this machine)")
+    p.add_argument(
+        "--device", choices=["cpu", "cuda", "mps"], help="apply this device's policy (default: this machine's)"
+    )
     p.set_defaults(run=_argv)
 
     p = sub.add_parser("demo", help="train a few steps on a tiny, locally generated model and dataset")

@@ -69,7 +69,9 @@ class TinyWorld:
         return base.replace(**changes) if changes else base
 
 
-def build_tiny_world(root: str | os.PathLike[str], *, resolution: int = 64, sd_scripts_dir: Path | None = None) -> TinyWorld:
+def build_tiny_world(
+    root: str | os.PathLike[str], *, resolution: int = 64, sd_scripts_dir: Path | None = None
+) -> TinyWorld:
     """Create the tiny world's data under ``root`` (images, captions, an ``output`` folder) and make sure the cached
     model and tokenizer exist. Safe to call again: existing files are reused."""
     root = Path(root).absolute()

@@ -34,6 +34,7 @@ __all__ = [
     "locate_engine",
     "run",
     "sd_scripts_argv",
+    "write_dataset_toml",
     "write_random_sd15_checkpoint",
 ]
 
@@ -49,7 +50,9 @@ def device_plan(cfg: TrainConfig, device: str | None = None) -> DevicePlan:
     elif device not in ("cpu", "cuda", "mps"):
         raise DeviceError(f"device must be 'cpu', 'cuda' or 'mps', got {device!r}")
     xformers = bool(cfg.extra_args.get("xformers", False))
-    return plan_device(device, mixed_precision=cfg.mixed_precision, optimizer_type=cfg.optimizer_type, xformers=xformers)
+    return plan_device(
+        device, mixed_precision=cfg.mixed_precision, optimizer_type=cfg.optimizer_type, xformers=xformers
+    )
 
 
 def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
@@ -77,9 +80,13 @@ def existing_outputs(cfg: TrainConfig) -> list[Path]:
         stem, suffix = path.stem, path.suffix
         if suffix != ".safetensors" or not path.is_file():
             continue
-        rest = stem[len(name) :] if stem.startswith(name) else None
+        if not stem.startswith(name):
+            continue
         # sd-scripts' names: NAME, NAME-step00000200 (STEP_FILE_NAME), NAME-000001 (EPOCH_FILE_NAME)
-        if rest == "" or (rest and rest[0] == "-" and (rest[1:].isdigit() or rest[5:].isdigit() and rest[1:5] == "step")):
+        rest = stem[len(name) :]
+        is_step = rest.startswith("-step") and rest[5:].isdigit()
+        is_epoch = rest.startswith("-") and rest[1:].isdigit()
+        if rest == "" or is_step or is_epoch:
             found.append(path)
     return found
 
@@ -110,7 +117,7 @@ def run(
     try:
         with host.active() as caller_logging:
             train_network = host.train_network()
-            _write_dataset_toml(cfg)
+            write_dataset_toml(cfg)
             env = {"ACCELERATE_USE_CPU": "true"} if plan.device == "cpu" else {}
             with isolated_run(train_network, env), random_untouched_by_logging(host.logger_names()):
                 return _train(train_network, host, argv, emit, stop_requested, started_at, caller_logging.restore)
@@ -157,15 +164,17 @@ def _clear_engine_frames(tb: TracebackType | None, root: Path) -> None:
         tb = tb.tb_next
 
 
-def _write_dataset_toml(cfg: TrainConfig) -> None:
+def write_dataset_toml(cfg: TrainConfig) -> Path | None:
+    """Write the dataset TOML that ``sd_scripts_argv(cfg)`` points at (atomically); None for ``dataset_config``."""
     text = dataset_toml_text(cfg)
     if text is None:
-        return
+        return None
     path = dataset_toml_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+    return path
 
 
 def write_random_sd15_checkpoint(path: Path, *, seed: int = 0, sd_scripts_dir: Path | None = None) -> Path:

@@ -1,6 +1,7 @@
 """Integration tests: the real sd-scripts engine on the tiny local model (CPU, 64 px)."""
 
 import pytest
+
 from spyke_lora.tiny_world import build_tiny_world
 
 

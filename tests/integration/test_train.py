@@ -6,8 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
-
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +17,8 @@ from spyke_lora import (
     StepEnded,
     Stop,
     TrainEnded,
-    TrainStarted,
     TrainingError,
+    TrainStarted,
     sd_scripts_argv,
     train,
 )
@@ -58,7 +56,7 @@ def first_run(world, tmp_path_factory):
 
 
 def test_events_arrive_in_order(first_run):
-    cfg, result, events = first_run.cfg, first_run.result, first_run.events
+    cfg, events = first_run.cfg, first_run.events
     kinds = [type(e).__name__ for e in events]
     assert kinds == [
         "TrainStarted",
@@ -84,7 +82,7 @@ def test_events_arrive_in_order(first_run):
 
 
 def test_checkpoints_and_files(first_run):
-    cfg, result, events = first_run.cfg, first_run.result, first_run.events
+    cfg, events = first_run.cfg, first_run.events
     saved = [e for e in events if isinstance(e, CheckpointSaved)]
     assert saved == [
         CheckpointSaved(2, 1, cfg.output_dir / f"{NAME}-step00000002.safetensors", False),
@@ -198,4 +196,18 @@ def test_engine_failure_is_a_training_error(world, out, tmp_path):
     bad_model.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # a valid, empty safetensors file
     with pytest.raises(TrainingError, match="sd-scripts failed"):
         train(world.config(output_dir=out, base_model=bad_model))
+    assert "library" not in sys.modules
+
+
+def test_ctrl_c_delivers_interrupted_and_reraises(world, out):
+    events = []
+
+    def press_ctrl_c(event):
+        events.append(event)
+        if isinstance(event, TrainStarted):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(world.config(output_dir=out), callbacks=press_ctrl_c)
+    assert events[-1] == TrainEnded("interrupted", 0, None)
     assert "library" not in sys.modules

@@ -19,8 +19,13 @@ def write_config(tmp_path, **changes):
 def test_argv_prints_a_runnable_command_line(tmp_path, capsys):
     with pytest.warns(SpykeLoraWarning, match="mixed_precision 'fp16' changed to 'no' on mps"):
         assert main(["argv", str(write_config(tmp_path)), "--device", "mps"]) == 0
-    words = shlex.split(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    words = shlex.split(captured.out)
     assert words[1] == str(VENDORED / "train_network.py")
+    dataset = Path(words[words.index("--dataset_config") + 1])
+    assert dataset == tmp_path / "o" / "spyke_plasma_v1_dataset.toml" and dataset.is_file()  # runnable as printed
+    assert f"wrote the dataset TOML it reads: {dataset}" in captured.err
+    assert "image_dir = " in dataset.read_text() and "num_repeats = 10" in dataset.read_text()
     assert words[words.index("--mixed_precision") + 1] == "no"
     assert "--no_half_vae" in words
 
