@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 
 from spyke_lora import (
     CheckpointSaved,
+    SpykeLoraError,
     StepEnded,
     Stop,
     TrainEnded,
@@ -211,3 +212,60 @@ def test_ctrl_c_delivers_interrupted_and_reraises(world, out):
         train(world.config(output_dir=out), callbacks=press_ctrl_c)
     assert events[-1] == TrainEnded("interrupted", 0, None)
     assert "library" not in sys.modules
+
+
+def test_epochs_and_sd_scripts_running_average(world, out):
+    """3 images x 1 repeat, no regularisation: 3 steps per epoch, so 5 steps span epochs 1 and 2. avg_loss is
+    sd-scripts' LossRecorder: in epoch 2 each step replaces the loss at its position of epoch 1."""
+    result = train(world.config(output_dir=out, num_repeats=1, reg_dir=None, save_every_n_steps=None))
+    steps = result.history
+    assert [s.epoch for s in steps] == [1, 1, 1, 2, 2]
+    l1, l2, l3, l4, l5 = (s.loss for s in steps)
+    assert steps[2].avg_loss == pytest.approx((l1 + l2 + l3) / 3)
+    assert steps[3].avg_loss == pytest.approx((l4 + l2 + l3) / 3)
+    assert steps[4].avg_loss == pytest.approx((l4 + l5 + l3) / 3)
+    assert result.checkpoints == (CheckpointSaved(5, 2, out / f"{NAME}.safetensors", True),)
+
+
+def test_stop_from_a_checkpoint_event_ends_at_that_step(world, out):
+    """A Stop returned for a step checkpoint takes effect after sd-scripts' bookkeeping for that save, before the
+    next epoch begins: step 3 is the last step of epoch 1 here."""
+    events = []
+
+    def stop_on_checkpoint(event):
+        events.append(event)
+        if isinstance(event, CheckpointSaved) and not event.final:
+            return Stop("first checkpoint is enough")
+
+    config = world.config(output_dir=out, num_repeats=1, reg_dir=None, save_every_n_steps=3)
+    result = train(config, callbacks=stop_on_checkpoint)
+    assert [type(e).__name__ for e in events] == [
+        "TrainStarted", "StepEnded", "StepEnded", "StepEnded", "CheckpointSaved", "CheckpointSaved", "TrainEnded",
+    ]  # fmt: skip
+    assert events[4] == CheckpointSaved(3, 1, out / f"{NAME}-step00000003.safetensors", False)
+    assert events[5] == CheckpointSaved(3, 1, out / f"{NAME}.safetensors", True)
+    assert result.status == "stopped" and result.steps == 3
+    assert read_lora(out / f"{NAME}.safetensors")[1]["ss_steps"] == "3"
+    assert_same_tensors(out / f"{NAME}-step00000003.safetensors", out / f"{NAME}.safetensors")
+
+
+def test_stop_before_the_first_step_writes_nothing(world, out):
+    result = train(world.config(output_dir=out), callbacks=lambda e: Stop("changed my mind"))
+    assert (result.status, result.steps, result.final_path, result.checkpoints) == ("stopped", 0, None, ())
+    assert not list(out.glob("*.safetensors"))
+
+
+def test_a_second_run_while_one_is_active_is_refused(world, out, tmp_path):
+    nested = []
+
+    def start_another(event):
+        if isinstance(event, TrainStarted):
+            try:
+                train(world.config(output_dir=tmp_path / "nested"))
+            except SpykeLoraError as e:
+                nested.append(str(e))
+            return Stop()
+
+    train(world.config(output_dir=out), callbacks=start_another)
+    assert len(nested) == 1 and "another spyke-lora run is active in this process" in nested[0]
+    assert not (tmp_path / "nested").exists()  # refused before anything was written

@@ -2,6 +2,11 @@
 
 import pytest
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
 from spyke_lora import ConfigError, DeviceError, SpykeLoraWarning, TrainConfig, sd_scripts_argv
 from spyke_lora._device import plan_device, resolve_device
 
@@ -130,3 +135,30 @@ def test_options_the_library_manages_cannot_be_overridden(cfg):
         sd_scripts_argv(cfg.replace(extra_args={"pretrained_model_name_or_path": "x"}), device="cpu")
     with pytest.raises(ConfigError, match="max_data_loader_n_workers` cannot be set on mps"):
         sd_scripts_argv(cfg.replace(extra_args={"max_data_loader_n_workers": 4}), device="mps")
+
+
+def test_argv_with_a_users_dataset_toml(tmp_path):
+    from spyke_lora._engine import write_dataset_toml
+
+    cfg = TrainConfig(
+        base_model=tmp_path / "m.safetensors", dataset_config=tmp_path / "my_dataset.toml",
+        output_dir=tmp_path / "out", output_name="spyke_plasma_v1",
+    )  # fmt: skip
+    argv = sd_scripts_argv(cfg, device="cpu")
+    assert value(argv, "--dataset_config") == str(tmp_path / "my_dataset.toml")
+    assert "--train_data_dir" not in argv and "--reg_data_dir" not in argv
+    # dataset-level options still go on the command line: sd-scripts uses them where the TOML is silent
+    assert value(argv, "--resolution") == "512" and value(argv, "--keep_tokens") == "1"
+    assert write_dataset_toml(cfg) is None and not (tmp_path / "out").exists()  # the user's file is never rewritten
+
+
+def test_generated_dataset_toml(cfg):
+    from spyke_lora._engine import write_dataset_toml
+
+    path = write_dataset_toml(cfg)
+    assert path == cfg.output_dir / "spyke_plasma_v1_dataset.toml"
+    data = tomllib.loads(path.read_text())
+    assert data["datasets"][0]["subsets"] == [
+        {"image_dir": str(cfg.train_dir), "num_repeats": 10, "is_reg": False, "class_tokens": "spyke_plasma_v1"},
+        {"image_dir": str(cfg.reg_dir), "num_repeats": 1, "is_reg": True, "class_tokens": "person"},
+    ]
