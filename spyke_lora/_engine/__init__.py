@@ -33,6 +33,7 @@ __all__ = [
     "existing_outputs",
     "locate_engine",
     "run",
+    "run_environment",
     "sd_scripts_argv",
     "write_dataset_toml",
     "write_random_sd15_checkpoint",
@@ -68,6 +69,16 @@ def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
     with host.active():
         parse_argv(host.train_network().setup_parser(), argv)
     return argv
+
+
+def run_environment(plan: DevicePlan) -> dict[str, str]:
+    """Environment variables a run on ``plan.device`` needs (set for the run in-process; print them with the
+    command line): MPS's CPU fallback for missing operations; CPU forced even where a GPU exists."""
+    if plan.device == "mps":
+        return {"PYTORCH_ENABLE_MPS_FALLBACK": "1"}
+    if plan.device == "cpu":
+        return {"ACCELERATE_USE_CPU": "true"}
+    return {}
 
 
 def existing_outputs(cfg: TrainConfig) -> list[Path]:
@@ -118,8 +129,7 @@ def run(
         with host.active() as caller_logging:
             train_network = host.train_network()
             write_dataset_toml(cfg)
-            env = {"ACCELERATE_USE_CPU": "true"} if plan.device == "cpu" else {}
-            with isolated_run(train_network, env), random_untouched_by_logging(host.logger_names()):
+            with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(host.logger_names()):
                 return _train(train_network, host, argv, emit, stop_requested, started_at, caller_logging.restore)
     finally:
         _RUN_LOCK.release()

@@ -1,5 +1,6 @@
 """The real engine, the tiny model, 64 px, 5 steps, a checkpoint every 2 steps."""
 
+import gc
 import logging
 import math
 import os
@@ -9,6 +10,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -119,6 +121,8 @@ def test_host_process_is_left_as_it_was(first_run):
     assert first_run.logging_after == first_run.logging_before  # the caller's root handlers and level
     assert "library" not in sys.modules and "networks" not in sys.modules and "train_network" not in sys.modules
     assert str(VENDORED) not in sys.path
+    gc.collect()  # the models are gone: no tensor of the 2 GB base model (or of the LoRA) is still alive
+    assert not [o for o in gc.get_objects() if torch.is_tensor(o) and o.numel() > 10_000]
 
 
 def test_command_line_reproduces_the_run_bit_for_bit(first_run, tmp_path):

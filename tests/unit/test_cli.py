@@ -21,7 +21,8 @@ def test_argv_prints_a_runnable_command_line(tmp_path, capsys):
         assert main(["argv", str(write_config(tmp_path)), "--device", "mps"]) == 0
     captured = capsys.readouterr()
     words = shlex.split(captured.out)
-    assert words[1] == str(VENDORED / "train_network.py")
+    assert words[0] == "PYTORCH_ENABLE_MPS_FALLBACK=1"  # MPS needs it in the environment before torch loads
+    assert words[2] == str(VENDORED / "train_network.py")
     dataset = Path(words[words.index("--dataset_config") + 1])
     assert dataset == tmp_path / "o" / "spyke_plasma_v1_dataset.toml" and dataset.is_file()  # runnable as printed
     assert f"wrote the dataset TOML it reads: {dataset}" in captured.err
