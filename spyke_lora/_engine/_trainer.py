@@ -24,6 +24,7 @@ from pathlib import Path
 from types import FrameType, ModuleType, TracebackType
 from typing import Any
 
+from .._errors import EngineError
 from ..events import CheckpointSaved, Event, StepEnded, TrainStarted
 
 
@@ -149,6 +150,7 @@ class Probe:
 
 
 _TRAINER_CLASSES: dict[int, type] = {}
+_HOOKS = ("get_tokenize_strategy", "post_process_network", "process_batch", "sample_images", "train")
 
 
 def trainer_class(train_network: ModuleType) -> type:
@@ -156,6 +158,12 @@ def trainer_class(train_network: ModuleType) -> type:
     key = id(train_network)
     if key in _TRAINER_CLASSES:
         return _TRAINER_CLASSES[key]
+    missing = [name for name in _HOOKS if not hasattr(train_network.NetworkTrainer, name)]
+    if missing:
+        raise EngineError(
+            f"this sd-scripts ({train_network.__file__}) has no NetworkTrainer.{', '.join(missing)}: it is not a "
+            f"version spyke-lora can drive; use the vendored v0.10.1 (unset $SPYKE_LORA_SD_SCRIPTS / sd_scripts_dir)"
+        )
     train_util = train_network.train_util
 
     class SpykeTrainer(train_network.NetworkTrainer):  # type: ignore[name-defined,misc]

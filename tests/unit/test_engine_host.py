@@ -144,3 +144,13 @@ def test_engine_log_records_leave_python_random_untouched():
             root.removeHandler(handler)
             root.setLevel(saved)
     assert "handle" not in vars(logging.getLogger("library.some_module"))  # unwrapped afterwards
+
+
+def test_an_sd_scripts_without_the_hooks_is_refused():
+    from spyke_lora._engine._trainer import trainer_class
+
+    fake = types.ModuleType("train_network")
+    fake.__file__ = "/somewhere/sd-scripts/train_network.py"
+    fake.NetworkTrainer = type("NetworkTrainer", (), {"train": lambda self, args: None, "sample_images": None})
+    with pytest.raises(EngineError, match="has no NetworkTrainer.get_tokenize_strategy, post_process_network, process_batch"):
+        trainer_class(fake)
