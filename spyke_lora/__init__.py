@@ -5,9 +5,12 @@
 """
 
 import os as _os
+import sys as _sys
 
-# MPS runs need this before torch is first imported (an op MPS lacks then runs on the CPU instead of failing).
-# It is set here because nothing in this package imports torch before this line; an explicit value is kept.
+# MPS runs need this before torch is first imported (torch reads it when it loads: an op MPS lacks then runs on the
+# CPU instead of failing). It is set here because nothing in this package imports torch before this line; an
+# explicit value is kept. Whether torch came first is remembered, so a run on MPS can warn that it was too late.
+_MPS_FALLBACK_TOO_LATE = "torch" in _sys.modules and "PYTORCH_ENABLE_MPS_FALLBACK" not in _os.environ
 _os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 import logging as _logging  # noqa: E402

@@ -89,10 +89,11 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
     plan = _engine.device_plan(cfg)
     for note in plan.corrections:
         warnings.warn(note, SpykeLoraWarning, stacklevel=2)
-    if plan.device == "mps" and os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1":
+    if plan.device == "mps" and _mps_fallback_missing():
         warnings.warn(
-            "PYTORCH_ENABLE_MPS_FALLBACK is not '1', so an operation MPS lacks will fail instead of running on the "
-            "CPU; import spyke_lora before torch (it sets the variable) or export PYTORCH_ENABLE_MPS_FALLBACK=1",
+            "PYTORCH_ENABLE_MPS_FALLBACK=1 was not in the environment when torch was imported, so an operation MPS "
+            "lacks will fail instead of running on the CPU; import spyke_lora before torch (it sets the variable) "
+            "or export PYTORCH_ENABLE_MPS_FALLBACK=1 before starting Python",
             SpykeLoraWarning,
             stacklevel=2,
         )
@@ -117,6 +118,12 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
         mixed_precision=session.started.mixed_precision if session.started else plan.mixed_precision,
         stop_reason=session.stop_reason if outcome.stopped else None,
     )
+
+
+def _mps_fallback_missing() -> bool:
+    import spyke_lora
+
+    return spyke_lora._MPS_FALLBACK_TOO_LATE or os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1"
 
 
 def _check_inputs(cfg: TrainConfig) -> None:

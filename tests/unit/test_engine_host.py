@@ -154,3 +154,13 @@ def test_an_sd_scripts_without_the_hooks_is_refused():
     fake.NetworkTrainer = type("NetworkTrainer", (), {"train": lambda self, args: None, "sample_images": None})
     with pytest.raises(EngineError, match="has no NetworkTrainer.get_tokenize_strategy, post_process_network, process_batch"):
         trainer_class(fake)
+
+
+def test_torch_imported_first_is_remembered_for_the_mps_warning():
+    code = "import torch, spyke_lora; from spyke_lora._train import _mps_fallback_missing; print(_mps_fallback_missing())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_ENABLE_MPS_FALLBACK"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True"]  # too late: torch loaded without the variable
+    out = subprocess.run([sys.executable, "-c", code.replace("torch, spyke_lora", "spyke_lora, torch")],
+                         env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.split() == ["False"]
