@@ -218,10 +218,16 @@ def _train_frame(tb: TracebackType | None, train_code: Any) -> FrameType | None:
 def finish_after_stop(stop: StopRun, train_network: ModuleType, probe: Probe) -> Path | None:
     """End the run the way the end of sd-scripts' ``train()`` does, for the step reached; returns the final file
     (None when no step was taken, so there is nothing worth saving)."""
-    frame = _train_frame(stop.__traceback__, train_network.NetworkTrainer.train.__code__)
-    if frame is None or probe.steps_done == 0:
+    if probe.steps_done == 0:
         return None
-    local = frame.f_locals
+    frame = _train_frame(stop.__traceback__, train_network.NetworkTrainer.train.__code__)
+    needed = ("accelerator", "args", "network", "optimizer_eval_fn", "save_model", "global_step")
+    local = frame.f_locals if frame is not None else {}
+    if any(name not in local for name in needed):
+        raise EngineError(
+            "could not save the final LoRA after the stop: this sd-scripts' NetworkTrainer.train() does not have "
+            f"the locals {needed}; the step checkpoints already written are intact"
+        )
     accelerator, args = local["accelerator"], local["args"]
     network = accelerator.unwrap_model(local["network"])
     accelerator.end_training()
