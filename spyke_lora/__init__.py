@@ -18,6 +18,7 @@ import logging as _logging  # noqa: E402
 from . import events  # noqa: E402
 from ._config import TrainConfig  # noqa: E402
 from ._device import SpykeLoraWarning  # noqa: E402
+from ._doctor import DeviceReport, doctor  # noqa: E402
 from ._engine import sd_scripts_argv  # noqa: E402
 from ._errors import ConfigError, DeviceError, EngineError, SpykeLoraError, TrainingError  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointSaved",
     "ConfigError",
     "DeviceError",
+    "DeviceReport",
     "EngineError",
     "Event",
     "SpykeLoraError",
@@ -41,6 +43,7 @@ __all__ = [
     "TrainResult",
     "TrainStarted",
     "TrainingError",
+    "doctor",
     "events",
     "sd_scripts_argv",
     "train",

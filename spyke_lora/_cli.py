@@ -83,6 +83,14 @@ def _argv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from ._doctor import doctor
+
+    report = doctor(TrainConfig.from_toml(args.config) if args.config else None)
+    print(report)
+    return 0 if report.ok else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._train import train
     from .tiny_world import build_tiny_world
@@ -123,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--device", choices=["cpu", "cuda", "mps"], help="apply this device's policy (default: this machine's)"
     )
     p.set_defaults(run=_argv)
+
+    p = sub.add_parser("doctor", help="check this machine: device, precision, engine, disk (exit 1 if it cannot train)")
+    p.add_argument("config", type=Path, nargs="?", help="check for this config (default: the recipe's settings)")
+    p.set_defaults(run=_doctor)
 
     p = sub.add_parser("demo", help="train a few steps on a tiny, locally generated model and dataset")
     p.add_argument("--dir", help="where to build the demo (default: a new temporary folder)")

@@ -20,7 +20,15 @@ from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_devi
 from .._errors import DeviceError, SpykeLoraError, TrainingError
 from ..events import Event
 from ._argv import build_argv, dataset_toml_path, dataset_toml_text, parse_argv
-from ._host import PINNED_COMMIT, PINNED_VERSION, EngineHost, host_for, locate_engine, random_untouched_by_logging
+from ._host import (
+    PINNED_COMMIT,
+    PINNED_VERSION,
+    EngineHost,
+    engine_commit,
+    host_for,
+    locate_engine,
+    random_untouched_by_logging,
+)
 from ._process import free_memory, isolated_run
 from ._trainer import Probe, StopRun, finish_after_stop, trainer_class
 
@@ -30,6 +38,7 @@ __all__ = [
     "Outcome",
     "dataset_toml_path",
     "device_plan",
+    "engine_commit",
     "existing_outputs",
     "locate_engine",
     "run",

@@ -1,0 +1,166 @@
+"""``doctor()``: can this machine train, on which device, with which precision (LORA-04), before loading anything."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from . import _engine
+from ._config import TrainConfig
+from ._device import plan_device, resolve_device
+from ._errors import DeviceError, EngineError
+
+__all__ = ["DeviceReport", "doctor"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceReport:
+    """What :func:`doctor` found. ``problems`` stop a run; ``warnings`` do not. ``ok`` is True when there are no
+    problems. ``str(report)`` is a readable summary."""
+
+    python: str
+    platform: str
+    torch_version: str | None
+    mps_built: bool
+    mps_available: bool
+    cuda_available: bool
+    cuda_device: str | None
+    device: str | None  # what the run will use (what accelerate picks, given the environment the run sets)
+    mixed_precision: str | None  # what the device policy picks for the config
+    mps_fallback_set: bool  # PYTORCH_ENABLE_MPS_FALLBACK=1 was in the environment when torch was imported
+    sd_scripts_dir: Path | None
+    sd_scripts_commit: str | None
+    sd_scripts_pinned: bool
+    output_dir: Path
+    free_disk_bytes: int | None  # in output_dir (or its nearest existing parent)
+    total_memory_bytes: int | None
+    problems: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        def gib(n: int | None) -> str:
+            return "unknown" if n is None else f"{n / 2**30:.1f} GiB"
+
+        commit = (self.sd_scripts_commit or "not a git checkout")[:10]
+        pin = " (pinned v0.10.1)" if self.sd_scripts_pinned else ""
+        lines = [
+            f"python          {self.python} on {self.platform}",
+            f"torch           {self.torch_version or 'not installed'}",
+            f"mps             built {_yes(self.mps_built)}, available {_yes(self.mps_available)}, "
+            f"fallback {'set' if self.mps_fallback_set else 'NOT set'}",
+            f"cuda            {self.cuda_device if self.cuda_available else 'not available'}",
+            f"device          {self.device or '-'}",
+            f"mixed precision {self.mixed_precision or '-'}",
+            f"sd-scripts      {self.sd_scripts_dir or 'missing'} @ {commit}{pin}",
+            f"output folder   {self.output_dir} ({gib(self.free_disk_bytes)} free)",
+            f"memory          {gib(self.total_memory_bytes)}",
+        ]
+        lines += [f"problem: {p}" for p in self.problems]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append("ready to train" if self.ok else "cannot train: fix the problems above")
+        return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
+    """Check this machine for a run of ``cfg`` (by default the recipe's device and precision settings, the vendored
+    engine and the working directory as output folder). Loads no model; imports torch."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    requested_device = cfg.device if cfg else "auto"
+    requested_precision = cfg.mixed_precision if cfg else "auto"
+    optimizer = cfg.optimizer_type if cfg else "AdamW"
+    output_dir = cfg.output_dir if cfg else Path.cwd()
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        problems.append("torch is not installed; run `make setup` (or pip install -e .)")
+    mps_backend = getattr(getattr(torch, "backends", None), "mps", None)
+    mps_built = bool(mps_backend is not None and mps_backend.is_built())
+    mps_available = bool(mps_backend is not None and sys.platform == "darwin" and mps_backend.is_available())
+    cuda_available = bool(torch is not None and torch.cuda.is_available())
+    cuda_device = torch.cuda.get_device_name(0) if cuda_available else None
+
+    device = precision = None
+    try:
+        device = resolve_device(requested_device, cuda_available=cuda_available, mps_available=mps_available)
+        xformers = bool(cfg.extra_args.get("xformers", False)) if cfg else False
+        plan = plan_device(device, mixed_precision=requested_precision, optimizer_type=optimizer, xformers=xformers)
+        precision = plan.mixed_precision
+        warnings += plan.corrections
+    except DeviceError as e:
+        problems.append(str(e))
+
+    import spyke_lora
+
+    fallback_set = os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") == "1" and not spyke_lora._MPS_FALLBACK_TOO_LATE
+    if device == "mps" and not fallback_set:
+        warnings.append(
+            "PYTORCH_ENABLE_MPS_FALLBACK=1 was not set before torch was imported: an operation MPS lacks will fail; "
+            "import spyke_lora before torch, or export the variable before starting Python"
+        )
+
+    sd_dir = commit = None
+    try:
+        sd_dir = _engine.locate_engine(cfg.sd_scripts_dir if cfg else None)
+        commit = _engine.engine_commit(sd_dir)
+    except EngineError as e:
+        problems.append(str(e))
+    pinned = commit == _engine.PINNED_COMMIT
+    if sd_dir is not None and not pinned:
+        warnings.append(f"sd-scripts at {sd_dir} is not the tested {_engine.PINNED_VERSION}; results may differ")
+
+    free = _free_disk(output_dir)
+    if free is not None and free < 1 * 2**30:
+        warnings.append(f"only {free / 2**20:.0f} MiB free in {output_dir}; a recipe run writes about 400 MB")
+    memory = _total_memory()
+    if device == "mps" and memory is not None and memory < 15 * 2**30:
+        warnings.append(f"{memory / 2**30:.0f} GiB of unified memory: SD1.5 LoRA training wants 16 GB; close other apps")
+
+    return DeviceReport(
+        python=platform.python_version(),
+        platform=f"{platform.system()} {platform.machine()}",
+        torch_version=getattr(torch, "__version__", None),
+        mps_built=mps_built,
+        mps_available=mps_available,
+        cuda_available=cuda_available,
+        cuda_device=cuda_device,
+        device=device,
+        mixed_precision=precision,
+        mps_fallback_set=fallback_set,
+        sd_scripts_dir=sd_dir,
+        sd_scripts_commit=commit,
+        sd_scripts_pinned=pinned,
+        output_dir=output_dir,
+        free_disk_bytes=free,
+        total_memory_bytes=memory,
+        problems=tuple(problems),
+        warnings=tuple(warnings),
+    )
+
+
+def _free_disk(folder: Path) -> int | None:
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return None
+
+
+def _total_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - platforms without sysconf
+        return None
