@@ -128,7 +128,9 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
         warnings.append(f"only {free / 2**20:.0f} MiB free in {output_dir}; a recipe run writes about 400 MB")
     memory = _total_memory()
     if device == "mps" and memory is not None and memory < 15 * 2**30:
-        warnings.append(f"{memory / 2**30:.0f} GiB of unified memory: SD1.5 LoRA training wants 16 GB; close other apps")
+        warnings.append(
+            f"{memory / 2**30:.0f} GiB of unified memory: SD1.5 LoRA training wants 16 GB; close other apps"
+        )
 
     return DeviceReport(
         python=platform.python_version(),
