@@ -21,6 +21,7 @@ from ._device import SpykeLoraWarning  # noqa: E402
 from ._doctor import DeviceReport, doctor  # noqa: E402
 from ._engine import sd_scripts_argv  # noqa: E402
 from ._errors import ConfigError, DeviceError, EngineError, SpykeLoraError, TrainingError  # noqa: E402
+from ._plan import Plan, SubsetPlan, plan  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
 from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
 
@@ -34,10 +35,12 @@ __all__ = [
     "DeviceReport",
     "EngineError",
     "Event",
+    "Plan",
     "SpykeLoraError",
     "SpykeLoraWarning",
     "StepEnded",
     "Stop",
+    "SubsetPlan",
     "TrainConfig",
     "TrainEnded",
     "TrainResult",
@@ -45,6 +48,7 @@ __all__ = [
     "TrainingError",
     "doctor",
     "events",
+    "plan",
     "sd_scripts_argv",
     "train",
 ]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import IO
 
 from . import __version__
-from ._config import TrainConfig
-from ._errors import SpykeLoraError
+from ._config import TrainConfig, tomllib
+from ._errors import ConfigError, SpykeLoraError, TrainingError
 from .events import CheckpointSaved, Event, StepEnded, TrainEnded, TrainStarted
 
 
@@ -39,11 +39,43 @@ def describe(event: Event) -> str:
     return repr(event)  # pragma: no cover
 
 
-def _printer(stream: IO[str]) -> Callable[[Event], None]:
-    def print_event(event: Event) -> None:
-        print(describe(event), file=stream, flush=True)
+class _Progress:
+    """In a terminal: one bar line rewritten in place after every step (checkpoints and the end get lines of their
+    own). Elsewhere (a log file, CI): one line per event."""
 
-    return print_event
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.first_step_at: float | None = None
+        self.open_line = False
+
+    def __call__(self, event: Event) -> None:
+        if not (self.live and isinstance(event, StepEnded)):
+            if self.open_line:
+                self.stream.write("\n")
+                self.open_line = False
+            print(describe(event), file=self.stream, flush=True)
+            return
+        if self.first_step_at is None:
+            self.first_step_at = event.elapsed_s
+        done = event.step / event.total_steps
+        bar = "#" * int(done * 24) + "-" * (24 - int(done * 24))
+        eta = ""
+        if event.step > 1:
+            per_step = (event.elapsed_s - self.first_step_at) / (event.step - 1)
+            eta = f"  eta {_clock(per_step * (event.total_steps - event.step))}"
+        self.stream.write(f"\r[{bar}] {describe(event)}{eta}\033[K")
+        self.stream.flush()
+        self.open_line = True
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
+def _printer(stream: IO[str]) -> Callable[[Event], None]:
+    return _Progress(stream)
 
 
 @contextlib.contextmanager
@@ -58,14 +90,39 @@ def _engine_output_to(log: Path | None) -> Iterator[IO[str]]:
         yield out
 
 
+def _load(args: argparse.Namespace) -> TrainConfig:
+    """The config file, with ``--set key=value`` changes (values in TOML syntax; a bare word is a string)."""
+    cfg = TrainConfig.from_toml(args.config)
+    changes = {}
+    for item in getattr(args, "set", None) or ():
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} is not key=value; e.g. --set learning_rate=5e-5")
+        if text.strip().lower() == "none":  # unset an optional field, as "none" does in a TOML file
+            changes[key.strip()] = None
+            continue
+        try:
+            changes[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            changes[key.strip()] = text  # a bare word: a string (paths, names)
+    if getattr(args, "overwrite", False):
+        changes["overwrite"] = True
+    return cfg.replace(**changes) if changes else cfg
+
+
 def _train(args: argparse.Namespace) -> int:
     from ._train import train
 
-    cfg = TrainConfig.from_toml(args.config)
-    if args.overwrite:
-        cfg = cfg.replace(overwrite=True)
+    cfg = _load(args)
     with _engine_output_to(args.engine_log) as out:
         train(cfg, callbacks=_printer(out))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from ._plan import plan
+
+    print(plan(_load(args)))
     return 0
 
 
@@ -121,7 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("config", type=Path)
     p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same output_name")
     p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field for this run")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("plan", help="check a config and show what its run will do, without loading a model")
+    p.add_argument("config", type=Path)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field")
+    p.set_defaults(run=_plan)
 
     p = sub.add_parser(
         "argv", help="print the equivalent sd-scripts command line (and write the dataset TOML it reads)"
@@ -144,7 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except SpykeLoraError as e:
+    except TrainingError as e:  # the run started and failed
+        print(f"spyke-lora: error: {e}", file=sys.stderr)
+        return 1
+    except SpykeLoraError as e:  # refused before anything ran: config, dataset, device, engine
         print(f"spyke-lora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

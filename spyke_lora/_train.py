@@ -14,7 +14,7 @@ from typing import Any, Union
 from . import _engine
 from ._config import TrainConfig
 from ._device import SpykeLoraWarning
-from ._errors import ConfigError
+from ._plan import plan
 from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted
 
 __all__ = ["Callback", "TrainResult", "train"]
@@ -85,11 +85,11 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
     """
     started_at = time.perf_counter()
     session = _Session((callbacks,) if callable(callbacks) else tuple(callbacks))
-    _check_inputs(cfg)
-    plan = _engine.device_plan(cfg)
-    for note in plan.corrections:
+    checked = plan(cfg)  # every check first: a refused run loads nothing and writes nothing
+    for note in checked.warnings:
         warnings.warn(note, SpykeLoraWarning, stacklevel=2)
-    if plan.device == "mps" and _mps_fallback_missing():
+    plan_ = _engine.device_plan(cfg)
+    if plan_.device == "mps" and _mps_fallback_missing():
         warnings.warn(
             "PYTORCH_ENABLE_MPS_FALLBACK=1 was not in the environment when torch was imported, so an operation MPS "
             "lacks will fail instead of running on the CPU; import spyke_lora before torch (it sets the variable) "
@@ -97,9 +97,9 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
             SpykeLoraWarning,
             stacklevel=2,
         )
-    logger.info("training %s on %s (mixed precision %s)", cfg.output_name, plan.device, plan.mixed_precision)
+    logger.info("training %s on %s (mixed precision %s)", cfg.output_name, plan_.device, plan_.mixed_precision)
     try:
-        outcome = _engine.run(cfg, plan, session.emit, session.stop_requested, started_at)
+        outcome = _engine.run(cfg, plan_, session.emit, session.stop_requested, started_at)
     except KeyboardInterrupt:
         session.end("interrupted", len(session.history), None)
         raise
@@ -114,8 +114,8 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
         final_path=outcome.final_path,
         checkpoints=tuple(session.checkpoints),
         history=tuple(session.history),
-        device=session.started.device if session.started else plan.device,
-        mixed_precision=session.started.mixed_precision if session.started else plan.mixed_precision,
+        device=session.started.device if session.started else plan_.device,
+        mixed_precision=session.started.mixed_precision if session.started else plan_.mixed_precision,
         stop_reason=session.stop_reason if outcome.stopped else None,
     )
 
@@ -124,27 +124,3 @@ def _mps_fallback_missing() -> bool:
     import spyke_lora
 
     return spyke_lora._MPS_FALLBACK_TOO_LATE or os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1"
-
-
-def _check_inputs(cfg: TrainConfig) -> None:
-    """What must hold before anything is loaded or written: inputs exist, no earlier LoRA would be overwritten."""
-    problems = []
-    if not cfg.base_model.is_file():
-        problems.append(f"`base_model` {str(cfg.base_model)!r} does not exist; check the path")
-    for name in ("train_dir", "reg_dir"):
-        folder = getattr(cfg, name)
-        if folder is not None and not folder.is_dir():
-            problems.append(f"`{name}` {str(folder)!r} is not a folder; check the path")
-    if cfg.dataset_config is not None and not cfg.dataset_config.is_file():
-        problems.append(f"`dataset_config` {str(cfg.dataset_config)!r} does not exist; check the path")
-    if cfg.tokenizer_cache_dir is not None and not cfg.tokenizer_cache_dir.is_dir():
-        problems.append(f"`tokenizer_cache_dir` {str(cfg.tokenizer_cache_dir)!r} is not a folder; check the path")
-    existing = [] if cfg.overwrite else _engine.existing_outputs(cfg)
-    if existing:
-        names = ", ".join(p.name for p in existing[:5]) + (", ..." if len(existing) > 5 else "")
-        problems.append(
-            f"{len(existing)} LoRA file(s) named `{cfg.output_name}` already exist in {cfg.output_dir} ({names}); "
-            f"choose another `output_name` or `output_dir`, or set `overwrite = true` to replace them"
-        )
-    if problems:
-        raise ConfigError(problems)

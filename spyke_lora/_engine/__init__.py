@@ -20,6 +20,7 @@ from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_devi
 from .._errors import DeviceError, SpykeLoraError, TrainingError
 from ..events import Event
 from ._argv import build_argv, dataset_toml_path, dataset_toml_text, parse_argv
+from ._dataset import Folder, StepCount, count_steps, dataset_folders, image_extensions
 from ._host import (
     PINNED_COMMIT,
     PINNED_VERSION,
@@ -35,11 +36,17 @@ from ._trainer import Probe, StopRun, finish_after_stop, trainer_class
 __all__ = [
     "PINNED_COMMIT",
     "PINNED_VERSION",
+    "Folder",
     "Outcome",
+    "StepCount",
+    "build_argv",
+    "count_steps",
+    "dataset_folders",
     "dataset_toml_path",
     "device_plan",
     "engine_commit",
     "existing_outputs",
+    "image_extensions",
     "locate_engine",
     "run",
     "run_environment",

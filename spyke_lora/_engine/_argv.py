@@ -16,6 +16,7 @@ from typing import Any
 from .._config import TrainConfig, repeats_from_folder_name
 from .._device import DevicePlan
 from .._errors import ConfigError, DeviceError, EngineError
+from .._model import inspect_model
 
 # Options the library sets itself from config fields or the device policy: extra_args may not set them.
 _MANAGED: dict[str, str] = {
@@ -27,6 +28,7 @@ _MANAGED: dict[str, str] = {
     "sdpa": "attention is chosen by the device policy (sdpa everywhere, or extra_args.xformers = true on CUDA)",
     "mem_eff_attn": "attention is chosen by the device policy (sdpa everywhere, or extra_args.xformers = true on CUDA)",
     "use_8bit_adam": "set `optimizer_type` instead",
+    "v2": "it is set from the base model's header (SD2.x checkpoints)",
     "use_lion_optimizer": "set `optimizer_type` instead",
     "caption_extention": "set `caption_extension` instead",
     "console_log_level": "configure Python logging in your program instead",
@@ -103,6 +105,7 @@ def build_argv(cfg: TrainConfig, plan: DevicePlan) -> list[str]:
             a.extend([f"--{name}", _text(value)])
 
     opt("pretrained_model_name_or_path", str(cfg.base_model))
+    opt("v2", _is_sd2(cfg.base_model))  # SD2.x checkpoints need sd-scripts' v2 model and tokenizer settings
     opt("dataset_config", str(dataset_toml_path(cfg)))
     opt("output_dir", str(cfg.output_dir))
     opt("output_name", cfg.output_name)
@@ -146,6 +149,14 @@ def build_argv(cfg: TrainConfig, plan: DevicePlan) -> list[str]:
             continue  # already decided by the device policy
         opt(key, value)
     return a
+
+
+def _is_sd2(path: Path) -> bool:
+    """From the safetensors header only; a file that cannot be read is left to the preflight to report."""
+    try:
+        return inspect_model(path).family == "sd2"
+    except ConfigError:
+        return False
 
 
 def _text(value: Any) -> str:

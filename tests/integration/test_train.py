@@ -1,10 +1,12 @@
 """The real engine, the tiny model, 64 px, 5 steps, a checkpoint every 2 steps."""
 
 import gc
+import json
 import logging
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ from spyke_lora import (
     TrainEnded,
     TrainingError,
     TrainStarted,
+    plan,
     sd_scripts_argv,
     train,
 )
@@ -70,6 +73,9 @@ def test_events_arrive_in_order(first_run):
     ]  # fmt: skip
     started = events[0]
     assert started == TrainStarted(total_steps=5, device="cpu", mixed_precision="no", output_dir=cfg.output_dir)
+    # the dry run said the same: 6 training + 6 regularisation batches per epoch (sd-scripts logs 12), 5 steps
+    planned = plan(cfg.replace(overwrite=True))
+    assert (planned.steps_per_epoch, planned.total_steps, planned.device) == (12, 5, "cpu")
     steps = [e for e in events if isinstance(e, StepEnded)]
     assert [s.step for s in steps] == [1, 2, 3, 4, 5]
     assert all(s.total_steps == 5 and s.epoch == 1 for s in steps)
@@ -197,8 +203,10 @@ def test_callback_exception_propagates_unchanged(world, out):
 
 
 def test_engine_failure_is_a_training_error(world, out, tmp_path):
-    bad_model = tmp_path / "not-a-model.safetensors"
-    bad_model.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # a valid, empty safetensors file
+    # an SD1.x header with one tensor: the preflight accepts it, sd-scripts fails to load the missing weights
+    header = json.dumps({"cond_stage_model.transformer.x": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}})
+    bad_model = tmp_path / "incomplete.safetensors"
+    bad_model.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
     with pytest.raises(TrainingError, match="sd-scripts failed"):
         train(world.config(output_dir=out, base_model=bad_model))
     assert "library" not in sys.modules
@@ -221,7 +229,9 @@ def test_ctrl_c_delivers_interrupted_and_reraises(world, out):
 def test_epochs_and_sd_scripts_running_average(world, out):
     """3 images x 1 repeat, no regularisation: 3 steps per epoch, so 5 steps span epochs 1 and 2. avg_loss is
     sd-scripts' LossRecorder: in epoch 2 each step replaces the loss at its position of epoch 1."""
-    result = train(world.config(output_dir=out, num_repeats=1, reg_dir=None, save_every_n_steps=None))
+    config = world.config(output_dir=out, num_repeats=1, reg_dir=None, save_every_n_steps=None)
+    assert plan(config).steps_per_epoch == 3
+    result = train(config)
     steps = result.history
     assert [s.epoch for s in steps] == [1, 1, 1, 2, 2]
     l1, l2, l3, l4, l5 = (s.loss for s in steps)

@@ -68,3 +68,40 @@ def test_event_lines():
     )
     assert describe(CheckpointSaved(200, 1, Path("/o/x.safetensors"), False)) == "checkpoint (step 200): /o/x.safetensors"
     assert describe(TrainEnded("stopped", 3, None)) == "ended: stopped after 3 steps"
+
+
+def test_progress_is_a_bar_in_a_terminal_and_lines_elsewhere():
+    import io
+
+    from spyke_lora._cli import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    events = [StepEnded(1, 4, 1, 0.5, 0.5, 1e-4, None, 20.0), StepEnded(2, 4, 1, 0.4, 0.45, 1e-4, None, 24.0),
+              CheckpointSaved(2, 1, Path("/o/x-step00000002.safetensors"), False)]  # fmt: skip
+    terminal = Terminal()
+    progress = _Progress(terminal)
+    for event in events:
+        progress(event)
+    text = terminal.getvalue()
+    assert text.startswith("\r[######------------------] step 1/4")
+    assert "\r[############------------] step 2/4" in text and "eta 0:00:08" in text  # 4 s a step, 2 to go
+    assert text.endswith("\ncheckpoint (step 2): /o/x-step00000002.safetensors\n")
+    log = io.StringIO()
+    progress = _Progress(log)
+    for event in events:
+        progress(event)
+    assert log.getvalue().splitlines() == [describe(e) for e in events]
+
+
+def test_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
+    import spyke_lora._train
+
+    def interrupted(cfg, callbacks=()):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spyke_lora._train, "train", interrupted)
+    assert main(["train", str(write_config(tmp_path))]) == 130
+    assert "spyke-lora: interrupted" in capsys.readouterr().err

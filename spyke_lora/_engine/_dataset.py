@@ -1,0 +1,166 @@
+"""The dataset as sd-scripts sees it: its folders, and its step count from sd-scripts' own dataset code, no model.
+
+sd-scripts builds its datasets from the dataset TOML and the command line (``BlueprintGenerator`` +
+``generate_dataset_group_by_blueprint``), and ``len()`` of the resulting group is the number of batches per epoch:
+it registers regularisation images, repeated as needed, until they match the training images with repeats, so an
+epoch with regularisation has twice the batches. ``train()`` then derives steps and epochs from that length
+(``train_network.py`` l.739-745 and l.978-980); :func:`count_steps` does the same arithmetic on the same length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from .._config import TrainConfig, repeats_from_folder_name
+from .._device import DevicePlan
+from .._errors import ConfigError
+from ._argv import build_argv, dataset_toml_text, parse_argv
+from ._host import host_for
+
+
+@dataclasses.dataclass(frozen=True)
+class Folder:
+    """One dataset subset: where its images are, how it is repeated, and how its captions are found."""
+
+    folder: Path
+    repeats: int
+    is_reg: bool
+    caption_extension: str
+    class_tokens: str | None  # the caption sd-scripts uses for an image without a caption file
+    source: str  # the config field or dataset TOML entry that names it, for messages
+
+
+def dataset_folders(cfg: TrainConfig) -> list[Folder]:
+    """The subsets of ``cfg``: ``train_dir``/``reg_dir``, or every subset of the user's dataset TOML (values
+    inherited from the dataset and ``[general]`` tables as sd-scripts does, then from the config)."""
+    if cfg.dataset_config is None:
+        folders = [Folder(cfg.train_dir, cfg.resolved_num_repeats() or 1, False, cfg.caption_extension,
+                          _class_tokens(cfg.train_dir), "`train_dir`")]  # fmt: skip
+        if cfg.reg_dir is not None:
+            folders.append(Folder(cfg.reg_dir, cfg.reg_repeats, True, cfg.caption_extension,
+                                  _class_tokens(cfg.reg_dir), "`reg_dir`"))  # fmt: skip
+        return folders
+    try:
+        data = toml.loads(cfg.dataset_config.read_text(encoding="utf-8"))
+    except (OSError, toml.TomlDecodeError) as e:
+        raise ConfigError(f"`dataset_config` {str(cfg.dataset_config)!r} cannot be read as TOML: {e}") from None
+    general = data.get("general", {})
+    folders = []
+    for d, dataset in enumerate(data.get("datasets", [])):
+        for s, subset in enumerate(dataset.get("subsets", [])):
+            def pick(key: str, default: Any) -> Any:
+                return subset.get(key, dataset.get(key, general.get(key, default)))
+
+            where = f"{cfg.dataset_config.name} datasets[{d}].subsets[{s}]"
+            if "image_dir" not in subset:
+                raise ConfigError(f"{where} has no `image_dir`; add the folder of its images")
+            folder = Path(subset["image_dir"]).expanduser()
+            if not folder.is_absolute():
+                folder = cfg.dataset_config.parent / folder
+            folders.append(Folder(folder, int(pick("num_repeats", 1)), bool(subset.get("is_reg", False)),
+                                  pick("caption_extension", cfg.caption_extension), subset.get("class_tokens"),
+                                  where))  # fmt: skip
+    if not folders:
+        raise ConfigError(f"`dataset_config` {str(cfg.dataset_config)!r} has no [[datasets.subsets]] entry")
+    return folders
+
+
+def _class_tokens(folder: Path | None) -> str | None:
+    parsed = repeats_from_folder_name(folder) if folder is not None else None
+    return parsed[1] if parsed else (folder.name if folder is not None else None)
+
+
+def image_extensions(cfg: TrainConfig) -> tuple[str, ...]:
+    """The file extensions sd-scripts treats as images."""
+    host = host_for(cfg.sd_scripts_dir)
+    with host.active():
+        return tuple(host.train_network().train_util.IMAGE_EXTENSIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetCount:
+    folder: Path
+    images: int
+    repeats: int
+    is_reg: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCount:
+    subsets: tuple[SubsetCount, ...]
+    batches_per_epoch: int
+    steps_per_epoch: int  # optimizer steps: batches / gradient accumulation
+    total_steps: int
+    epochs: int
+    checkpoints: tuple[tuple[int, str], ...]  # (step, file name) of every step checkpoint
+    final_name: str
+
+
+def count_steps(cfg: TrainConfig, plan: DevicePlan) -> StepCount:
+    """The step plan of ``cfg``, from sd-scripts' own dataset code (reads image sizes and captions, loads no
+    model). Python's ``random`` is left as it was (sd-scripts draws a dataset seed from it)."""
+    host = host_for(cfg.sd_scripts_dir)
+    with host.active():
+        train_network = host.train_network()
+        train_util, config_util = train_network.train_util, train_network.config_util
+        args = parse_argv(train_network.setup_parser(), build_argv(cfg, plan))
+        train_util.prepare_dataset_args(args, True)
+        if args.enable_bucket:
+            _check_buckets(args)
+        text = dataset_toml_text(cfg)
+        user_config: dict[str, Any] = (
+            toml.loads(text) if text is not None else config_util.load_user_config(str(cfg.dataset_config))
+        )
+        state = random.getstate()
+        try:  # sd-scripts' own dataset code: captions, image sizes, repeats, regularisation pairing, buckets
+            sanitizer = config_util.ConfigSanitizer(True, True, args.masked_loss, True)
+            blueprint = config_util.BlueprintGenerator(sanitizer).generate(user_config, args)
+            group, _ = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
+        finally:
+            random.setstate(state)
+        subsets = tuple(
+            SubsetCount(Path(s.image_dir), s.img_count, s.num_repeats, s.is_reg)
+            for dataset in group.datasets
+            for s in dataset.subsets
+        )
+        batches = len(group)
+        steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
+        if args.max_train_epochs is not None:
+            total = args.max_train_epochs * steps_per_epoch
+        else:
+            total = args.max_train_steps
+        epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else 0
+        every = args.save_every_n_steps
+        ext = "." + args.save_model_as
+        checkpoints = tuple(
+            (step, train_util.get_step_ckpt_name(args, ext, step)) for step in range(every, total + 1, every)
+        ) if every else ()  # fmt: skip
+        return StepCount(
+            subsets, batches, steps_per_epoch, total, epochs, checkpoints, train_util.get_last_ckpt_name(args, ext)
+        )
+
+
+def _check_buckets(args: Any) -> None:
+    """What sd-scripts' bucket manager would reject (or silently get wrong) for this resolution."""
+    problems = []
+    low, high = min(args.resolution), max(args.resolution)
+    if args.min_bucket_reso > low:
+        problems.append(
+            f"`extra_args.min_bucket_reso` is {args.min_bucket_reso} but `resolution` is {low}: bucketing needs "
+            f"min_bucket_reso <= resolution; set min_bucket_reso = {max(64, low // 2)} or enable_bucket = false"
+        )
+    if args.max_bucket_reso < high:
+        problems.append(
+            f"`extra_args.max_bucket_reso` is {args.max_bucket_reso} but `resolution` is {high}: bucketing needs "
+            f"max_bucket_reso >= resolution; set max_bucket_reso = {high * 2}"
+        )
+    if args.bucket_reso_steps % 8:
+        problems.append(f"`extra_args.bucket_reso_steps` must be a multiple of 8, got {args.bucket_reso_steps}; try 64")
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,142 @@
+"""``plan(cfg)``: the dry run. Every check, the device, the exact arguments and the step math, with no model loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from . import _engine
+from ._config import TrainConfig
+from ._errors import ConfigError
+from ._preflight import check_folder, config_warnings
+
+__all__ = ["Plan", "SubsetPlan", "plan"]
+
+# Measured: an SD1.5 LoRA of network_dim 32 saved as fp32 is 75.6 MB (792 tensors); size scales with dim.
+_BYTES_PER_DIM_FP32 = 75_600_000 / 32
+_SAVE_BYTES = {"float": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetPlan:
+    folder: Path
+    images: int
+    captions: int
+    repeats: int
+    is_reg: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What ``train(cfg)`` will do. ``str(plan)`` is a readable summary."""
+
+    device: str
+    mixed_precision: str
+    corrections: tuple[str, ...]  # device-policy changes to the request, each with its reason
+    base_model: Path
+    model_family: str  # "sd1" or "sd2"
+    argv: tuple[str, ...]  # the exact train_network.py arguments
+    subsets: tuple[SubsetPlan, ...]
+    batches_per_epoch: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    checkpoints: tuple[tuple[int, Path], ...]  # (step, file) of each step checkpoint
+    final_path: Path
+    estimated_disk_bytes: int
+    warnings: tuple[str, ...]  # everything worth knowing that does not stop the run (corrections included)
+
+    def __str__(self) -> str:
+        lines = [
+            f"base model      {self.base_model} ({self.model_family})",
+            f"device          {self.device}, mixed precision {self.mixed_precision}",
+            *(f"  corrected: {c}" for c in self.corrections),
+            "dataset",
+            *(
+                f"  {'reg  ' if s.is_reg else 'train'} {s.folder}: {s.images} images, {s.captions} captions, "
+                f"x{s.repeats}"
+                for s in self.subsets
+            ),
+            f"steps           {self.steps_per_epoch} per epoch x {self.epochs} epochs = {self.total_steps}",
+            "checkpoints     " + (", ".join(str(step) for step, _ in self.checkpoints) or "none") + ", final",
+            *(f"  {path}" for _, path in self.checkpoints),
+            f"  {self.final_path}",
+            f"disk            about {self.estimated_disk_bytes / 1e6:.0f} MB",
+            *(f"warning: {w}" for w in self.warnings if w not in self.corrections),
+        ]
+        return "\n".join(lines)
+
+
+def plan(cfg: TrainConfig) -> Plan:
+    """Check ``cfg`` and compute what its run will do, without loading a model: the base model's header, every image
+    (fully decoded) and caption, the output folder, the device policy, and the steps as sd-scripts counts them.
+    Raises :class:`ConfigError` listing every problem; a :class:`DeviceError` when the device cannot run it."""
+    from ._model import check_base_model
+
+    device_plan = _engine.device_plan(cfg)  # DeviceError: the machine, not the data
+    problems: list[str] = []
+    warnings: list[str] = list(device_plan.corrections)
+    family = "unknown"
+    try:
+        family = check_base_model(cfg.base_model).family
+    except ConfigError as e:
+        problems += e.problems
+    if family == "sd2":
+        warnings.append(
+            "the base model is SD2.x: it is trained with sd-scripts' v2 settings; a 768-v model (SD 2.0-v, 2.1-768) "
+            "also needs extra_args.v_parameterization = true"
+        )
+    for name in ("tokenizer_cache_dir",):
+        folder = getattr(cfg, name)
+        if folder is not None and not folder.is_dir():
+            problems.append(f"`{name}` {str(folder)!r} is not a folder; check the path")
+    try:
+        folders = _engine.dataset_folders(cfg)
+    except ConfigError as e:
+        problems += e.problems
+        folders = []
+    if cfg.dataset_config is not None and not cfg.dataset_config.is_file():
+        problems.append(f"`dataset_config` {str(cfg.dataset_config)!r} does not exist; check the path")
+    extensions = _engine.image_extensions(cfg) if folders else ()
+    for folder in folders:
+        found, noted = check_folder(folder, cfg, extensions)
+        problems += found
+        warnings += noted
+    existing = [] if cfg.overwrite else _engine.existing_outputs(cfg)
+    if existing:
+        names = ", ".join(p.name for p in existing[:5]) + (", ..." if len(existing) > 5 else "")
+        problems.append(
+            f"{len(existing)} LoRA file(s) named `{cfg.output_name}` already exist in {cfg.output_dir} ({names}); "
+            f"choose another `output_name` or `output_dir`, or set `overwrite = true` to replace them"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+    count = _engine.count_steps(cfg, device_plan)
+    warnings += config_warnings(cfg, count.total_steps)
+    captions = {f.folder: _count_captions(f) for f in folders}
+    files = len(count.checkpoints) + 1
+    per_file = _BYTES_PER_DIM_FP32 * cfg.network_dim * _SAVE_BYTES[cfg.save_precision] / 4
+    return Plan(
+        device=device_plan.device,
+        mixed_precision=device_plan.mixed_precision,
+        corrections=device_plan.corrections,
+        base_model=cfg.base_model,
+        model_family=family,
+        argv=tuple(_engine.build_argv(cfg, device_plan)),
+        subsets=tuple(
+            SubsetPlan(s.folder, s.images, captions.get(s.folder, 0), s.repeats, s.is_reg) for s in count.subsets
+        ),
+        batches_per_epoch=count.batches_per_epoch,
+        steps_per_epoch=count.steps_per_epoch,
+        epochs=count.epochs,
+        total_steps=count.total_steps,
+        checkpoints=tuple((step, cfg.output_dir / name) for step, name in count.checkpoints),
+        final_path=cfg.output_dir / count.final_name,
+        estimated_disk_bytes=int(files * per_file),
+        warnings=tuple(warnings),
+    )
+
+
+def _count_captions(folder) -> int:
+    return sum(1 for p in folder.folder.iterdir() if p.suffix == folder.caption_extension and p.stat().st_size > 0)

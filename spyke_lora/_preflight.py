@@ -1,0 +1,133 @@
+"""Checks that refuse a bad run before 2 GB are loaded: every problem found, each naming its file or field.
+
+``problems`` stop the run (:class:`ConfigError` lists them all); ``warnings`` are shown and the run goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+from ._config import TrainConfig, repeats_from_folder_name
+
+# What PIL calls each format, and the extensions that format may carry (the usual one first).
+_FORMAT_EXTENSIONS = {
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg", ".jfif"),
+    "WEBP": (".webp",),
+    "BMP": (".bmp",),
+    "AVIF": (".avif",),
+    "JXL": (".jxl",),
+}
+_LIST = 5  # file names shown per problem before "... and N more"
+
+
+def _names(paths: list[Path]) -> str:
+    shown = ", ".join(str(p) for p in paths[:_LIST])
+    return shown + (f" ... and {len(paths) - _LIST} more" if len(paths) > _LIST else "")
+
+
+def check_folder(folder, cfg: TrainConfig, image_extensions: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Problems and warnings of one dataset folder (an ``_engine`` ``Folder``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    problems: list[str] = []
+    warnings: list[str] = []
+    where = folder.source
+    if not folder.folder.is_dir():
+        return [f"{where} folder {str(folder.folder)!r} does not exist; check the path"], []
+    extensions = {e.lower() for e in image_extensions}
+    images = sorted(p for p in folder.folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    if not images:
+        return [f"{where} folder {str(folder.folder)!r} has no images ({', '.join(sorted(extensions))})"], []
+
+    parsed = repeats_from_folder_name(folder.folder)
+    if where == "`train_dir`" and parsed and cfg.num_repeats is not None and parsed[0] != cfg.num_repeats:
+        # an explicit value is a legitimate override (e.g. a quick 1-repeat test), so it wins, loudly
+        warnings.append(
+            f"`num_repeats` is {cfg.num_repeats} but the folder name {folder.folder.name!r} says {parsed[0]}: "
+            f"{cfg.num_repeats} is used; remove num_repeats to use the folder's, or rename the folder to "
+            f"'{cfg.num_repeats}_{parsed[1]}'"
+        )
+
+    stems = collections.defaultdict(list)
+    for image in images:
+        stems[image.stem].append(image)
+    for same in (paths for paths in stems.values() if len(paths) > 1):
+        problems.append(
+            f"{_names(same)} share the stem {same[0].stem!r} and so one caption file; rename or remove one"
+        )
+
+    broken, mismatched, small, off_size = [], [], [], []
+    for image in images:
+        try:
+            with Image.open(image) as im:
+                im.load()  # decode every pixel: a truncated file fails here, not minutes into the run
+                fmt, size = im.format, im.size
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            broken.append(f"{image} ({e})")
+            continue
+        allowed = _FORMAT_EXTENSIONS.get(fmt or "", ())
+        if allowed and image.suffix.lower() not in allowed:
+            mismatched.append(f"{image} is {fmt}: rename it to {image.with_suffix(allowed[0]).name}")
+        if min(size) < cfg.resolution:
+            small.append(image)
+        if not cfg.enable_bucket and size != (cfg.resolution, cfg.resolution):
+            off_size.append(f"{image} ({size[0]}x{size[1]})")
+    if broken:
+        problems.append(f"{len(broken)} image(s) in {where} cannot be decoded (truncated or corrupt): {_names(broken)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} image(s) in {where} do not match their extension: {_names(mismatched)}")
+    if off_size:
+        problems.append(
+            f"{len(off_size)} image(s) in {where} are not {cfg.resolution}x{cfg.resolution}, which sd-scripts needs "
+            f"with bucketing off: {_names(off_size)}; set enable_bucket = true or resize them"
+        )
+    if small:
+        warnings.append(
+            f"{len(small)} image(s) in {where} are smaller than the resolution {cfg.resolution} and will be "
+            f"upscaled (blurrier training): {_names(small)}"
+        )
+
+    missing, empty, trigger_not_first = [], [], []
+    for image in images:
+        caption = image.with_suffix(folder.caption_extension)
+        if not caption.is_file():
+            missing.append(caption)
+            continue
+        text = caption.read_text(encoding="utf-8", errors="replace").strip()
+        if not text:
+            empty.append(caption)
+        elif cfg.keep_tokens >= 1 and not folder.is_reg and folder.class_tokens:
+            if text.split(",")[0].strip() != folder.class_tokens:
+                trigger_not_first.append(caption)
+    fallback = f"sd-scripts would train on the folder's class token {folder.class_tokens!r} instead"
+    for found, what in ((missing, "missing"), (empty, "empty")):
+        if not found:
+            continue
+        message = f"{len(found)} caption file(s) in {where} are {what}: {_names(found)}; {fallback}"
+        (warnings if folder.is_reg else problems).append(message)
+    if trigger_not_first:
+        warnings.append(
+            f"{len(trigger_not_first)} caption(s) in {where} do not start with the trigger {folder.class_tokens!r} "
+            f"(keep_tokens = {cfg.keep_tokens} keeps the first token in place while the rest is shuffled): "
+            f"{_names(trigger_not_first)}"
+        )
+    return problems, warnings
+
+
+def config_warnings(cfg: TrainConfig, total_steps: int) -> list[str]:
+    warnings = []
+    if cfg.network_alpha > cfg.network_dim:
+        warnings.append(
+            f"`network_alpha` {cfg.network_alpha:g} is above `network_dim` {cfg.network_dim}: the LoRA's updates are "
+            f"scaled up by {cfg.network_alpha / cfg.network_dim:g}x; the recipe uses alpha = dim / 2"
+        )
+    if cfg.flip_aug:
+        warnings.append("`flip_aug` is on: mirrored images teach the LoRA a mirrored character (asymmetric costumes)")
+    if cfg.save_every_n_steps is not None and cfg.save_every_n_steps > total_steps:
+        warnings.append(
+            f"`save_every_n_steps` {cfg.save_every_n_steps} is more than the run's {total_steps} steps: only the "
+            f"final file will be written"
+        )
+    return warnings

@@ -1,0 +1,221 @@
+"""plan(): every bad input refused before anything loads, each message naming its file or field; the step math."""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spyke_lora import ConfigError, TrainConfig, plan
+from spyke_lora._cli import main
+
+SD1_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+
+
+def write_model(path: Path, key: str = SD1_KEY) -> Path:
+    """A header-valid safetensors file: one fp16 tensor of 4 values."""
+    header = json.dumps({key: {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    return path
+
+
+def write_images(folder: Path, n: int, caption: str | None, size: int = 64, start: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        Image.fromarray(np.full((size, size, 3), i * 9 % 255, np.uint8)).save(folder / f"img{i:03d}.png")
+        if caption is not None:
+            (folder / f"img{i:03d}.txt").write_text(caption)
+
+
+@pytest.fixture
+def good(tmp_path):
+    write_model(tmp_path / "model.safetensors")
+    write_images(tmp_path / "10_spyke_plasma_v1", 3, "spyke_plasma_v1, red disc")
+    write_images(tmp_path / "reg" / "1_person", 2, "person")
+    return TrainConfig(
+        base_model=tmp_path / "model.safetensors", train_dir=tmp_path / "10_spyke_plasma_v1",
+        reg_dir=tmp_path / "reg" / "1_person", output_dir=tmp_path / "out", output_name="spyke_plasma_v1",
+        resolution=64, enable_bucket=False, max_train_steps=5, save_every_n_steps=2, device="cpu",
+    )  # fmt: skip
+
+
+def test_a_good_dataset_plans(good):
+    p = plan(good)
+    assert (p.device, p.mixed_precision, p.model_family) == ("cpu", "no", "sd1")
+    assert [(s.folder.name, s.images, s.captions, s.repeats, s.is_reg) for s in p.subsets] == [
+        ("10_spyke_plasma_v1", 3, 3, 10, False), ("1_person", 2, 2, 1, True),
+    ]  # fmt: skip
+    assert (p.batches_per_epoch, p.steps_per_epoch, p.total_steps, p.epochs) == (60, 60, 5, 1)  # 30 train + 30 reg
+    assert p.checkpoints == (
+        (2, good.output_dir / "spyke_plasma_v1-step00000002.safetensors"),
+        (4, good.output_dir / "spyke_plasma_v1-step00000004.safetensors"),
+    )
+    assert p.final_path == good.output_dir / "spyke_plasma_v1.safetensors"
+    assert p.warnings == ()
+    assert "--pretrained_model_name_or_path" in p.argv
+    text = str(p)
+    assert "steps           60 per epoch x 1 epochs = 5" in text and "checkpoints     2, 4, final" in text
+    assert not good.output_dir.exists()  # a dry run writes nothing
+
+
+# --- one case per bad input: (what to break, the phrase the message must contain, the path it must name) ----------
+
+
+def sdxl_model(cfg):
+    write_model(cfg.base_model, "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight")
+    return cfg, "sdxl", cfg.base_model
+
+
+def truncated_model(cfg):
+    data = cfg.base_model.read_bytes()
+    cfg.base_model.write_bytes(data[:-3])
+    return cfg, "truncated", cfg.base_model
+
+
+def pickle_model(cfg):
+    ckpt = cfg.base_model.with_suffix(".ckpt")
+    ckpt.write_bytes(b"PK\x03\x04 a zip of pickles")
+    return cfg.replace(base_model=ckpt), "pickle", ckpt
+
+
+def missing_train_dir(cfg):
+    return cfg.replace(train_dir=cfg.train_dir.with_name("10_nowhere")), "does not exist", "10_nowhere"
+
+
+def empty_train_dir(cfg):
+    for p in cfg.train_dir.iterdir():
+        p.unlink()
+    return cfg, "has no images", cfg.train_dir
+
+
+def truncated_image(cfg):
+    image = cfg.train_dir / "img001.png"
+    image.write_bytes(image.read_bytes()[:60])
+    return cfg, "cannot be decoded (truncated or corrupt)", image
+
+
+def jpeg_named_png(cfg):
+    image = cfg.train_dir / "img002.png"
+    Image.open(image).convert("RGB").save(image, format="JPEG")
+    return cfg, "is JPEG: rename it to img002.jpg", image
+
+
+def missing_caption(cfg):
+    (cfg.train_dir / "img000.txt").unlink()
+    return cfg, "caption file(s) in `train_dir` are missing", cfg.train_dir / "img000.txt"
+
+
+def empty_caption(cfg):
+    (cfg.train_dir / "img000.txt").write_text("  \n")
+    return cfg, "caption file(s) in `train_dir` are empty", cfg.train_dir / "img000.txt"
+
+
+def wrong_size_without_buckets(cfg):
+    write_images(cfg.train_dir, 1, "spyke_plasma_v1, big", size=96, start=7)
+    return cfg, "are not 64x64, which sd-scripts needs with bucketing off", cfg.train_dir / "img007.png"
+
+
+def buckets_rejected(cfg):
+    return cfg.replace(enable_bucket=True), "`extra_args.min_bucket_reso` is 256 but `resolution` is 64", "min_bucket_reso"
+
+
+def same_stem_twice(cfg):
+    Image.open(cfg.train_dir / "img000.png").convert("RGB").save(cfg.train_dir / "img000.jpg")
+    return cfg, "share the stem 'img000'", cfg.train_dir / "img000.jpg"
+
+
+def broken_reg_image(cfg):
+    image = cfg.reg_dir / "img000.png"
+    image.write_bytes(b"not an image at all")
+    return cfg, "image(s) in `reg_dir` cannot be decoded", image
+
+
+def dataset_toml_subset_missing(cfg):
+    toml_path = cfg.train_dir.parent / "my_dataset.toml"
+    toml_path.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "gone"\nnum_repeats = 2\n')
+    changed = cfg.replace(train_dir=None, reg_dir=None, dataset_config=toml_path)
+    return changed, "my_dataset.toml datasets[0].subsets[0] folder", cfg.train_dir.parent / "gone"
+
+
+def earlier_lora_exists(cfg):
+    cfg.output_dir.mkdir()
+    (cfg.output_dir / "spyke_plasma_v1-step00000200.safetensors").write_bytes(b"an earlier LoRA")
+    return cfg, "already exist", "spyke_plasma_v1-step00000200.safetensors"
+
+
+BAD = [
+    sdxl_model, truncated_model, pickle_model, missing_train_dir, empty_train_dir, truncated_image, jpeg_named_png,
+    missing_caption, empty_caption, wrong_size_without_buckets, buckets_rejected, same_stem_twice,
+    broken_reg_image, dataset_toml_subset_missing, earlier_lora_exists,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("breaker", BAD, ids=lambda f: f.__name__)
+def test_bad_input_is_refused_naming_the_file(good, breaker):
+    cfg, phrase, names = breaker(good)
+    before = sorted(cfg.output_dir.rglob("*")) if cfg.output_dir.exists() else None
+    with pytest.raises(ConfigError) as info:
+        plan(cfg)
+    message = str(info.value)
+    assert phrase.lower() in message.lower()
+    assert str(names) in message
+    after = sorted(cfg.output_dir.rglob("*")) if cfg.output_dir.exists() else None
+    assert after == before  # nothing written
+
+
+def test_problems_are_reported_together(good):
+    (good.train_dir / "img000.txt").unlink()
+    (good.train_dir / "img001.png").write_bytes(b"broken")
+    with pytest.raises(ConfigError) as info:
+        plan(good.replace(train_dir=good.train_dir, reg_dir=good.reg_dir.with_name("gone")))
+    assert len(info.value.problems) == 3  # missing caption, broken image, missing regularisation folder
+
+
+def test_warnings_do_not_stop_the_run(good):
+    (good.train_dir / "img000.txt").write_text("red disc, spyke_plasma_v1")
+    (good.reg_dir / "img001.txt").unlink()
+    cfg = good.replace(network_alpha=64.0, flip_aug=True, save_every_n_steps=50, num_repeats=4)
+    warnings = plan(cfg).warnings
+    assert any("`num_repeats` is 4 but the folder name '10_spyke_plasma_v1' says 10: 4 is used" in w for w in warnings)
+    assert any("do not start with the trigger 'spyke_plasma_v1'" in w and "img000.txt" in w for w in warnings)
+    assert any("in `reg_dir` are missing" in w for w in warnings)  # regularisation may use the class token
+    assert any("`network_alpha` 64 is above `network_dim` 32" in w for w in warnings)
+    assert any("`flip_aug` is on" in w for w in warnings)
+    assert any("`save_every_n_steps` 50 is more than the run's 5 steps" in w for w in warnings)
+    small = plan(good.replace(resolution=128, enable_bucket=True, extra_args={"min_bucket_reso": 64})).warnings
+    assert any("smaller than the resolution 128" in w for w in small)
+
+
+def test_spyke_step_math_is_sd_scripts_own(tmp_path):
+    """23 images x 10 repeats + 100 regularisation images: sd-scripts pairs each training batch with a
+    regularisation batch, so 460 steps per epoch; 2 epochs are the intended 920 steps, 4 epochs would be 1840."""
+    write_model(tmp_path / "model.safetensors")
+    write_images(tmp_path / "10_spyke_plasma_v1", 23, "spyke_plasma_v1, pose")
+    write_images(tmp_path / "reg" / "1_anime_character", 100, "anime character")
+    cfg = TrainConfig.from_toml(Path(__file__).parents[2] / "examples" / "spyke.toml").replace(
+        base_model=tmp_path / "model.safetensors", train_dir=tmp_path / "10_spyke_plasma_v1",
+        reg_dir=tmp_path / "reg" / "1_anime_character", output_dir=tmp_path / "out", device="cpu",
+        extra_args={"min_bucket_reso": 64},  # the generated images are 64 px; the real ones are 512+
+    )  # fmt: skip
+    p = plan(cfg)
+    assert any("smaller than the resolution 512" in w for w in p.warnings)  # the generated images are 64 px
+    assert (p.steps_per_epoch, p.epochs, p.total_steps) == (460, 2, 920)
+    assert [step for step, _ in p.checkpoints] == [200, 400, 600, 800]
+    assert p.checkpoints[0][1].name == "spyke_plasma_v1-step00000200.safetensors"
+    assert p.final_path.name == "spyke_plasma_v1.safetensors"
+    assert (p.subsets[0].images, p.subsets[0].repeats, p.subsets[1].images, p.subsets[1].is_reg) == (23, 10, 100, True)
+    assert 4 * 75e6 < p.estimated_disk_bytes < 6 * 76e6  # 4 checkpoints + final at ~75.6 MB
+    assert plan(cfg.replace(max_train_epochs=4)).total_steps == 1840
+
+
+def test_plan_command(good, tmp_path, capsys):
+    path = good.to_toml(tmp_path / "c.toml")
+    assert main(["plan", str(path)]) == 0
+    assert "5" in capsys.readouterr().out
+    assert main(["plan", str(path), "--set", "resolution=100"]) == 2
+    assert "`resolution` must be a multiple of 64, got 100; try 128" in capsys.readouterr().err
+    assert main(["plan", str(path), "--set", "save_every_n_steps=3", "--set", "output_name=other"]) == 0
+    out = capsys.readouterr().out
+    assert "other-step00000003.safetensors" in out
