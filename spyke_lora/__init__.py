@@ -20,7 +20,7 @@ from ._config import TrainConfig  # noqa: E402
 from ._device import SpykeLoraWarning  # noqa: E402
 from ._doctor import DeviceReport, doctor  # noqa: E402
 from ._engine import sd_scripts_argv  # noqa: E402
-from ._errors import ConfigError, DeviceError, EngineError, SpykeLoraError, TrainingError  # noqa: E402
+from ._errors import ConfigError, DeviceError, EngineError, NonFiniteLoss, SpykeLoraError, TrainingError  # noqa: E402
 from ._plan import Plan, SubsetPlan, plan  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
 from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
@@ -35,6 +35,7 @@ __all__ = [
     "DeviceReport",
     "EngineError",
     "Event",
+    "NonFiniteLoss",
     "Plan",
     "SpykeLoraError",
     "SpykeLoraWarning",

@@ -83,6 +83,7 @@ class TrainConfig:
     save_every_n_steps: int | None = 200
     save_precision: SavePrecision = "float"
     overwrite: bool = False  # False: refuse to start when files of this output_name already exist
+    max_nonfinite_steps: int = 1  # stop after this many consecutive NaN/Inf losses (1: at once; 0: never stop)
     # --- model behaviour --------------------------------------------------------------------------------------------
     mixed_precision: MixedPrecision = "auto"  # auto: fp16 on CUDA, no on MPS and CPU
     clip_skip: int | None = 2
@@ -251,7 +252,7 @@ _MINIMUM: dict[str, float] = {  # the smallest allowed value of numeric fields
     "num_repeats": 1, "reg_repeats": 1, "resolution": 64, "train_batch_size": 1, "keep_tokens": 0,
     "network_dim": 1, "network_alpha": 0, "learning_rate": 0, "unet_lr": 0, "text_encoder_lr": 0,
     "lr_warmup_steps": 0, "max_train_epochs": 1, "max_train_steps": 1, "save_every_n_steps": 1,
-    "clip_skip": 1, "prior_loss_weight": 0,
+    "clip_skip": 1, "prior_loss_weight": 0, "max_nonfinite_steps": 0,
 }  # fmt: skip
 
 

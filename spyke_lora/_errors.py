@@ -7,11 +7,12 @@
      ├── DeviceError          the config cannot run on the chosen device (e.g. an 8-bit optimizer on MPS)
      ├── EngineError          sd-scripts is missing, or is not the pinned version, or refused the arguments
      └── TrainingError        sd-scripts failed while training (the original exception is chained)
+          └── NonFiniteLoss   the loss became NaN or infinite; the run was stopped, earlier checkpoints kept
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DeviceError", "EngineError", "SpykeLoraError", "TrainingError"]
+__all__ = ["ConfigError", "DeviceError", "EngineError", "NonFiniteLoss", "SpykeLoraError", "TrainingError"]
 
 
 class SpykeLoraError(Exception):
@@ -43,3 +44,13 @@ class EngineError(SpykeLoraError):
 
 class TrainingError(SpykeLoraError):
     """sd-scripts raised while training; the original exception is the ``__cause__``."""
+
+
+class NonFiniteLoss(TrainingError):
+    """The loss became NaN or infinite. The run was stopped at ``step``; no file was written from the broken
+    weights, and every checkpoint written before is intact."""
+
+    def __init__(self, message: str, *, step: int, loss: float) -> None:
+        super().__init__(message)
+        self.step = step
+        self.loss = loss

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import threading
 import warnings
@@ -17,7 +18,7 @@ from types import TracebackType
 
 from .._config import TrainConfig
 from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_device, resolve_device
-from .._errors import DeviceError, SpykeLoraError, TrainingError
+from .._errors import DeviceError, NonFiniteLoss, SpykeLoraError, TrainingError
 from ..events import Event
 from ._argv import build_argv, dataset_toml_path, dataset_toml_text, parse_argv
 from ._dataset import Folder, StepCount, count_steps, dataset_folders, image_extensions
@@ -31,7 +32,7 @@ from ._host import (
     random_untouched_by_logging,
 )
 from ._process import free_memory, isolated_run
-from ._trainer import Probe, StopRun, finish_after_stop, trainer_class
+from ._trainer import NonFiniteStop, Probe, StopRun, finish_after_stop, trainer_class
 
 __all__ = [
     "PINNED_COMMIT",
@@ -144,18 +145,19 @@ def run(
     try:
         with host.active() as caller_logging:
             train_network = host.train_network()
+            _remove_partial_files(cfg)
             write_dataset_toml(cfg)
             with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(host.logger_names()):
-                return _train(train_network, host, argv, emit, stop_requested, started_at, caller_logging.restore)
+                return _train(train_network, host, argv, Probe(emit, stop_requested, started_at, caller_logging.restore,
+                                                               cfg.max_nonfinite_steps))  # fmt: skip
     finally:
         _RUN_LOCK.release()
         free_memory()
 
 
-def _train(train_network, host: EngineHost, argv, emit, stop_requested, started_at, restore_logging) -> Outcome:
+def _train(train_network, host: EngineHost, argv: list[str], probe: Probe) -> Outcome:
     parser = train_network.setup_parser()
     args = parse_argv(parser, argv)
-    probe = Probe(emit, stop_requested, started_at, restore_logging)
     trainer = trainer_class(train_network)(probe)
     try:
         try:
@@ -166,6 +168,9 @@ def _train(train_network, host: EngineHost, argv, emit, stop_requested, started_
             return Outcome(probe.steps_done, final, stopped=True)
         final = Path(args.output_dir) / train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
         return Outcome(probe.steps_done, final, stopped=False)
+    except NonFiniteStop as e:
+        _clear_engine_frames(e.__traceback__, host.root)
+        raise _nonfinite_error(probe) from None
     except SystemExit as e:  # sd-scripts calls exit() on some bad input; a library must not
         _clear_engine_frames(e.__traceback__, host.root)
         raise TrainingError(f"sd-scripts tried to exit the process (exit code {e.code}); see its log above") from None
@@ -174,6 +179,29 @@ def _train(train_network, host: EngineHost, argv, emit, stop_requested, started_
         if isinstance(e, Exception) and e is not probe.callback_error and not isinstance(e, SpykeLoraError):
             raise TrainingError(f"sd-scripts failed: {type(e).__name__}: {e}") from e
         raise
+
+
+def _nonfinite_error(probe: Probe) -> NonFiniteLoss:
+    kept = ", ".join(p.name for p in probe.saved) or "none were written before it"
+    return NonFiniteLoss(
+        f"the loss became {probe.last_loss} at step {probe.steps_done} (epoch {probe.epoch}); the run was stopped "
+        f"and no file was written from the broken weights. Checkpoints kept: {kept}. Likely causes: a learning rate "
+        f"too high (the recipe: unet_lr 1e-4, text_encoder_lr 5e-5), a half-precision VAE (keep it in fp32: the "
+        f"default on MPS), or fp16 overflow on CUDA (try mixed_precision = 'bf16')",
+        step=probe.steps_done,
+        loss=probe.last_loss,
+    )
+
+
+def _remove_partial_files(cfg: TrainConfig) -> None:
+    """Files a killed run left half-written under a temporary name (never under a final name)."""
+    if not cfg.output_dir.is_dir():
+        return
+    # the names partial_name() gives NAME, NAME-step00000200 and NAME-000001, and no other output_name's
+    pattern = re.compile(rf"\.{re.escape(cfg.output_name)}(-step\d+|-\d+)?\.\d+\.partial\.safetensors")
+    for leftover in cfg.output_dir.iterdir():
+        if pattern.fullmatch(leftover.name):
+            leftover.unlink(missing_ok=True)
 
 
 def _clear_engine_frames(tb: TracebackType | None, root: Path) -> None:

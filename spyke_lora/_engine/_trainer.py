@@ -17,6 +17,7 @@ and metadata of the interrupted ``train()`` frame, so the final file is written 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -32,6 +33,16 @@ class StopRun(BaseException):
     """Raised inside sd-scripts' loop to end the run after the current step (never escapes the engine)."""
 
 
+class NonFiniteStop(BaseException):
+    """Raised inside sd-scripts' loop when the loss has been NaN/Inf too long: end now, save nothing."""
+
+
+def partial_name(final: Path) -> Path:
+    """Where a LoRA file is written before it is renamed to ``final``: same folder (so the rename is atomic), a
+    hidden name that still ends in .safetensors (sd-scripts picks the format from the extension)."""
+    return final.with_name(f".{final.stem}.{os.getpid()}.partial.safetensors")
+
+
 class Probe:
     """Engine-side state of one run: turns hook calls into events and raises :class:`StopRun` at safe points."""
 
@@ -41,8 +52,13 @@ class Probe:
         stop_requested: Callable[[], bool],
         started_at: float,
         restore_logging: Callable[[], None],
+        max_nonfinite_steps: int = 1,
     ) -> None:
         self._emit_to_callbacks = emit
+        self.max_nonfinite_steps = max_nonfinite_steps  # 0: never stop
+        self.nonfinite_streak = 0  # consecutive steps with a NaN/Inf loss: no file is saved during one
+        self.last_loss = float("nan")
+        self.saved: list[Path] = []
         # sd-scripts re-installs its root handler at the start of train() and whenever one of its modules is
         # imported lazily; the caller's logging configuration is put back at every hook.
         self.restore_logging = restore_logging
@@ -79,11 +95,21 @@ class Probe:
         original_save = network.save_weights
         original_epoch_start = network.on_epoch_start
 
-        def save_weights(file: str, dtype: Any, metadata: Any) -> Any:
-            result = original_save(file, dtype, metadata)
+        def save_weights(file: str, dtype: Any, metadata: Any) -> None:
             path = Path(file)
+            if self.nonfinite_streak:
+                return  # the weights after a NaN/Inf loss are not worth a file
+            partial = partial_name(path)
+            try:  # written whole under a temporary name, then renamed: never a truncated file under `path`
+                original_save(str(partial), dtype, metadata)
+                with partial.open("rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+            self.saved.append(path)
             self._emit(CheckpointSaved(self.steps_done, self.epoch, path, path.name == self._last_ckpt_name))
-            return result  # a Stop asked for here takes effect at the next safe point, after sd-scripts' bookkeeping
+            # a Stop asked for here takes effect at the next safe point, after sd-scripts' bookkeeping
 
         def on_epoch_start(*a: Any, **kw: Any) -> Any:
             self.raise_if_stopping()
@@ -123,18 +149,23 @@ class Probe:
             self._recorder.add(epoch=self.epoch - 1, step=self._step_in_epoch, loss=value)
             self._step_in_epoch += 1
         self.steps_done = global_step
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        self.last_loss = loss
+        self.nonfinite_streak = 0 if math.isfinite(loss) else self.nonfinite_streak + 1
         self._emit(
             StepEnded(
                 step=global_step,
                 total_steps=self.total_steps,
                 epoch=self.epoch,
-                loss=sum(losses) / len(losses) if losses else float("nan"),
+                loss=loss,
                 avg_loss=float(self._recorder.moving_average),
                 lr=self._lrs[0],
                 lr_text_encoder=self._lrs[1],
                 elapsed_s=time.perf_counter() - self._started_at,
             )
-        )
+        )  # delivered for the bad step too, so a notebook shows it
+        if self.max_nonfinite_steps and self.nonfinite_streak >= self.max_nonfinite_steps:
+            raise NonFiniteStop
         self.raise_if_stopping()
 
     def raise_if_stopping(self) -> None:

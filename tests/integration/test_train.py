@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 
 from spyke_lora import (
     CheckpointSaved,
+    NonFiniteLoss,
     SpykeLoraError,
     StepEnded,
     Stop,
@@ -283,3 +284,31 @@ def test_a_second_run_while_one_is_active_is_refused(world, out, tmp_path):
     train(world.config(output_dir=out), callbacks=start_another)
     assert len(nested) == 1 and "another spyke-lora run is active in this process" in nested[0]
     assert not (tmp_path / "nested").exists()  # refused before anything was written
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_earlier_checkpoints(world, out):
+    """A learning rate of 1e30 blows the weights up after the first update: the loss of step 2 is not finite."""
+    events = []
+    config = world.config(output_dir=out, learning_rate=1e30, unet_lr=1e30, text_encoder_lr=1e30,
+                          save_every_n_steps=1)  # fmt: skip
+    with pytest.raises(NonFiniteLoss) as info:
+        train(config, callbacks=events.append)
+    steps = [e for e in events if isinstance(e, StepEnded)]
+    bad = steps[-1]
+    assert not math.isfinite(bad.loss) and all(math.isfinite(s.loss) for s in steps[:-1])  # delivered, then stopped
+    assert info.value.step == bad.step and f"at step {bad.step}" in str(info.value)
+    assert "learning rate too high" in str(info.value)
+    assert events[-1] == TrainEnded("failed", bad.step, None)
+    written = sorted(p.name for p in out.glob("*.safetensors"))
+    assert written == [f"{NAME}-step{s.step:08d}.safetensors" for s in steps[:-1]]  # nothing from broken weights
+    assert not list(out.glob(".*partial*"))  # no temporary file left
+
+
+def test_leftover_partial_files_are_cleaned_up(world, out):
+    out.mkdir(parents=True)
+    leftover = out / f".{NAME}-step00000002.4242.partial.safetensors"  # a run killed while saving
+    leftover.write_bytes(b"half a LoRA")
+    other = out / ".other_name.4242.partial.safetensors"  # another output's: not ours to delete
+    other.write_bytes(b"x")
+    train(world.config(output_dir=out), callbacks=lambda e: Stop() if isinstance(e, TrainStarted) else None)
+    assert not leftover.exists() and other.exists()

@@ -27,7 +27,8 @@ def test_defaults_are_the_lora01_recipe(tmp_path):
         "text_encoder_lr": 5e-5, "lr_scheduler": "cosine", "lr_warmup_steps": 0, "max_train_epochs": 4,
         "max_train_steps": None, "save_every_n_steps": 200, "mixed_precision": "auto", "save_precision": "float",
         "clip_skip": 2, "prior_loss_weight": 1.0, "gradient_checkpointing": True, "seed": 42, "device": "auto",
-        "tokenizer_cache_dir": None, "sd_scripts_dir": None, "overwrite": False, "extra_args": {},
+        "tokenizer_cache_dir": None, "sd_scripts_dir": None, "overwrite": False, "max_nonfinite_steps": 1,
+        "extra_args": {},
     }  # fmt: skip
     actual = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     for required in ("base_model", "train_dir", "output_dir", "output_name"):
