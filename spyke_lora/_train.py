@@ -101,7 +101,8 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
     try:
         outcome = _engine.run(cfg, plan_, session.emit, session.stop_requested, started_at)
     except KeyboardInterrupt:
-        session.end("interrupted", len(session.history), None)
+        final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
+        session.end("interrupted", len(session.history), final)
         raise
     except BaseException:
         session.end("failed", len(session.history), None)

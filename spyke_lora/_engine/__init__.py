@@ -6,15 +6,18 @@ and :mod:`spyke_lora.events`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from .._config import TrainConfig
 from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_device, resolve_device
@@ -147,9 +150,11 @@ def run(
             train_network = host.train_network()
             _remove_partial_files(cfg)
             write_dataset_toml(cfg)
-            with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(host.logger_names()):
-                return _train(train_network, host, argv, Probe(emit, stop_requested, started_at, caller_logging.restore,
-                                                               cfg.max_nonfinite_steps))  # fmt: skip
+            probe = Probe(emit, stop_requested, started_at, caller_logging.restore, cfg.max_nonfinite_steps)
+            with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
+                host.logger_names()
+            ), _ctrl_c_stops_after_the_step(probe):
+                return _train(train_network, host, argv, probe)
     finally:
         _RUN_LOCK.release()
         free_memory()
@@ -166,6 +171,10 @@ def _train(train_network, host: EngineHost, argv: list[str], probe: Probe) -> Ou
             final = finish_after_stop(stop, train_network, probe)
             _clear_engine_frames(stop.__traceback__, host.root)
             return Outcome(probe.steps_done, final, stopped=True)
+        except KeyboardInterrupt as interrupt:
+            if probe.interrupted_at_boundary:  # between steps: keep the last completed step's LoRA
+                finish_after_stop(interrupt, train_network, probe)
+            raise
         final = Path(args.output_dir) / train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
         return Outcome(probe.steps_done, final, stopped=False)
     except NonFiniteStop as e:
@@ -179,6 +188,29 @@ def _train(train_network, host: EngineHost, argv: list[str], probe: Probe) -> Ou
         if isinstance(e, Exception) and e is not probe.callback_error and not isinstance(e, SpykeLoraError):
             raise TrainingError(f"sd-scripts failed: {type(e).__name__}: {e}") from e
         raise
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_after_the_step(probe: Probe) -> Iterator[None]:
+    """While steps run, a first Ctrl-C ends the run after the current step (its LoRA saved under the final name,
+    then KeyboardInterrupt); a second one, or one before training starts, interrupts at once. Main thread only
+    (Python delivers signals there); the caller's handler is put back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if not probe.started or probe.interrupt_requested:
+            raise KeyboardInterrupt
+        probe.interrupt_requested = True
+        print("\nspyke-lora: stopping after this step (Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _nonfinite_error(probe: Probe) -> NonFiniteLoss:

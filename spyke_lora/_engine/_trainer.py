@@ -59,6 +59,9 @@ class Probe:
         self.nonfinite_streak = 0  # consecutive steps with a NaN/Inf loss: no file is saved during one
         self.last_loss = float("nan")
         self.saved: list[Path] = []
+        # Ctrl-C: asked for by the SIGINT handler (first press), or raised by a callback; both at a step boundary
+        self.interrupt_requested = False
+        self.interrupted_at_boundary = False
         # sd-scripts re-installs its root handler at the start of train() and whenever one of its modules is
         # imported lazily; the caller's logging configuration is put back at every hook.
         self.restore_logging = restore_logging
@@ -80,6 +83,9 @@ class Probe:
         self.restore_logging()
         try:
             self._emit_to_callbacks(event)
+        except KeyboardInterrupt:
+            self.interrupted_at_boundary = True  # raised between steps: the weights are a completed step's
+            raise
         except Exception as e:
             self.callback_error = e
             raise
@@ -169,6 +175,9 @@ class Probe:
         self.raise_if_stopping()
 
     def raise_if_stopping(self) -> None:
+        if self.interrupt_requested:
+            self.interrupted_at_boundary = True
+            raise KeyboardInterrupt
         if self._stop_requested():
             raise StopRun
 
@@ -246,7 +255,7 @@ def _train_frame(tb: TracebackType | None, train_code: Any) -> FrameType | None:
     return found
 
 
-def finish_after_stop(stop: StopRun, train_network: ModuleType, probe: Probe) -> Path | None:
+def finish_after_stop(stop: BaseException, train_network: ModuleType, probe: Probe) -> Path | None:
     """End the run the way the end of sd-scripts' ``train()`` does, for the step reached; returns the final file
     (None when no step was taken, so there is nothing worth saving)."""
     if probe.steps_done == 0:

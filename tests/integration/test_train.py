@@ -312,3 +312,44 @@ def test_leftover_partial_files_are_cleaned_up(world, out):
     other.write_bytes(b"x")
     train(world.config(output_dir=out), callbacks=lambda e: Stop() if isinstance(e, TrainStarted) else None)
     assert not leftover.exists() and other.exists()
+
+
+def test_ctrl_c_from_a_callback_at_step_3_keeps_the_step_3_lora(world, out):
+    events = []
+
+    def ctrl_c_at_3(event):
+        events.append(event)
+        if isinstance(event, StepEnded) and event.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(world.config(output_dir=out), callbacks=ctrl_c_at_3)
+    final = out / f"{NAME}.safetensors"
+    assert [e.step for e in events if isinstance(e, StepEnded)] == [1, 2, 3]
+    assert events[-2:] == [CheckpointSaved(3, 1, final, True), TrainEnded("interrupted", 3, final)]
+    assert read_lora(final)[1]["ss_steps"] == "3"
+
+
+def test_a_real_ctrl_c_stops_after_the_current_step(world, out):
+    """SIGINT while a step runs: the step finishes, its LoRA is saved, then KeyboardInterrupt; the caller's SIGINT
+    handler is back afterwards."""
+    import os
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGINT)
+    events = []
+
+    def press_ctrl_c_during_step_2(event):
+        events.append(event)
+        if isinstance(event, StepEnded) and event.step == 1:  # a step takes ~4 s here: 0.5 s in is mid-step 2
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    with pytest.raises(KeyboardInterrupt):
+        train(world.config(output_dir=out), callbacks=press_ctrl_c_during_step_2)
+    final = out / f"{NAME}.safetensors"
+    assert [e.step for e in events if isinstance(e, StepEnded)] == [1, 2]  # step 2 ran to its end
+    assert events[-2:] == [CheckpointSaved(2, 1, final, True), TrainEnded("interrupted", 2, final)]
+    assert read_lora(final)[1]["ss_steps"] == "2"
+    assert not (out / f"{NAME}-step00000002.safetensors").exists()  # stopped before step 2's own checkpoint
+    assert signal.getsignal(signal.SIGINT) is before
