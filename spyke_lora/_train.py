@@ -81,15 +81,18 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
     ``callbacks`` (one callable or several) receive every :mod:`~spyke_lora.events` event in order; a callback that
     returns :class:`~spyke_lora.Stop` ends the run cleanly after the current step, with that step's LoRA saved under
     the final name. An exception raised by a callback ends the run (``TrainEnded(status="failed")`` is delivered
-    first) and propagates unchanged. sd-scripts' own failures raise :class:`~spyke_lora.TrainingError`.
+    first) and propagates unchanged. sd-scripts' own failures raise :class:`~spyke_lora.TrainingError`; a NaN/Inf
+    loss raises :class:`~spyke_lora.NonFiniteLoss`. The first Ctrl-C ends the run after the current step, keeping its
+    LoRA, and re-raises ``KeyboardInterrupt``. Every check of :func:`~spyke_lora.plan` runs first: a refused run
+    (:class:`~spyke_lora.ConfigError`) loads and writes nothing.
     """
     started_at = time.perf_counter()
     session = _Session((callbacks,) if callable(callbacks) else tuple(callbacks))
     checked = plan(cfg)  # every check first: a refused run loads nothing and writes nothing
     for note in checked.warnings:
         warnings.warn(note, SpykeLoraWarning, stacklevel=2)
-    plan_ = _engine.device_plan(cfg)
-    if plan_.device == "mps" and _mps_fallback_missing():
+    device_plan = _engine.device_plan(cfg)
+    if device_plan.device == "mps" and _mps_fallback_missing():
         warnings.warn(
             "PYTORCH_ENABLE_MPS_FALLBACK=1 was not in the environment when torch was imported, so an operation MPS "
             "lacks will fail instead of running on the CPU; import spyke_lora before torch (it sets the variable) "
@@ -97,9 +100,9 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
             SpykeLoraWarning,
             stacklevel=2,
         )
-    logger.info("training %s on %s (mixed precision %s)", cfg.output_name, plan_.device, plan_.mixed_precision)
+    logger.info("training %s on %s (mixed precision %s)", cfg.output_name, device_plan.device, device_plan.mixed_precision)
     try:
-        outcome = _engine.run(cfg, plan_, session.emit, session.stop_requested, started_at)
+        outcome = _engine.run(cfg, device_plan, session.emit, session.stop_requested, started_at)
     except KeyboardInterrupt:
         final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
         session.end("interrupted", len(session.history), final)
@@ -115,8 +118,8 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
         final_path=outcome.final_path,
         checkpoints=tuple(session.checkpoints),
         history=tuple(session.history),
-        device=session.started.device if session.started else plan_.device,
-        mixed_precision=session.started.mixed_precision if session.started else plan_.mixed_precision,
+        device=session.started.device if session.started else device_plan.device,
+        mixed_precision=session.started.mixed_precision if session.started else device_plan.mixed_precision,
         stop_reason=session.stop_reason if outcome.stopped else None,
     )
 
