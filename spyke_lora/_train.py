@@ -100,7 +100,9 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
             SpykeLoraWarning,
             stacklevel=2,
         )
-    logger.info("training %s on %s (mixed precision %s)", cfg.output_name, device_plan.device, device_plan.mixed_precision)
+    logger.info(
+        "training %s on %s (mixed precision %s)", cfg.output_name, device_plan.device, device_plan.mixed_precision
+    )
     try:
         outcome = _engine.run(cfg, device_plan, session.emit, session.stop_requested, started_at)
     except KeyboardInterrupt:
