@@ -20,7 +20,15 @@ from ._config import TrainConfig  # noqa: E402
 from ._device import SpykeLoraWarning  # noqa: E402
 from ._doctor import DeviceReport, doctor  # noqa: E402
 from ._engine import sd_scripts_argv  # noqa: E402
-from ._errors import ConfigError, DeviceError, EngineError, NonFiniteLoss, SpykeLoraError, TrainingError  # noqa: E402
+from ._errors import (  # noqa: E402
+    ConfigError,
+    DeviceError,
+    EngineError,
+    NonFiniteLoss,
+    OutputInUse,
+    SpykeLoraError,
+    TrainingError,
+)
 from ._plan import Plan, SubsetPlan, plan  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
 from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
@@ -36,6 +44,7 @@ __all__ = [
     "EngineError",
     "Event",
     "NonFiniteLoss",
+    "OutputInUse",
     "Plan",
     "SpykeLoraError",
     "SpykeLoraWarning",

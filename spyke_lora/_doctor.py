@@ -123,7 +123,7 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
     if sd_dir is not None and not pinned:
         warnings.append(f"sd-scripts at {sd_dir} is not the tested {_engine.PINNED_VERSION}; results may differ")
 
-    free = _free_disk(output_dir)
+    free = free_disk(output_dir)
     if free is not None and free < 1 * 2**30:
         warnings.append(f"only {free / 2**20:.0f} MiB free in {output_dir}; a recipe run writes about 400 MB")
     memory = _total_memory()
@@ -154,7 +154,8 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
     )
 
 
-def _free_disk(folder: Path) -> int | None:
+def free_disk(folder: Path) -> int | None:
+    """Free bytes where ``folder`` is (or would be created: its nearest existing parent)."""
     for candidate in (folder, *folder.parents):
         if candidate.exists():
             return shutil.disk_usage(candidate).free

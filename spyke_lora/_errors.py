@@ -6,13 +6,22 @@
      ├── ConfigError          a TrainConfig value, TOML key or extra argument is wrong (lists every problem)
      ├── DeviceError          the config cannot run on the chosen device (e.g. an 8-bit optimizer on MPS)
      ├── EngineError          sd-scripts is missing, or is not the pinned version, or refused the arguments
+     ├── OutputInUse          another live run is writing the same output_dir/output_name
      └── TrainingError        sd-scripts failed while training (the original exception is chained)
           └── NonFiniteLoss   the loss became NaN or infinite; the run was stopped, earlier checkpoints kept
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DeviceError", "EngineError", "NonFiniteLoss", "SpykeLoraError", "TrainingError"]
+__all__ = [
+    "ConfigError",
+    "DeviceError",
+    "EngineError",
+    "NonFiniteLoss",
+    "OutputInUse",
+    "SpykeLoraError",
+    "TrainingError",
+]
 
 
 class SpykeLoraError(Exception):
@@ -40,6 +49,10 @@ class DeviceError(SpykeLoraError):
 
 class EngineError(SpykeLoraError):
     """sd-scripts (the engine) is missing, unusable, or rejected the arguments."""
+
+
+class OutputInUse(SpykeLoraError):
+    """Another run that is still alive holds the lock of this output_dir/output_name."""
 
 
 class TrainingError(SpykeLoraError):

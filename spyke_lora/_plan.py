@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import _engine
 from ._config import TrainConfig
+from ._doctor import free_disk
 from ._errors import ConfigError
 from ._preflight import check_folder, config_warnings
 
@@ -117,6 +118,14 @@ def plan(cfg: TrainConfig) -> Plan:
     captions = {f.folder: _count_captions(f) for f in folders}
     files = len(count.checkpoints) + 1
     per_file = _BYTES_PER_DIM_FP32 * cfg.network_dim * _SAVE_BYTES[cfg.save_precision] / 4
+    free = free_disk(cfg.output_dir)
+    needed = files * per_file + 2 * per_file  # the files, plus room for one being written and slack
+    if free is not None and free < needed:
+        raise ConfigError(
+            f"`output_dir` {str(cfg.output_dir)!r} has {free / 1e6:.0f} MB free, and the run writes about "
+            f"{files * per_file / 1e6:.0f} MB ({files} files of {per_file / 1e6:.0f} MB); free some space, choose "
+            f"another output_dir, or save fewer checkpoints (save_every_n_steps)"
+        )
     return Plan(
         device=device_plan.device,
         mixed_precision=device_plan.mixed_precision,

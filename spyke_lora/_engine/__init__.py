@@ -22,6 +22,7 @@ from typing import Any
 from .._config import TrainConfig
 from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_device, resolve_device
 from .._errors import DeviceError, NonFiniteLoss, SpykeLoraError, TrainingError
+from .._lock import output_lock
 from ..events import Event
 from ._argv import build_argv, dataset_toml_path, dataset_toml_text, parse_argv
 from ._dataset import Folder, StepCount, count_steps, dataset_folders, image_extensions
@@ -146,7 +147,7 @@ def run(
             "process go one at a time: wait for it to end (or stop it) first"
         )
     try:
-        with host.active() as caller_logging:
+        with output_lock(cfg), host.active() as caller_logging:
             train_network = host.train_network()
             _remove_partial_files(cfg)
             write_dataset_toml(cfg)

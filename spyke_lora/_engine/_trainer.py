@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType, ModuleType, TracebackType
 from typing import Any
 
-from .._errors import EngineError
+from .._errors import EngineError, TrainingError
 from ..events import CheckpointSaved, Event, StepEnded, TrainStarted
 
 
@@ -111,6 +111,13 @@ class Probe:
                 with partial.open("rb") as f:
                     os.fsync(f.fileno())
                 os.replace(partial, path)
+            except OSError as e:  # a full disk, a vanished folder: stop with the files written so far intact
+                kept = ", ".join(p.name for p in self.saved) or "none"
+                raise TrainingError(
+                    f"could not write {path} at step {self.steps_done}: {e}; the run was stopped. Files written "
+                    f"before are intact: {kept}. Free some space (each file is about "
+                    f"{partial.stat().st_size / 1e6 if partial.exists() else 75:.0f} MB) and run again"
+                ) from e
             finally:
                 partial.unlink(missing_ok=True)
             self.saved.append(path)

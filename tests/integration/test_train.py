@@ -353,3 +353,26 @@ def test_a_real_ctrl_c_stops_after_the_current_step(world, out):
     assert read_lora(final)[1]["ss_steps"] == "2"
     assert not (out / f"{NAME}-step00000002.safetensors").exists()  # stopped before step 2's own checkpoint
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_full_disk_mid_run_stops_with_earlier_files_intact(world, out, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+
+    def disk_full_at_step_4(tensors, filename, metadata=None):
+        if "step00000004" in filename:
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(tensors, filename, metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_step_4)
+    with pytest.raises(TrainingError) as info:
+        train(world.config(output_dir=out))
+    message = str(info.value)
+    assert f"could not write {out / f'{NAME}-step00000004.safetensors'} at step 4" in message
+    assert "No space left on device" in message and f"intact: {NAME}-step00000002.safetensors" in message
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == [f"{NAME}-step00000002.safetensors"]
+    assert not list(out.glob(".*partial*")) and not (out / f".{NAME}.lock").exists()
+    assert read_lora(out / f"{NAME}-step00000002.safetensors")[1]["ss_steps"] == "2"

@@ -219,3 +219,30 @@ def test_plan_command(good, tmp_path, capsys):
     assert main(["plan", str(path), "--set", "save_every_n_steps=3", "--set", "output_name=other"]) == 0
     out = capsys.readouterr().out
     assert "other-step00000003.safetensors" in out
+
+
+def test_not_enough_disk_is_refused(good, monkeypatch):
+    import spyke_lora._plan
+
+    monkeypatch.setattr(spyke_lora._plan, "free_disk", lambda folder: 50_000_000)
+    with pytest.raises(ConfigError, match=r"`output_dir` .* has 50 MB free, and the run writes about 227 MB \(3 files"):
+        plan(good)
+
+
+def test_a_run_on_an_output_in_use_is_refused_before_loading(good):
+    import subprocess
+    import sys
+
+    from spyke_lora import OutputInUse, train
+    from spyke_lora._lock import lock_path
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        good.output_dir.mkdir()
+        lock_path(good).write_text(json.dumps({"pid": sleeper.pid, "host": __import__("socket").gethostname()}))
+        with pytest.raises(OutputInUse, match=f"process {sleeper.pid}"):
+            train(good)
+        assert [p.name for p in good.output_dir.iterdir()] == [".spyke_plasma_v1.lock"]  # nothing else written
+    finally:
+        sleeper.kill()
+        sleeper.wait()
