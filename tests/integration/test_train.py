@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -376,3 +377,43 @@ def test_a_full_disk_mid_run_stops_with_earlier_files_intact(world, out, monkeyp
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == [f"{NAME}-step00000002.safetensors"]
     assert not list(out.glob(".*partial*")) and not (out / f".{NAME}.lock").exists()
     assert read_lora(out / f"{NAME}-step00000002.safetensors")[1]["ss_steps"] == "2"
+
+
+def test_sigkill_while_saving_leaves_no_partial_file_under_a_final_name(world, out, tmp_path):
+    """A process killed in the middle of writing step 2's file: the final name never holds a truncated file; the
+    half-written temporary file is removed by the next run."""
+    import os
+    import signal
+
+    config = world.config(output_dir=out).to_toml(tmp_path / "run.toml")
+    script = tmp_path / "slow_save.py"
+    script.write_text(
+        "import sys, time\n"
+        "import safetensors.torch\n"
+        "from spyke_lora import TrainConfig, train\n"
+        "real = safetensors.torch.save_file\n"
+        "def slow(tensors, filename, metadata=None):\n"
+        "    real(tensors, filename, metadata)\n"
+        "    size = len(open(filename, 'rb').read())\n"
+        "    open(filename, 'r+b').truncate(size // 2)  # half written, as a kill mid-write leaves it\n"
+        "    print('SAVING', filename, flush=True)\n"
+        "    time.sleep(120)\n"
+        "safetensors.torch.save_file = slow\n"
+        f"train(TrainConfig.from_toml({str(config)!r}))\n"
+    )
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    try:
+        for line in child.stdout:
+            if line.startswith("SAVING"):
+                partial = Path(line.split(maxsplit=1)[1].strip())
+                break
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert partial.parent == out and partial.name.startswith(f".{NAME}-step00000002.")
+    assert partial.exists()  # the half-written file is under its temporary name ...
+    assert not list(out.glob(f"{NAME}*.safetensors"))  # ... and no final name holds anything
+    train(world.config(output_dir=out), callbacks=lambda e: Stop() if isinstance(e, TrainStarted) else None)
+    assert not partial.exists()  # the next run cleaned it up (and took over the dead process's lock)
