@@ -86,11 +86,16 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
     LoRA, and re-raises ``KeyboardInterrupt``. Every check of :func:`~spyke_lora.plan` runs first: a refused run
     (:class:`~spyke_lora.ConfigError`) loads and writes nothing.
     """
+    with _engine.preserved_random_state():  # the caller's generators are theirs: a run seeds and draws from them
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback) -> TrainResult:
     started_at = time.perf_counter()
     session = _Session((callbacks,) if callable(callbacks) else tuple(callbacks))
     checked = plan(cfg)  # every check first: a refused run loads nothing and writes nothing
     for note in checked.warnings:
-        warnings.warn(note, SpykeLoraWarning, stacklevel=2)
+        warnings.warn(note, SpykeLoraWarning, stacklevel=3)
     device_plan = _engine.device_plan(cfg)
     if device_plan.device == "mps" and _mps_fallback_missing():
         warnings.warn(
@@ -98,7 +103,7 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
             "lacks will fail instead of running on the CPU; import spyke_lora before torch (it sets the variable) "
             "or export PYTORCH_ENABLE_MPS_FALLBACK=1 before starting Python",
             SpykeLoraWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     logger.info(
         "training %s on %s (mixed precision %s)", cfg.output_name, device_plan.device, device_plan.mixed_precision

@@ -35,7 +35,7 @@ from ._host import (
     locate_engine,
     random_untouched_by_logging,
 )
-from ._process import free_memory, isolated_run
+from ._process import free_memory, isolated_run, preserved_random_state
 from ._trainer import NonFiniteStop, Probe, StopRun, finish_after_stop, trainer_class
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "existing_outputs",
     "image_extensions",
     "locate_engine",
+    "preserved_random_state",
     "run",
     "run_environment",
     "sd_scripts_argv",

@@ -70,6 +70,22 @@ def isolated_run(train_network: ModuleType, env: dict[str, str]) -> Iterator[Non
             torch.cuda.set_rng_state_all(saved_rng[3])
 
 
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Python's, NumPy's and torch's random generators as they were before the block (a run seeds them all, and
+    log handlers such as rich draw from Python's)."""
+    import numpy as np
+    import torch
+
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
 def free_memory() -> None:
     """Collect the models a run left unreferenced and return cached device memory."""
     import torch

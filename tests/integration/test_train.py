@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -49,9 +50,12 @@ def first_run(world, tmp_path_factory):
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     before = (list(root.handlers), root.level)
+    random.seed(1234)
+    process_before = (random.getstate(), torch.get_rng_state(), dict(os.environ))
     try:
         result = train(cfg, callbacks=[events.append])
         after = (list(root.handlers), root.level)
+        process_after = (random.getstate(), torch.get_rng_state(), dict(os.environ))
     finally:
         root.removeHandler(handler)
         root.setLevel(saved_level)
@@ -60,7 +64,7 @@ def first_run(world, tmp_path_factory):
     for saved in result.checkpoints:
         shutil.copy(saved.path, reference / saved.path.name)
     return SimpleNamespace(cfg=cfg, result=result, events=events, logging_before=before, logging_after=after,
-                           reference=reference)
+                           process_before=process_before, process_after=process_after, reference=reference)
 
 
 def test_events_arrive_in_order(first_run):
@@ -126,7 +130,13 @@ def test_result_summarises_the_run(first_run):
 
 
 def test_host_process_is_left_as_it_was(first_run):
-    assert first_run.logging_after == first_run.logging_before  # the caller's root handlers and level
+    assert first_run.logging_after == first_run.logging_before
+    random_before, torch_before, env_before = first_run.process_before
+    random_after, torch_after, env_after = first_run.process_after
+    assert random_after == random_before and torch.equal(torch_after, torch_before)  # the caller's generators
+    # the first run imports cv2 and torch's inductor, which set LD_LIBRARY_PATH / TORCHINDUCTOR_CACHE_DIR themselves
+    changed = {k for k in env_before.keys() | env_after.keys() if env_before.get(k) != env_after.get(k)}
+    assert changed <= {"LD_LIBRARY_PATH", "TORCHINDUCTOR_CACHE_DIR"}  # the caller's root handlers and level
     assert "library" not in sys.modules and "networks" not in sys.modules and "train_network" not in sys.modules
     assert str(VENDORED) not in sys.path
     gc.collect()  # the models are gone: no tensor of the 2 GB base model (or of the LoRA) is still alive
@@ -155,7 +165,9 @@ def test_command_line_reproduces_the_run_bit_for_bit(first_run, tmp_path):
 def test_second_run_in_the_same_process_is_identical(first_run, world, tmp_path):
     """A second train() in the same process (this one with no logging configured) gives the same files."""
     cfg, result, reference = first_run.cfg, first_run.result, first_run.reference
+    env_before = dict(os.environ)
     again = train(cfg.replace(output_dir=tmp_path / "again"))
+    assert dict(os.environ) == env_before  # a run leaves the environment as it was
     assert again.status == "completed" and again.steps == 5
     assert again.losses == result.losses
     assert [c.path.name for c in again.checkpoints] == [c.path.name for c in result.checkpoints]
