@@ -82,6 +82,7 @@ class TrainConfig:
     max_train_steps: int | None = None  # when set, wins over max_train_epochs
     save_every_n_steps: int | None = 200
     save_precision: SavePrecision = "float"
+    save_state: bool = False  # also save the training state with every checkpoint (and on a stop): resumable
     overwrite: bool = False  # False: refuse to start when files of this output_name already exist
     max_nonfinite_steps: int = 1  # stop after this many consecutive NaN/Inf losses (1: at once; 0: never stop)
     # --- model behaviour --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from . import _engine
@@ -16,6 +17,7 @@ __all__ = ["Plan", "SubsetPlan", "plan"]
 # Measured: an SD1.5 LoRA of network_dim 32 saved as fp32 is 75.6 MB (792 tensors); size scales with dim.
 _BYTES_PER_DIM_FP32 = 75_600_000 / 32
 _SAVE_BYTES = {"float": 4, "fp16": 2, "bf16": 2}
+_STATE_BYTES_PER_DIM = 3 * _BYTES_PER_DIM_FP32  # estimate, checked by a test: weights + AdamW's exp_avg, exp_avg_sq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Plan:
     final_path: Path
     estimated_disk_bytes: int
     warnings: tuple[str, ...]  # everything worth knowing that does not stop the run (corrections included)
+    resume_from: Path | None = None  # the training state this run continues
+    resume_step: int = 0  # the step it continues after (0: a fresh run)
 
     def __str__(self) -> str:
         lines = [
@@ -59,6 +63,11 @@ class Plan:
                 for s in self.subsets
             ),
             f"steps           {self.steps_per_epoch} per epoch x {self.epochs} epochs = {self.total_steps}",
+            *(
+                [f"resume          after step {self.resume_step} from {self.resume_from}; "
+                 f"{self.total_steps - self.resume_step} steps left"]
+                if self.resume_from else []
+            ),  # fmt: skip
             "checkpoints     " + (", ".join(str(step) for step, _ in self.checkpoints) or "none") + ", final",
             *(f"  {path}" for _, path in self.checkpoints),
             f"  {self.final_path}",
@@ -68,10 +77,12 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(cfg: TrainConfig) -> Plan:
+def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> Plan:
     """Check ``cfg`` and compute what its run will do, without loading a model: the base model's header, every image
     (fully decoded) and caption, the output folder, the device policy, and the steps as sd-scripts counts them.
-    Raises :class:`ConfigError` listing every problem; a :class:`DeviceError` when the device cannot run it."""
+    ``resume`` ("latest" or a state folder) plans the continuation of a run saved with ``save_state``: the state
+    must come from the same training (config and dataset). Raises :class:`ConfigError` listing every problem; a
+    :class:`DeviceError` when the device cannot run it."""
     from ._model import check_base_model
 
     device_plan = _engine.device_plan(cfg)  # DeviceError: the machine, not the data
@@ -103,28 +114,50 @@ def plan(cfg: TrainConfig) -> Plan:
         found, noted = check_folder(folder, cfg, extensions)
         problems += found
         warnings += noted
-    existing = [] if cfg.overwrite else _engine.existing_outputs(cfg)
+    state = None
+    if resume is not None:
+        try:
+            state = _engine.resolve_resume(cfg, resume)
+        except ConfigError as e:
+            problems += e.problems
+    existing = [] if cfg.overwrite else _engine.existing_outputs(cfg, state.step if state else None)
     if existing:
         names = ", ".join(p.name for p in existing[:5]) + (", ..." if len(existing) > 5 else "")
-        problems.append(
-            f"{len(existing)} LoRA file(s) named `{cfg.output_name}` already exist in {cfg.output_dir} ({names}); "
-            f"choose another `output_name` or `output_dir`, or set `overwrite = true` to replace them"
-        )
+        if state is None:
+            problems.append(
+                f"{len(existing)} LoRA file(s) named `{cfg.output_name}` already exist in {cfg.output_dir} "
+                f"({names}); choose another `output_name` or `output_dir`, or set `overwrite = true` to replace them"
+            )
+        else:
+            problems.append(
+                f"resuming after step {state.step} would replace {len(existing)} file(s) saved later ({names}) in "
+                f"{cfg.output_dir}; resume from the latest state (resume='latest'), or set `overwrite = true`"
+            )
     if problems:
         raise ConfigError(problems)
 
     count = _engine.count_steps(cfg, device_plan)
+    if state is not None and state.step >= count.total_steps:
+        raise ConfigError(
+            f"cannot resume from {state.path}: it is at step {state.step} and this run ends at step "
+            f"{count.total_steps}, so there is nothing left to train (the run's LoRA is {count.final_name})"
+        )
+    done = state.step if state else 0
     warnings += config_warnings(cfg, count.total_steps)
     captions = {f.folder: _count_captions(f) for f in folders}
-    files = len(count.checkpoints) + 1
+    checkpoints = [(step, name) for step, name in count.checkpoints if step > done]
+    files = len(checkpoints) + 1
     per_file = _BYTES_PER_DIM_FP32 * cfg.network_dim * _SAVE_BYTES[cfg.save_precision] / 4
+    if cfg.save_state:  # a state holds the fp32 weights and AdamW's two moments per weight, next to each file
+        per_file += _STATE_BYTES_PER_DIM * cfg.network_dim
     free = free_disk(cfg.output_dir)
     needed = files * per_file + 2 * per_file  # the files, plus room for one being written and slack
     if free is not None and free < needed:
         raise ConfigError(
             f"`output_dir` {str(cfg.output_dir)!r} has {free / 1e6:.0f} MB free, and the run writes about "
-            f"{files * per_file / 1e6:.0f} MB ({files} files of {per_file / 1e6:.0f} MB); free some space, choose "
-            f"another output_dir, or save fewer checkpoints (save_every_n_steps)"
+            f"{files * per_file / 1e6:.0f} MB ({files} files of {per_file / 1e6:.0f} MB"
+            f"{' with its training state' if cfg.save_state else ''}); free some space, choose another output_dir, "
+            f"or save fewer checkpoints (save_every_n_steps)"
         )
     return Plan(
         device=device_plan.device,
@@ -132,7 +165,7 @@ def plan(cfg: TrainConfig) -> Plan:
         corrections=device_plan.corrections,
         base_model=cfg.base_model,
         model_family=family,
-        argv=tuple(_engine.build_argv(cfg, device_plan)),
+        argv=tuple(_engine.build_argv(cfg, device_plan, state.path if state else None)),
         subsets=tuple(
             SubsetPlan(s.folder, s.images, captions.get(s.folder, 0), s.repeats, s.is_reg) for s in count.subsets
         ),
@@ -140,10 +173,12 @@ def plan(cfg: TrainConfig) -> Plan:
         steps_per_epoch=count.steps_per_epoch,
         epochs=count.epochs,
         total_steps=count.total_steps,
-        checkpoints=tuple((step, cfg.output_dir / name) for step, name in count.checkpoints),
+        checkpoints=tuple((step, cfg.output_dir / name) for step, name in checkpoints),
         final_path=cfg.output_dir / count.final_name,
         estimated_disk_bytes=int(files * per_file),
         warnings=tuple(warnings),
+        resume_from=state.path if state else None,
+        resume_step=done,
     )
 
 

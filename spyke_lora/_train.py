@@ -29,13 +29,14 @@ class TrainResult:
     """What a run did. ``status``: "completed", or "stopped" when a callback returned :class:`Stop`."""
 
     status: str
-    steps: int  # optimizer steps taken
+    steps: int  # the step reached (a resumed run counts from the start of the run it continues)
     final_path: Path | None  # NAME.safetensors (None only when a stop came before the first step)
     checkpoints: tuple[CheckpointSaved, ...]  # every file written, in order; the final one last
     history: tuple[StepEnded, ...]  # one entry per step
     device: str
     mixed_precision: str
     stop_reason: str | None = None
+    resumed_from_step: int = 0  # 0: a fresh run
 
     @property
     def losses(self) -> list[float]:
@@ -64,7 +65,10 @@ class _Session:
             answer = callback(event)  # an exception here is the caller's: it propagates unchanged
             if isinstance(answer, Stop) and self.stop_reason is None and not isinstance(event, TrainEnded):
                 self.stop_reason = answer.reason
-                logger.info("stop requested after step %d: %s", len(self.history), answer.reason)
+                logger.info("stop requested after step %d: %s", self.step_reached(0), answer.reason)
+
+    def step_reached(self, default: int) -> int:
+        return self.history[-1].step if self.history else default
 
     def stop_requested(self) -> bool:
         return self.stop_reason is not None
@@ -75,7 +79,12 @@ class _Session:
             self.emit(TrainEnded(status, steps, final_path))  # type: ignore[arg-type]
 
 
-def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    callbacks: Iterable[Callback] | Callback = (),
+    *,
+    resume: str | os.PathLike[str] | None = None,
+) -> TrainResult:
     """Train a LoRA with kohya-ss/sd-scripts in this process.
 
     ``callbacks`` (one callable or several) receive every :mod:`~spyke_lora.events` event in order; a callback that
@@ -85,15 +94,22 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback = ()) -> Tr
     loss raises :class:`~spyke_lora.NonFiniteLoss`. The first Ctrl-C ends the run after the current step, keeping its
     LoRA, and re-raises ``KeyboardInterrupt``. Every check of :func:`~spyke_lora.plan` runs first: a refused run
     (:class:`~spyke_lora.ConfigError`) loads and writes nothing.
+
+    ``resume="latest"`` (or the path of a ``NAME-step…-state`` folder) continues a run saved with
+    ``save_state = true``: its step count, epoch, learning-rate schedule and checkpoint schedule go on as if it had
+    never stopped. A config or dataset that would train differently is refused with the differences listed.
     """
     with _engine.preserved_random_state():  # the caller's generators are theirs: a run seeds and draws from them
-        return _train(cfg, callbacks)
+        return _train(cfg, callbacks, resume)
 
 
-def _train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback) -> TrainResult:
+def _train(
+    cfg: TrainConfig, callbacks: Iterable[Callback] | Callback, resume: str | os.PathLike[str] | None
+) -> TrainResult:
     started_at = time.perf_counter()
     session = _Session((callbacks,) if callable(callbacks) else tuple(callbacks))
-    checked = plan(cfg)  # every check first: a refused run loads nothing and writes nothing
+    checked = plan(cfg, resume=resume)  # every check first: a refused run loads nothing and writes nothing
+    state = _engine.resolve_resume(cfg, checked.resume_from) if checked.resume_from else None
     for note in checked.warnings:
         warnings.warn(note, SpykeLoraWarning, stacklevel=3)
     device_plan = _engine.device_plan(cfg)
@@ -109,13 +125,13 @@ def _train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback) -> TrainR
         "training %s on %s (mixed precision %s)", cfg.output_name, device_plan.device, device_plan.mixed_precision
     )
     try:
-        outcome = _engine.run(cfg, device_plan, session.emit, session.stop_requested, started_at)
+        outcome = _engine.run(cfg, device_plan, session.emit, session.stop_requested, started_at, state)
     except KeyboardInterrupt:
         final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
-        session.end("interrupted", len(session.history), final)
+        session.end("interrupted", session.step_reached(checked.resume_step), final)
         raise
     except BaseException:
-        session.end("failed", len(session.history), None)
+        session.end("failed", session.step_reached(checked.resume_step), None)
         raise
     status = "stopped" if outcome.stopped else "completed"
     session.end(status, outcome.steps, outcome.final_path)
@@ -128,6 +144,7 @@ def _train(cfg: TrainConfig, callbacks: Iterable[Callback] | Callback) -> TrainR
         device=session.started.device if session.started else device_plan.device,
         mixed_precision=session.started.mixed_precision if session.started else device_plan.mixed_precision,
         stop_reason=session.stop_reason if outcome.stopped else None,
+        resumed_from_step=checked.resume_step,
     )
 
 

@@ -29,6 +29,7 @@ class TrainStarted:
     device: str  # "cuda", "mps" or "cpu"
     mixed_precision: str  # "no", "fp16" or "bf16": what the engine actually runs with
     output_dir: Path
+    resumed_from_step: int = 0  # a resumed run: the step its state was saved at (its first step is this + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ class TrainEnded:
     which propagates after this event); "interrupted" (Ctrl-C, re-raised after this event)."""
 
     status: Status
-    steps: int  # optimizer steps actually taken
+    steps: int  # the step reached (a resumed run counts from the start of the run it continues)
     final_path: Path | None  # NAME.safetensors, or None when no final file was written
 
 

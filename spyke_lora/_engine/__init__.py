@@ -36,6 +36,7 @@ from ._host import (
     random_untouched_by_logging,
 )
 from ._process import free_memory, isolated_run, preserved_random_state
+from ._state import SavedState, find_states, remove_partial_states, resolve_resume, state_record
 from ._trainer import NonFiniteStop, Probe, StopRun, finish_after_stop, trainer_class
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "PINNED_VERSION",
     "Folder",
     "Outcome",
+    "SavedState",
     "StepCount",
     "build_argv",
     "count_steps",
@@ -51,9 +53,11 @@ __all__ = [
     "device_plan",
     "engine_commit",
     "existing_outputs",
+    "find_states",
     "image_extensions",
     "locate_engine",
     "preserved_random_state",
+    "resolve_resume",
     "run",
     "run_environment",
     "sd_scripts_argv",
@@ -103,8 +107,12 @@ def run_environment(plan: DevicePlan) -> dict[str, str]:
     return {}
 
 
-def existing_outputs(cfg: TrainConfig) -> list[Path]:
-    """LoRA files of ``cfg.output_name`` already in ``cfg.output_dir`` (final, per-step and per-epoch names)."""
+def existing_outputs(cfg: TrainConfig, after_step: int | None = None) -> list[Path]:
+    """LoRA files of ``cfg.output_name`` already in ``cfg.output_dir`` (final, per-step and per-epoch names).
+
+    With ``after_step`` (a resume from that step): only what the resumed run would replace although it holds later
+    work: files saved after that step (their ``ss_steps`` metadata says so) and state folders beyond it. The
+    stopped run's own final file, saved at that step, is meant to be replaced."""
     if not cfg.output_dir.is_dir():
         return []
     name = cfg.output_name
@@ -120,8 +128,21 @@ def existing_outputs(cfg: TrainConfig) -> list[Path]:
         is_step = rest.startswith("-step") and rest[5:].isdigit()
         is_epoch = rest.startswith("-") and rest[1:].isdigit()
         if rest == "" or is_step or is_epoch:
-            found.append(path)
+            if after_step is None or _saved_at_step(path) > after_step:
+                found.append(path)
+    if after_step is not None:
+        found += [s.path for s in find_states(cfg) if s.step > after_step]
     return found
+
+
+def _saved_at_step(path: Path) -> float:
+    """The step a LoRA file was saved at (sd-scripts' ``ss_steps``); infinity when unknown, so it is kept."""
+    from .._model import inspect_model
+
+    try:
+        return int(inspect_model(path).metadata.get("ss_steps", ""))
+    except (SpykeLoraError, ValueError):
+        return float("inf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +158,12 @@ def run(
     emit: Callable[[Event], None],
     stop_requested: Callable[[], bool],
     started_at: float,
+    resume: SavedState | None = None,
 ) -> Outcome:
-    """Train ``cfg`` in this process with sd-scripts. Events go to ``emit``; ``stop_requested`` is polled at safe
-    points. sd-scripts' own exceptions come out as :class:`TrainingError`; others (a callback's, Ctrl-C) unchanged."""
-    argv = build_argv(cfg, plan)
+    """Train ``cfg`` in this process with sd-scripts (continuing the state ``resume`` when given). Events go to
+    ``emit``; ``stop_requested`` is polled at safe points. sd-scripts' own exceptions come out as
+    :class:`TrainingError`; others (a callback's, Ctrl-C) unchanged."""
+    argv = build_argv(cfg, plan, resume.path if resume else None)
     host = host_for(cfg.sd_scripts_dir)
     if not _RUN_LOCK.acquire(blocking=False):
         raise SpykeLoraError(
@@ -151,8 +174,12 @@ def run(
         with output_lock(cfg), host.active() as caller_logging:
             train_network = host.train_network()
             _remove_partial_files(cfg)
+            remove_partial_states(cfg)
             write_dataset_toml(cfg)
-            probe = Probe(emit, stop_requested, started_at, caller_logging.restore, cfg.max_nonfinite_steps)
+            probe = Probe(
+                emit, stop_requested, started_at, caller_logging.restore, cfg.max_nonfinite_steps,
+                resume=resume, state_record=state_record(cfg) if cfg.save_state else None,
+            )  # fmt: skip
             with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
                 host.logger_names()
             ), _ctrl_c_stops_after_the_step(probe):

@@ -33,6 +33,11 @@ _MANAGED: dict[str, str] = {
     "caption_extention": "set `caption_extension` instead",
     "console_log_level": "configure Python logging in your program instead",
     "console_log_file": "configure Python logging in your program instead",
+    "save_state": "set `save_state` instead",
+    "resume": "pass `resume=` to train() (or `--resume` to spyke-lora train) instead",
+    "skip_until_initial_step": "resuming is managed by train(resume=...)",
+    "initial_step": "resuming is managed by train(resume=...)",
+    "initial_epoch": "resuming is managed by train(resume=...)",
     "console_log_simple": "spyke-lora always sets it (rich log rendering draws from Python's `random`, which "
     "sd-scripts also uses for caption shuffling, so a rich log changes what is trained)",
 }
@@ -76,8 +81,9 @@ def _subset(folder: Path, repeats: int | None, *, is_reg: bool) -> dict[str, Any
     return {"image_dir": str(folder), "num_repeats": repeats, "is_reg": is_reg, "class_tokens": class_tokens}
 
 
-def build_argv(cfg: TrainConfig, plan: DevicePlan) -> list[str]:
-    """The ``train_network.py`` arguments for ``cfg`` on ``plan.device``. Pure: no file is read or written."""
+def build_argv(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = None) -> list[str]:
+    """The ``train_network.py`` arguments for ``cfg`` on ``plan.device`` (continuing the state folder
+    ``resume_from`` when given). Pure: no file is read or written."""
     problems = []
     for key in cfg.extra_args:
         if key in _MANAGED:
@@ -133,6 +139,12 @@ def build_argv(cfg: TrainConfig, plan: DevicePlan) -> list[str]:
         opt("max_train_epochs", cfg.max_train_epochs)
     opt("save_every_n_steps", cfg.save_every_n_steps)
     opt("save_precision", cfg.save_precision)
+    opt("save_state", cfg.save_state)
+    if resume_from is not None:
+        # the state's step count is continued, and the batches of the resumed epoch already trained are skipped
+        # (without --skip_until_initial_step sd-scripts restarts the resumed epoch from its first batch)
+        opt("resume", str(resume_from))
+        opt("skip_until_initial_step", True)
     opt("mixed_precision", plan.mixed_precision)
     opt("no_half_vae", plan.full_precision_vae)
     opt(plan.attention, True)

@@ -17,8 +17,13 @@ and metadata of the interrupted ``train()`` frame, so the final file is written 
 
 from __future__ import annotations
 
+import collections
+import ctypes
+import json
 import math
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +32,7 @@ from typing import Any
 
 from .._errors import EngineError, TrainingError
 from ..events import CheckpointSaved, Event, StepEnded, TrainStarted
+from ._state import RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
 
 
 class StopRun(BaseException):
@@ -53,8 +59,13 @@ class Probe:
         started_at: float,
         restore_logging: Callable[[], None],
         max_nonfinite_steps: int = 1,
+        resume: SavedState | None = None,
+        state_record: dict[str, Any] | None = None,
     ) -> None:
         self._emit_to_callbacks = emit
+        self.resume = resume  # the state this run continues; its step is corrected into train() (see attach)
+        self.first_step = resume.step if resume else 0
+        self._state_record = state_record  # written into every state folder, to check a later resume against
         self.max_nonfinite_steps = max_nonfinite_steps  # 0: never stop
         self.nonfinite_streak = 0  # consecutive steps with a NaN/Inf loss: no file is saved during one
         self.last_loss = float("nan")
@@ -69,15 +80,19 @@ class Probe:
         self._stop_requested = stop_requested
         self._started_at = started_at
         self.total_steps = 0
-        self.steps_done = 0
-        self.epoch = 0  # 1-based, counted from the network's on_epoch_start
+        self.steps_done = self.first_step
+        self.epoch = 0  # 1-based, read from train()'s loop at the network's on_epoch_start
         self.started = False
-        self._step_in_epoch = 0  # data-loader index within the epoch, as sd-scripts' LossRecorder counts it
+        # sd-scripts' running average ("avr_loss", its LossRecorder) is the mean loss of the last epoch's worth of
+        # batches: each batch replaces the one at its position in the previous epoch. A window of that length is the
+        # same mean, and stays right when a resumed run starts mid-epoch.
+        self._recent_losses: collections.deque[float] = collections.deque()
         self._micro_losses: list[Any] = []  # detached loss tensors of the current optimizer step
         self._lrs: tuple[float, float | None] = (0.0, None)
         self._unet_param_ids: frozenset[int] = frozenset()
-        self._recorder: Any = None
         self._last_ckpt_name = ""
+        self._train_code: Any = None  # NetworkTrainer.train.__code__, set by the trainer class
+        self.states: list[Path] = []  # state folders written by this run
 
     def _emit(self, event: Event) -> None:
         self.restore_logging()
@@ -91,15 +106,15 @@ class Probe:
             raise
 
     # --- called from the trainer hooks ------------------------------------------------------------------------------
-    def attach(self, train_util: ModuleType, args: Any, network: Any) -> None:
+    def attach(self, train_util: ModuleType, args: Any, network: Any, accelerator: Any) -> None:
         self.restore_logging()
-        self._recorder = train_util.LossRecorder()
         self._last_ckpt_name = train_util.get_last_ckpt_name(args, "." + args.save_model_as)
         self._unet_param_ids = frozenset(
             id(p) for lora in getattr(network, "unet_loras", None) or () for p in lora.parameters()
         )
         original_save = network.save_weights
         original_epoch_start = network.on_epoch_start
+        original_save_state = accelerator.save_state
 
         def save_weights(file: str, dtype: Any, metadata: Any) -> None:
             path = Path(file)
@@ -126,12 +141,41 @@ class Probe:
 
         def on_epoch_start(*a: Any, **kw: Any) -> Any:
             self.raise_if_stopping()
-            self.epoch += 1
-            self._step_in_epoch = 0
+            frame = sys._getframe(1)  # train(), in its epoch loop: `for epoch in range(epoch_to_start, ...)`
+            if frame.f_code is not self._train_code or "epoch" not in frame.f_locals:
+                raise EngineError("the network's on_epoch_start was not called from NetworkTrainer.train()")
+            if self.epoch == 0:
+                batches = len(frame.f_locals["train_dataloader"])
+                self._recent_losses = collections.deque(maxlen=max(1, batches))
+                if self.resume is not None:
+                    self._correct_resumed_step(frame)
+            self.epoch = int(frame.f_locals["epoch"]) + 1
             return original_epoch_start(*a, **kw)
+
+        def save_state(output_dir: str, *a: Any, **kw: Any) -> Any:
+            # written whole under a temporary name, then renamed: a kill leaves the previous state or the new one
+            final = Path(output_dir)
+            partial = partial_state_dir(final)
+            try:
+                result = original_save_state(str(partial), *a, **kw)
+                if self._state_record is not None:
+                    record = dict(self._state_record, step=self.steps_done, epoch=self.epoch)
+                    (partial / RECORD_NAME).write_text(json.dumps(record, indent=1), encoding="utf-8")
+                replace_state_dir(partial, final)
+            except OSError as e:
+                raise TrainingError(
+                    f"could not write the training state {final} at step {self.steps_done}: {e}; the run was "
+                    f"stopped. Files written before are intact. Free some space and run again"
+                ) from e
+            finally:
+                if partial.exists():
+                    shutil.rmtree(partial, ignore_errors=True)
+            self.states.append(final)
+            return result
 
         network.save_weights = save_weights
         network.on_epoch_start = on_epoch_start
+        accelerator.save_state = save_state
 
     def training_starts(self, args: Any, accelerator: Any) -> None:
         self.started = True
@@ -142,6 +186,7 @@ class Probe:
                 device=accelerator.device.type,
                 mixed_precision=str(accelerator.mixed_precision),
                 output_dir=Path(args.output_dir),
+                resumed_from_step=self.first_step,
             )
         )
         self.raise_if_stopping()
@@ -158,9 +203,7 @@ class Probe:
     def step_ends(self, global_step: int) -> None:
         losses = [float(t.item()) for t in self._micro_losses]
         self._micro_losses.clear()
-        for value in losses:  # the same additions sd-scripts' own LossRecorder makes
-            self._recorder.add(epoch=self.epoch - 1, step=self._step_in_epoch, loss=value)
-            self._step_in_epoch += 1
+        self._recent_losses.extend(losses)
         self.steps_done = global_step
         loss = sum(losses) / len(losses) if losses else float("nan")
         self.last_loss = loss
@@ -171,7 +214,7 @@ class Probe:
                 total_steps=self.total_steps,
                 epoch=self.epoch,
                 loss=loss,
-                avg_loss=float(self._recorder.moving_average),
+                avg_loss=sum(self._recent_losses) / len(self._recent_losses) if self._recent_losses else loss,
                 lr=self._lrs[0],
                 lr_text_encoder=self._lrs[1],
                 elapsed_s=time.perf_counter() - self._started_at,
@@ -180,6 +223,19 @@ class Probe:
         if self.max_nonfinite_steps and self.nonfinite_streak >= self.max_nonfinite_steps:
             raise NonFiniteStop
         self.raise_if_stopping()
+
+    def _correct_resumed_step(self, frame: FrameType) -> None:
+        """sd-scripts v0.10.1 resumes with ``global_step`` set to the steps done *within* the resumed epoch, not in
+        the run (``global_step = initial_step`` after subtracting the skipped epochs, l.1344; kohya-ss/sd-scripts
+        #1999, #1406), so step numbers, checkpoint names and the end of the run would be wrong after an epoch
+        boundary. The first ``on_epoch_start`` of a resumed run runs after that line and before the first step:
+        the right value is put into train()'s local there."""
+        _set_frame_local(frame, "global_step", self.first_step)
+        if int(frame.f_locals["global_step"]) != self.first_step:
+            raise EngineError(
+                f"could not continue the step count at {self.first_step} on Python {sys.version.split()[0]}; "
+                "resuming is not possible on this Python"
+            )
 
     def raise_if_stopping(self) -> None:
         if self.interrupt_requested:
@@ -224,7 +280,8 @@ def trainer_class(train_network: ModuleType) -> type:
 
         def post_process_network(self, args, accelerator, network, text_encoders, unet):
             super().post_process_network(args, accelerator, network, text_encoders, unet)
-            self._probe.attach(train_util, args, network)
+            self._probe._train_code = train_network.NetworkTrainer.train.__code__
+            self._probe.attach(train_util, args, network, accelerator)
 
         def process_batch(self, batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype,
                           accelerator, args, text_encoding_strategy, tokenize_strategy, is_train=True,
@@ -265,7 +322,7 @@ def _train_frame(tb: TracebackType | None, train_code: Any) -> FrameType | None:
 def finish_after_stop(stop: BaseException, train_network: ModuleType, probe: Probe) -> Path | None:
     """End the run the way the end of sd-scripts' ``train()`` does, for the step reached; returns the final file
     (None when no step was taken, so there is nothing worth saving)."""
-    if probe.steps_done == 0:
+    if probe.steps_done == probe.first_step:
         return None
     frame = _train_frame(stop.__traceback__, train_network.NetworkTrainer.train.__code__)
     needed = ("accelerator", "args", "network", "optimizer_eval_fn", "save_model", "global_step")
@@ -279,6 +336,21 @@ def finish_after_stop(stop: BaseException, train_network: ModuleType, probe: Pro
     network = accelerator.unwrap_model(local["network"])
     accelerator.end_training()
     local["optimizer_eval_fn"]()
+    if args.save_state:  # the state of the step reached, under the step-state name, unless that step saved one
+        step = local["global_step"]
+        state_name = train_network.train_util.STEP_STATE_NAME.format(args.output_name, step)
+        if not os.path.isdir(os.path.join(args.output_dir, state_name)) and "current_step" in local:
+            local["current_step"].value = step - 1  # what train_state.json records: this value + 1
+            train_network.train_util.save_and_remove_state_stepwise(args, accelerator, step)
     name = train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
     local["save_model"](name, network, local["global_step"], probe.epoch, force_sync_upload=True)
     return Path(os.path.join(args.output_dir, name))
+
+
+def _set_frame_local(frame: FrameType, name: str, value: Any) -> None:
+    """Assign a local variable of a running frame: write-through ``f_locals`` on Python >= 3.13 (PEP 667); before,
+    ``f_locals`` is a snapshot that ``PyFrame_LocalsToFast`` copies back (what debuggers do)."""
+    local = frame.f_locals
+    local[name] = value
+    if sys.version_info < (3, 13):
+        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))

@@ -344,8 +344,8 @@ def test_ctrl_c_from_a_callback_at_step_3_keeps_the_step_3_lora(world, out):
 
 
 def test_a_real_ctrl_c_stops_after_the_current_step(world, out):
-    """SIGINT while a step runs: the step finishes, its LoRA is saved, then KeyboardInterrupt; the caller's SIGINT
-    handler is back afterwards."""
+    """SIGINT while a step runs: the step finishes, its LoRA and its training state are saved, then
+    KeyboardInterrupt; the caller's SIGINT handler is back afterwards."""
     import os
     import signal
     import threading
@@ -359,12 +359,15 @@ def test_a_real_ctrl_c_stops_after_the_current_step(world, out):
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
 
     with pytest.raises(KeyboardInterrupt):
-        train(world.config(output_dir=out), callbacks=press_ctrl_c_during_step_2)
+        train(world.config(output_dir=out, save_state=True), callbacks=press_ctrl_c_during_step_2)
     final = out / f"{NAME}.safetensors"
     assert [e.step for e in events if isinstance(e, StepEnded)] == [1, 2]  # step 2 ran to its end
     assert events[-2:] == [CheckpointSaved(2, 1, final, True), TrainEnded("interrupted", 2, final)]
     assert read_lora(final)[1]["ss_steps"] == "2"
     assert not (out / f"{NAME}-step00000002.safetensors").exists()  # stopped before step 2's own checkpoint
+    state = out / f"{NAME}-step00000002-state"  # resumable: train(cfg, resume="latest") continues at step 3
+    assert json.loads((state / "train_state.json").read_text()) == {"current_epoch": 1, "current_step": 2}
+    assert json.loads((state / "spyke-lora.json").read_text())["step"] == 2
     assert signal.getsignal(signal.SIGINT) is before
 
 

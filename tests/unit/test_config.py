@@ -28,6 +28,7 @@ def test_defaults_are_the_lora01_recipe(tmp_path):
         "max_train_steps": None, "save_every_n_steps": 200, "mixed_precision": "auto", "save_precision": "float",
         "clip_skip": 2, "prior_loss_weight": 1.0, "gradient_checkpointing": True, "seed": 42, "device": "auto",
         "tokenizer_cache_dir": None, "sd_scripts_dir": None, "overwrite": False, "max_nonfinite_steps": 1,
+        "save_state": False,
         "extra_args": {},
     }  # fmt: skip
     actual = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
