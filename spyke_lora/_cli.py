@@ -115,14 +115,14 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     with _engine_output_to(args.engine_log) as out:
-        train(cfg, callbacks=_printer(out))
+        train(cfg, callbacks=_printer(out), resume=args.resume)
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
     from ._plan import plan
 
-    print(plan(_load(args)))
+    print(plan(_load(args), resume=args.resume))
     return 0
 
 
@@ -169,6 +169,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_RESUME_HELP = (
+    "continue a run saved with save_state = true: from its latest state (no value) or the NAME-step...-state folder "
+    "given"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spyke-lora", description="Train SD1.5 LoRAs with sd-scripts, in-process.")
     parser.add_argument("--version", action="version", version=f"spyke-lora {__version__}")
@@ -179,11 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same output_name")
     p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field for this run")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="STATE", help=_RESUME_HELP)
     p.set_defaults(run=_train)
 
     p = sub.add_parser("plan", help="check a config and show what its run will do, without loading a model")
     p.add_argument("config", type=Path)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="STATE", help=_RESUME_HELP)
     p.set_defaults(run=_plan)
 
     p = sub.add_parser(

@@ -156,3 +156,15 @@ def test_a_running_frames_local_can_be_corrected():
         _set_frame_local(sys._getframe(1), "value", 7)
 
     assert caller() == 7
+
+
+def test_cli_plan_resume(good, tmp_path, capsys):
+    from spyke_lora._cli import main
+
+    config = good.to_toml(tmp_path / "run.toml")
+    assert main(["plan", str(config), "--resume"]) == 2
+    assert "no saved training state of `spyke_plasma_v1`" in capsys.readouterr().err
+    state = write_state(good, f"{NAME}-step00000002-state", 2)
+    assert main(["plan", str(config), "--resume"]) == 0
+    assert f"resume          after step 2 from {state}; 3 steps left" in capsys.readouterr().out
+    assert main(["plan", str(config), "--resume", str(state)]) == 0
