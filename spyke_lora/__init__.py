@@ -31,7 +31,7 @@ from ._errors import (  # noqa: E402
 )
 from ._plan import Plan, SubsetPlan, plan  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
-from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
+from .events import CheckpointSaved, Event, SampleSaved, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -46,6 +46,7 @@ __all__ = [
     "NonFiniteLoss",
     "OutputInUse",
     "Plan",
+    "SampleSaved",
     "SpykeLoraError",
     "SpykeLoraWarning",
     "StepEnded",

@@ -127,15 +127,23 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _argv(args: argparse.Namespace) -> int:
-    from ._engine import device_plan, locate_engine, run_environment, sd_scripts_argv, write_dataset_toml
+    from ._engine import (
+        device_plan,
+        locate_engine,
+        run_environment,
+        sd_scripts_argv,
+        write_dataset_toml,
+        write_sample_prompts,
+    )
 
     cfg = TrainConfig.from_toml(args.config)
     argv = sd_scripts_argv(cfg, device=args.device)
     env = [f"{k}={v}" for k, v in run_environment(device_plan(cfg, args.device)).items()]
     script = locate_engine(cfg.sd_scripts_dir) / "train_network.py"
     written = write_dataset_toml(cfg)  # the command below reads it: make it runnable as printed
-    if written:
-        print(f"# wrote the dataset TOML it reads: {written}", file=sys.stderr)
+    for what, path in (("the dataset TOML", written), ("the sample prompts", write_sample_prompts(cfg))):
+        if path:
+            print(f"# wrote {what} it reads: {path}", file=sys.stderr)
     print(" ".join(env + [shlex.join([sys.executable, str(script), *argv])]))
     return 0
 

@@ -36,6 +36,13 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 
 _FOLDER_PREFIX = re.compile(r"^(\d+)_(.+)$")
 
+# The recipe's test prompts (LORA-02): the same ones for every checkpoint, each starting with the trigger.
+RECIPE_SAMPLE_PROMPTS = (
+    "spyke_plasma_v1, standing in a forest, dramatic lighting, anime style",
+    "spyke_plasma_v1, crouching, looking up, urban environment",
+    "spyke_plasma_v1, full body, front view, detailed character study",
+)
+
 
 def repeats_from_folder_name(folder: Path | str) -> tuple[int, str] | None:
     """``10_spyke_plasma_v1`` -> ``(10, "spyke_plasma_v1")``: kohya's ``N_name`` folder convention, else None."""
@@ -85,6 +92,15 @@ class TrainConfig:
     save_state: bool = False  # also save the training state with every checkpoint (and on a stop): resumable
     overwrite: bool = False  # False: refuse to start when files of this output_name already exist
     max_nonfinite_steps: int = 1  # stop after this many consecutive NaN/Inf losses (1: at once; 0: never stop)
+    # --- samples of every checkpoint (sd-scripts' own sampler), to choose the best one --------------------------------
+    sample_prompts: tuple[str, ...] = RECIPE_SAMPLE_PROMPTS  # () turns sampling off
+    sample_cfg_scales: tuple[float, ...] = (5.0, 7.0, 9.0)  # every prompt at each of these CFG scales
+    sample_seed: int = 1234  # the same seed for every image, so checkpoints are compared on equal terms
+    sample_steps: int = 20
+    sample_size: int | None = None  # width and height in pixels; None: the training resolution
+    sample_sampler: str = "euler_a"  # sd-scripts' sampler names: ddim, euler, euler_a, dpmsolver++, k_dpm_2, ...
+    sample_negative_prompt: str = ""
+    sample_at_first: bool = False  # also sample the untrained base model (a "step 0" row to compare with)
     # --- model behaviour --------------------------------------------------------------------------------------------
     mixed_precision: MixedPrecision = "auto"  # auto: fp16 on CUDA, no on MPS and CPU
     clip_skip: int | None = 2
@@ -175,6 +191,8 @@ class TrainConfig:
                 value = str(value)
             elif isinstance(value, Mapping):
                 value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
             out[f.name] = value
         return out
 
@@ -235,6 +253,23 @@ class TrainConfig:
                 f"try '.{self.caption_extension}'"
             )
         problems += _extra_args_problems(self.extra_args)
+        problems += self._sample_problems()
+        return problems
+
+    def _sample_problems(self) -> list[str]:
+        problems = []
+        for i, prompt in enumerate(self.sample_prompts):
+            if not prompt.strip() or "\n" in prompt or " --" in prompt:
+                problems.append(
+                    f"`sample_prompts[{i}]` must be one non-empty line without ' --' (sd-scripts reads ' --' as the "
+                    f"start of an option), got {prompt!r}"
+                )
+        if " --" in self.sample_negative_prompt or "\n" in self.sample_negative_prompt:
+            problems.append(f"`sample_negative_prompt` must be one line without ' --', got {self.sample_negative_prompt!r}")
+        if self.sample_prompts and not self.sample_cfg_scales:
+            problems.append("`sample_cfg_scales` is empty; give at least one, e.g. [7], or set `sample_prompts = []`")
+        if self.sample_size is not None and self.sample_size % 8:
+            problems.append(f"`sample_size` must be a multiple of 8, got {self.sample_size}; try {self.sample_size // 8 * 8}")
         return problems
 
 
@@ -253,7 +288,8 @@ _MINIMUM: dict[str, float] = {  # the smallest allowed value of numeric fields
     "num_repeats": 1, "reg_repeats": 1, "resolution": 64, "train_batch_size": 1, "keep_tokens": 0,
     "network_dim": 1, "network_alpha": 0, "learning_rate": 0, "unet_lr": 0, "text_encoder_lr": 0,
     "lr_warmup_steps": 0, "max_train_epochs": 1, "max_train_steps": 1, "save_every_n_steps": 1,
-    "clip_skip": 1, "prior_loss_weight": 0, "max_nonfinite_steps": 0,
+    "clip_skip": 1, "prior_loss_weight": 0, "max_nonfinite_steps": 0, "sample_cfg_scales": 0, "sample_steps": 1,
+    "sample_size": 64,
 }  # fmt: skip
 
 
@@ -309,6 +345,16 @@ def _coerce(name: str, hint: Any, value: Any) -> tuple[Any, str | None]:
         if isinstance(value, str):
             return value, None
         return value, f"`{name}` must be a string, got {value!r}"
+    if origin is tuple:  # tuple[T, ...]: a TOML array
+        if not isinstance(value, (list, tuple)):
+            return value, f"`{name}` must be a list, got {value!r}"
+        items = []
+        for item in value:
+            coerced, problem = _coerce(name, typing.get_args(hint)[0], item)
+            if problem:
+                return value, f"{problem} (in the list `{name}`)"
+            items.append(coerced)
+        return tuple(items), None
     if typing.get_origin(hint) in (Mapping, dict) or hint is Mapping:
         if isinstance(value, Mapping):
             return types.MappingProxyType(dict(value)), None

@@ -2,7 +2,8 @@
 
 1. :class:`TrainStarted` once, when the model is loaded and the step count is known;
 2. :class:`StepEnded` after every optimizer step, and :class:`CheckpointSaved` after every LoRA file written
-   (a checkpoint of step N follows the ``StepEnded`` of step N);
+   (a checkpoint of step N follows the ``StepEnded`` of step N), then one :class:`SampleSaved` per sample image of
+   that checkpoint (every prompt x CFG scale, in the order of ``sample_prompts`` then ``sample_cfg_scales``);
 3. :class:`TrainEnded` exactly once, last (only when ``TrainStarted`` was delivered).
 
 Events are small frozen dataclasses of plain data (ints, floats, strings, paths): they compare by value, print
@@ -16,7 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Union
 
-__all__ = ["CheckpointSaved", "Event", "StepEnded", "Stop", "TrainEnded", "TrainStarted"]
+__all__ = ["CheckpointSaved", "Event", "SampleSaved", "StepEnded", "Stop", "TrainEnded", "TrainStarted"]
 
 Status = Literal["completed", "stopped", "failed", "interrupted"]
 
@@ -57,6 +58,19 @@ class CheckpointSaved:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleSaved:
+    """sd-scripts' sampler wrote one image of the weights at ``step`` (the weights saved as ``checkpoint``; None
+    for a step-0 sample of the untrained base model)."""
+
+    step: int
+    prompt: str
+    cfg_scale: float
+    seed: int
+    path: Path
+    checkpoint: Path | None
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainEnded:
     """The run is over. ``status``: "completed"; "stopped" (a callback returned Stop); "failed" (an exception,
     which propagates after this event); "interrupted" (Ctrl-C, re-raised after this event)."""
@@ -66,7 +80,7 @@ class TrainEnded:
     final_path: Path | None  # NAME.safetensors, or None when no final file was written
 
 
-Event = Union[TrainStarted, StepEnded, CheckpointSaved, TrainEnded]
+Event = Union[TrainStarted, StepEnded, CheckpointSaved, SampleSaved, TrainEnded]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,14 @@ from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_devi
 from .._errors import DeviceError, NonFiniteLoss, SpykeLoraError, TrainingError
 from .._lock import output_lock
 from ..events import Event
-from ._argv import build_argv, dataset_toml_path, dataset_toml_text, parse_argv
+from ._argv import (
+    build_argv,
+    dataset_toml_path,
+    dataset_toml_text,
+    parse_argv,
+    sample_prompts_path,
+    sample_prompts_text,
+)
 from ._dataset import Folder, StepCount, count_steps, dataset_folders, image_extensions
 from ._host import (
     PINNED_COMMIT,
@@ -37,7 +44,7 @@ from ._host import (
 )
 from ._process import free_memory, isolated_run, preserved_random_state
 from ._state import SavedState, find_states, remove_partial_states, resolve_resume, state_record
-from ._trainer import NonFiniteStop, Probe, StopRun, finish_after_stop, trainer_class
+from ._trainer import NonFiniteStop, Probe, SamplePlan, StopRun, finish_after_stop, trainer_class
 
 __all__ = [
     "PINNED_COMMIT",
@@ -60,8 +67,10 @@ __all__ = [
     "resolve_resume",
     "run",
     "run_environment",
+    "samples_manifest_path",
     "sd_scripts_argv",
     "write_dataset_toml",
+    "write_sample_prompts",
     "write_random_sd15_checkpoint",
 ]
 
@@ -179,6 +188,7 @@ def run(
             probe = Probe(
                 emit, stop_requested, started_at, caller_logging.restore, cfg.max_nonfinite_steps,
                 resume=resume, state_record=state_record(cfg) if cfg.save_state else None,
+                samples=_prepare_samples(cfg, fresh=resume is None),
             )  # fmt: skip
             with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
                 host.logger_names()
@@ -279,16 +289,51 @@ def _clear_engine_frames(tb: TracebackType | None, root: Path) -> None:
         tb = tb.tb_next
 
 
+def samples_manifest_path(cfg: TrainConfig) -> Path:
+    """The run's sample manifest: one JSON line per sample image (step, prompt, cfg_scale, seed, path, checkpoint)."""
+    return cfg.output_dir / f"{cfg.output_name}.samples.jsonl"
+
+
+def _prepare_samples(cfg: TrainConfig, *, fresh: bool) -> SamplePlan | None:
+    """Write sd-scripts' prompt file; start a new manifest for a fresh run (a resumed one appends to its own)."""
+    if write_sample_prompts(cfg) is None:
+        return None
+    manifest = samples_manifest_path(cfg)
+    if fresh:
+        manifest.unlink(missing_ok=True)
+    return SamplePlan(
+        lines=tuple((prompt, float(scale)) for prompt in cfg.sample_prompts for scale in cfg.sample_cfg_scales),
+        seed=cfg.sample_seed,
+        output_name=cfg.output_name,
+        folder=cfg.output_dir / "sample",
+        manifest=manifest,
+    )
+
+
+def write_sample_prompts(cfg: TrainConfig) -> Path | None:
+    """Write the prompt file that ``sd_scripts_argv(cfg)`` points at (atomically); None when sampling is off."""
+    text = sample_prompts_text(cfg)
+    if text is None:
+        return None
+    path = sample_prompts_path(cfg)
+    _write_atomically(path, text)
+    return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_dataset_toml(cfg: TrainConfig) -> Path | None:
     """Write the dataset TOML that ``sd_scripts_argv(cfg)`` points at (atomically); None for ``dataset_config``."""
     text = dataset_toml_text(cfg)
     if text is None:
         return None
     path = dataset_toml_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    _write_atomically(path, text)
     return path
 
 

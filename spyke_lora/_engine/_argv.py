@@ -38,6 +38,9 @@ _MANAGED: dict[str, str] = {
     "skip_until_initial_step": "resuming is managed by train(resume=...)",
     "initial_step": "resuming is managed by train(resume=...)",
     "initial_epoch": "resuming is managed by train(resume=...)",
+    "sample_prompts": "set `sample_prompts` (a list of prompts) and the other `sample_*` fields instead",
+    "sample_every_n_steps": "every saved checkpoint is sampled (set `sample_prompts = []` to turn sampling off)",
+    "sample_every_n_epochs": "every saved checkpoint is sampled (set `sample_prompts = []` to turn sampling off)",
     "console_log_simple": "spyke-lora always sets it (rich log rendering draws from Python's `random`, which "
     "sd-scripts also uses for caption shuffling, so a rich log changes what is trained)",
 }
@@ -72,6 +75,28 @@ def dataset_toml_text(cfg: TrainConfig) -> str | None:
         lines += ["", "[[datasets.subsets]]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in subset.items()]
     return "\n".join(lines) + "\n"
+
+
+def sample_prompts_path(cfg: TrainConfig) -> Path:
+    """Where ``train()`` writes the prompt file of sd-scripts' sampler (next to the dataset TOML)."""
+    return cfg.output_dir / f"{cfg.output_name}_sample_prompts.txt"
+
+
+def sample_prompts_text(cfg: TrainConfig) -> str | None:
+    """sd-scripts' prompt file: one line per prompt x CFG scale, in that order (line ``i`` is prompt
+    ``i // len(sample_cfg_scales)`` at scale ``i % len(sample_cfg_scales)``), all with the same seed, steps and size.
+    None when sampling is off."""
+    if not cfg.sample_prompts:
+        return None
+    size = cfg.sample_size or cfg.resolution
+    negative = f" --n {cfg.sample_negative_prompt}" if cfg.sample_negative_prompt.strip() else ""
+    lines = [
+        f"{prompt}{negative} --w {size} --h {size} --d {cfg.sample_seed} --l {_text(float(scale))} "
+        f"--s {cfg.sample_steps}"
+        for prompt in cfg.sample_prompts
+        for scale in cfg.sample_cfg_scales
+    ]
+    return "# Written by spyke-lora for sd-scripts' --sample_prompts\n" + "\n".join(lines) + "\n"
 
 
 def _subset(folder: Path, repeats: int | None, *, is_reg: bool) -> dict[str, Any]:
@@ -140,6 +165,10 @@ def build_argv(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = No
     opt("save_every_n_steps", cfg.save_every_n_steps)
     opt("save_precision", cfg.save_precision)
     opt("save_state", cfg.save_state)
+    if cfg.sample_prompts:  # when to sample is spyke-lora's choice (every saved file), so no sample_every_n_*
+        opt("sample_prompts", str(sample_prompts_path(cfg)))
+        opt("sample_sampler", cfg.sample_sampler)
+        opt("sample_at_first", cfg.sample_at_first)
     if resume_from is not None:
         # the state's step count is continued, and the batches of the resumed epoch already trained are skipped
         # (without --skip_until_initial_step sd-scripts restarts the resumed epoch from its first batch)

@@ -17,8 +17,10 @@ and metadata of the interrupted ``train()`` frame, so the final file is written 
 
 from __future__ import annotations
 
+import argparse
 import collections
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +33,7 @@ from types import FrameType, ModuleType, TracebackType
 from typing import Any
 
 from .._errors import EngineError, TrainingError
-from ..events import CheckpointSaved, Event, StepEnded, TrainStarted
+from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarted
 from ._state import RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
 
 
@@ -49,6 +51,17 @@ def partial_name(final: Path) -> Path:
     return final.with_name(f".{final.stem}.{os.getpid()}.partial.safetensors")
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplePlan:
+    """What sd-scripts' prompt file asks for, line by line, and where the images and their manifest go."""
+
+    lines: tuple[tuple[str, float], ...]  # (prompt, CFG scale) of each line of the prompt file
+    seed: int
+    output_name: str
+    folder: Path  # sd-scripts writes OUTPUT_DIR/sample/NAME_STEP_LINE_TIMESTAMP_SEED.png
+    manifest: Path  # OUTPUT_DIR/NAME.samples.jsonl: one JSON line per image
+
+
 class Probe:
     """Engine-side state of one run: turns hook calls into events and raises :class:`StopRun` at safe points."""
 
@@ -61,11 +74,15 @@ class Probe:
         max_nonfinite_steps: int = 1,
         resume: SavedState | None = None,
         state_record: dict[str, Any] | None = None,
+        samples: SamplePlan | None = None,
     ) -> None:
         self._emit_to_callbacks = emit
         self.resume = resume  # the state this run continues; its step is corrected into train() (see attach)
         self.first_step = resume.step if resume else 0
         self._state_record = state_record  # written into every state folder, to check a later resume against
+        self.samples = samples  # what to sample at every saved file (None: no sampling)
+        self.sampler: Callable[[int], None] | None = None  # runs sd-scripts' sampler on the current weights
+        self._sampled_steps: set[int] = set()
         self.max_nonfinite_steps = max_nonfinite_steps  # 0: never stop
         self.nonfinite_streak = 0  # consecutive steps with a NaN/Inf loss: no file is saved during one
         self.last_loss = float("nan")
@@ -138,6 +155,8 @@ class Probe:
             self.saved.append(path)
             self._emit(CheckpointSaved(self.steps_done, self.epoch, path, path.name == self._last_ckpt_name))
             # a Stop asked for here takes effect at the next safe point, after sd-scripts' bookkeeping
+            if self.steps_done not in self._sampled_steps and not self.interrupt_requested:
+                self.sample(self.steps_done, path)
 
         def on_epoch_start(*a: Any, **kw: Any) -> Any:
             self.raise_if_stopping()
@@ -176,6 +195,27 @@ class Probe:
         network.save_weights = save_weights
         network.on_epoch_start = on_epoch_start
         accelerator.save_state = save_state
+
+    def sample(self, step: int, checkpoint: Path | None) -> None:
+        """Sample the current weights (those saved as ``checkpoint``) with every prompt x CFG scale, with sd-scripts'
+        own sampler; one :class:`SampleSaved` per image, and a line in the run's samples manifest."""
+        if self.samples is None or self.sampler is None:
+            return
+        self._sampled_steps.add(step)
+        folder = self.samples.folder
+        before = set(os.listdir(folder)) if folder.is_dir() else set()
+        self.sampler(step)
+        prefix = f"{self.samples.output_name}_{step:06d}_"
+        made = sorted(p for p in folder.iterdir() if p.name not in before and p.name.startswith(prefix))
+        for path in made:
+            line = int(path.name[len(prefix) :].split("_", 1)[0])
+            prompt, scale = self.samples.lines[line]
+            record = {"step": step, "prompt": prompt, "cfg_scale": scale, "seed": self.samples.seed,
+                      "path": os.path.relpath(path, self.samples.manifest.parent),
+                      "checkpoint": checkpoint.name if checkpoint else None}  # fmt: skip
+            with self.samples.manifest.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            self._emit(SampleSaved(step, prompt, scale, self.samples.seed, path, checkpoint))
 
     def training_starts(self, args: Any, accelerator: Any) -> None:
         self.started = True
@@ -298,13 +338,25 @@ def trainer_class(train_network: ModuleType) -> type:
             return loss
 
         def sample_images(self, accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet):
+            # sd-scripts calls this before the first step (epoch 0), after every step (epoch None) and at every
+            # epoch end. spyke-lora samples right after each file is saved instead (Probe.sample), through
+            # sd-scripts' own sample_images with a copy of args that says "now".
+            def sampler(step: int) -> None:
+                now = argparse.Namespace(**vars(args))
+                now.sample_every_n_steps, now.sample_every_n_epochs, now.sample_at_first = 1, None, True
+                super(SpykeTrainer, self).sample_images(
+                    accelerator, now, None, step, device, vae, tokenizers, text_encoder, unet
+                )
+
+            self._probe.sampler = sampler
             if epoch is None:
                 self._probe.step_ends(global_step)
             elif epoch == 0 and not self._probe.started:
                 self._probe.training_starts(args, accelerator)
+                if args.sample_at_first and not self._probe.first_step:
+                    self._probe.sample(0, None)
             else:
                 self._probe.raise_if_stopping()
-            super().sample_images(accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet)
 
     _TRAINER_CLASSES[key] = SpykeTrainer
     return SpykeTrainer

@@ -13,14 +13,17 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.logging import RichHandler
 
 from spyke_lora import (
     CheckpointSaved,
     NonFiniteLoss,
+    SampleSaved,
     SpykeLoraError,
     StepEnded,
     Stop,
@@ -432,3 +435,43 @@ def test_sigkill_while_saving_leaves_no_partial_file_under_a_final_name(world, o
     assert not list(out.glob(f"{NAME}*.safetensors"))  # ... and no final name holds anything
     train(world.config(output_dir=out), callbacks=lambda e: Stop() if isinstance(e, TrainStarted) else None)
     assert not partial.exists()  # the next run cleaned it up (and took over the dead process's lock)
+
+
+def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(first_run, world, tmp_path):
+    """2 prompts x 2 CFG scales, sampled before training (step 0) and right after each of the 3 files is saved;
+    sampling restores the random generators, so the LoRA files are those of the same run without samples."""
+    prompts = ("spyke_plasma_v1, standing in a forest", "spyke_plasma_v1, crouching, looking up")
+    cfg = world.config(
+        output_dir=tmp_path / "out", sample_prompts=prompts, sample_cfg_scales=(5, 9), sample_steps=2,
+        sample_at_first=True,
+    )  # fmt: skip
+    events = []
+    result = train(cfg, callbacks=events.append)
+    kinds = [type(e).__name__[0] + (str(e.step) if hasattr(e, "step") else "") for e in events]
+    assert kinds == ["T"] + ["S0"] * 4 + ["S1", "S2", "C2"] + ["S2"] * 4 + ["S3", "S4", "C4"] + ["S4"] * 4 + [
+        "S5", "C5"] + ["S5"] * 4 + ["T"]  # fmt: skip
+    samples = [e for e in events if isinstance(e, SampleSaved)]
+    checkpoints = {0: None, 2: cfg.output_dir / f"{NAME}-step00000002.safetensors",
+                   4: cfg.output_dir / f"{NAME}-step00000004.safetensors", 5: cfg.output_dir / f"{NAME}.safetensors"}
+    assert [(s.step, s.prompt, s.cfg_scale, s.seed, s.checkpoint) for s in samples] == [
+        (step, prompt, scale, 1234, checkpoints[step]) for step in (0, 2, 4, 5) for prompt in prompts for scale in (5, 9)
+    ]  # fmt: skip
+    pixels = {}
+    for s in samples:
+        assert s.path.parent == cfg.output_dir / "sample" and s.path.name.startswith(f"{NAME}_{s.step:06d}_")
+        with Image.open(s.path) as image:
+            assert image.size == (64, 64)
+            pixels[s.path] = np.asarray(image.convert("RGB"), dtype=np.int16)
+    # the images are not all the same: CFG and prompt change them
+    first_step = [pixels[s.path] for s in samples[:4]]
+    assert all(np.abs(a - b).max() > 0 for i, a in enumerate(first_step) for b in first_step[i + 1 :])
+    manifest = [json.loads(line) for line in (cfg.output_dir / f"{NAME}.samples.jsonl").read_text().splitlines()]
+    assert manifest == [
+        {"step": s.step, "prompt": s.prompt, "cfg_scale": s.cfg_scale, "seed": 1234,
+         "path": f"sample/{s.path.name}", "checkpoint": s.checkpoint.name if s.checkpoint else None}
+        for s in samples
+    ]  # fmt: skip
+    prompt_file = (cfg.output_dir / f"{NAME}_sample_prompts.txt").read_text().splitlines()[1:]
+    assert prompt_file[1] == "spyke_plasma_v1, standing in a forest --w 64 --h 64 --d 1234 --l 9.0 --s 2"
+    for saved in result.checkpoints:
+        assert_same_tensors(saved.path, first_run.reference / saved.path.name)

@@ -28,7 +28,12 @@ def test_defaults_are_the_lora01_recipe(tmp_path):
         "max_train_steps": None, "save_every_n_steps": 200, "mixed_precision": "auto", "save_precision": "float",
         "clip_skip": 2, "prior_loss_weight": 1.0, "gradient_checkpointing": True, "seed": 42, "device": "auto",
         "tokenizer_cache_dir": None, "sd_scripts_dir": None, "overwrite": False, "max_nonfinite_steps": 1,
-        "save_state": False,
+        "save_state": False, "sample_prompts": (
+            "spyke_plasma_v1, standing in a forest, dramatic lighting, anime style",
+            "spyke_plasma_v1, crouching, looking up, urban environment",
+            "spyke_plasma_v1, full body, front view, detailed character study",
+        ), "sample_cfg_scales": (5.0, 7.0, 9.0), "sample_seed": 1234, "sample_steps": 20, "sample_size": None,
+        "sample_sampler": "euler_a", "sample_negative_prompt": "", "sample_at_first": False,
         "extra_args": {},
     }  # fmt: skip
     actual = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

@@ -17,8 +17,6 @@ from spyke_lora._engine._state import (
 )
 from spyke_lora._engine._trainer import _set_frame_local
 
-from .test_preflight import good  # noqa: F401  (fixture)
-
 NAME = "spyke_plasma_v1"
 
 
