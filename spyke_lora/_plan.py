@@ -48,6 +48,8 @@ class Plan:
     final_path: Path
     estimated_disk_bytes: int
     warnings: tuple[str, ...]  # everything worth knowing that does not stop the run (corrections included)
+    samples_per_checkpoint: int = 0  # sample images made after every saved file (prompts x CFG scales)
+    sample_summary: str = ""  # e.g. "3 prompts x CFG 5, 7, 9 (20 steps, euler_a, 512 px, seed 1234)"
     resume_from: Path | None = None  # the training state this run continues
     resume_step: int = 0  # the step it continues after (0: a fresh run)
 
@@ -71,6 +73,10 @@ class Plan:
             "checkpoints     " + (", ".join(str(step) for step, _ in self.checkpoints) or "none") + ", final",
             *(f"  {path}" for _, path in self.checkpoints),
             f"  {self.final_path}",
+            "samples         " + (
+                f"{self.sample_summary} = {self.samples_per_checkpoint} images per saved file"
+                if self.samples_per_checkpoint else "none"
+            ),
             f"disk            about {self.estimated_disk_bytes / 1e6:.0f} MB",
             *(f"warning: {w}" for w in self.warnings if w not in self.corrections),
         ]
@@ -145,6 +151,7 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
     done = state.step if state else 0
     warnings += config_warnings(cfg, count.total_steps)
     captions = {f.folder: _count_captions(f) for f in folders}
+    warnings += _sample_warnings(cfg, folders)
     checkpoints = [(step, name) for step, name in count.checkpoints if step > done]
     files = len(checkpoints) + 1
     per_file = _BYTES_PER_DIM_FP32 * cfg.network_dim * _SAVE_BYTES[cfg.save_precision] / 4
@@ -177,9 +184,37 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
         final_path=cfg.output_dir / count.final_name,
         estimated_disk_bytes=int(files * per_file),
         warnings=tuple(warnings),
+        samples_per_checkpoint=len(cfg.sample_prompts) * len(cfg.sample_cfg_scales),
+        sample_summary=_sample_summary(cfg),
         resume_from=state.path if state else None,
         resume_step=done,
     )
+
+
+def _sample_summary(cfg: TrainConfig) -> str:
+    if not cfg.sample_prompts:
+        return ""
+    scales = ", ".join(f"{s:g}" for s in cfg.sample_cfg_scales)
+    return (
+        f"{len(cfg.sample_prompts)} prompts x CFG {scales} ({cfg.sample_steps} steps, {cfg.sample_sampler}, "
+        f"{cfg.sample_size or cfg.resolution} px, seed {cfg.sample_seed})"
+    )
+
+
+def _sample_warnings(cfg: TrainConfig, folders) -> list[str]:
+    """Sample prompts that lack the trigger show the base model, not the LoRA: the recipe's defaults name Spyke's."""
+    triggers = {f.class_tokens for f in folders if not f.is_reg and f.class_tokens}
+    if not cfg.sample_prompts or len(triggers) != 1 or cfg.keep_tokens < 1:
+        return []
+    trigger = triggers.pop()
+    missing = [i for i, prompt in enumerate(cfg.sample_prompts) if trigger not in prompt]
+    if not missing:
+        return []
+    return [
+        f"`sample_prompts` {missing} do not contain the trigger {trigger!r} of the training folder, so their samples "
+        f"will not show what the LoRA learned; start each prompt with {trigger!r} (the defaults are the Spyke "
+        f"recipe's prompts)"
+    ]
 
 
 def _count_captions(folder) -> int:

@@ -217,3 +217,36 @@ def test_a_run_on_an_output_in_use_is_refused_before_loading(good):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_samples_in_the_plan_and_prompts_without_the_trigger(good):
+    p = plan(good)
+    assert p.samples_per_checkpoint == 9
+    assert "samples         3 prompts x CFG 5, 7, 9 (20 steps, euler_a, 64 px, seed 1234) = 9 images per saved file" in str(p)
+    assert "--sample_prompts" in p.argv and "--sample_every_n_steps" not in p.argv
+    other = good.replace(sample_prompts=("spyke_plasma_v1, in the rain", "a cat"), sample_cfg_scales=(7,))
+    assert any("`sample_prompts` [1] do not contain the trigger 'spyke_plasma_v1'" in w for w in plan(other).warnings)
+    off = plan(good.replace(sample_prompts=()))
+    assert "samples         none" in str(off) and "--sample_prompts" not in off.argv
+
+
+def test_sample_settings_are_checked(good):
+    with pytest.raises(ConfigError) as refused:
+        good.replace(sample_prompts=("spyke_plasma_v1 --l 3",), sample_size=100, sample_cfg_scales=())
+    text = str(refused.value)
+    assert "`sample_prompts[0]` must be one non-empty line without ' --'" in text
+    assert "`sample_size` must be a multiple of 8, got 100; try 96" in text
+    assert "`sample_cfg_scales` is empty" in text
+    with pytest.raises(ConfigError, match="`extra_args.sample_every_n_steps` cannot be set: every saved checkpoint"):
+        plan(good.replace(extra_args={"sample_every_n_steps": 10}))
+
+
+def test_the_prompt_file_is_one_line_per_prompt_and_scale(good):
+    from spyke_lora._engine._argv import sample_prompts_text
+
+    cfg = good.replace(sample_prompts=("a", "b"), sample_cfg_scales=(5, 7.5), sample_negative_prompt="lowres",
+                       sample_size=96, sample_steps=4, sample_seed=7)  # fmt: skip
+    assert sample_prompts_text(cfg).splitlines()[1:] == [
+        "a --n lowres --w 96 --h 96 --d 7 --l 5.0 --s 4", "a --n lowres --w 96 --h 96 --d 7 --l 7.5 --s 4",
+        "b --n lowres --w 96 --h 96 --d 7 --l 5.0 --s 4", "b --n lowres --w 96 --h 96 --d 7 --l 7.5 --s 4",
+    ]  # fmt: skip
