@@ -30,6 +30,7 @@ from ._errors import (  # noqa: E402
     TrainingError,
 )
 from ._plan import Plan, SubsetPlan, plan  # noqa: E402
+from ._sampling import sample  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
 from .events import CheckpointSaved, Event, SampleSaved, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
 
@@ -60,6 +61,7 @@ __all__ = [
     "doctor",
     "events",
     "plan",
+    "sample",
     "sd_scripts_argv",
     "train",
 ]

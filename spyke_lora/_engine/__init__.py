@@ -67,6 +67,7 @@ __all__ = [
     "resolve_resume",
     "run",
     "run_environment",
+    "sample",
     "samples_manifest_path",
     "sd_scripts_argv",
     "write_dataset_toml",
@@ -194,6 +195,45 @@ def run(
                 host.logger_names()
             ), _ctrl_c_stops_after_the_step(probe):
                 return _train(train_network, host, argv, probe)
+    finally:
+        _RUN_LOCK.release()
+        free_memory()
+
+
+def sample(
+    cfg: TrainConfig,
+    plan: DevicePlan,
+    files: list[tuple[int, Path]],
+    emit: Callable[[Event], None],
+    started_at: float,
+) -> None:
+    """Sample LoRA files on disk (``(step, path)`` pairs) with ``cfg``'s prompts, CFG scales and seed, into
+    ``cfg.output_dir``, with sd-scripts' own sampler; events (:class:`SampleSaved`) go to ``emit``."""
+    from ._sample import sample_files
+
+    argv = build_argv(cfg, plan)
+    host = host_for(cfg.sd_scripts_dir)
+    if not _RUN_LOCK.acquire(blocking=False):
+        raise SpykeLoraError(
+            "another spyke-lora run is active in this process; sd-scripts keeps process-wide state, so runs in one "
+            "process go one at a time: wait for it to end (or stop it) first"
+        )
+    try:
+        with output_lock(cfg), host.active() as caller_logging:
+            train_network = host.train_network()
+            probe = Probe(emit, lambda: False, started_at, caller_logging.restore,
+                          samples=_prepare_samples(cfg, fresh=False))  # fmt: skip
+            with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
+                host.logger_names()
+            ):
+                args = parse_argv(train_network.setup_parser(), argv)
+                try:
+                    sample_files(train_network, args, files, probe, base_first=cfg.sample_at_first)
+                except BaseException as e:
+                    _clear_engine_frames(e.__traceback__, host.root)
+                    if isinstance(e, Exception) and not isinstance(e, SpykeLoraError) and e is not probe.callback_error:
+                        raise TrainingError(f"sd-scripts failed while sampling: {type(e).__name__}: {e}") from e
+                    raise
     finally:
         _RUN_LOCK.release()
         free_memory()

@@ -212,7 +212,7 @@ class Probe:
             prompt, scale = self.samples.lines[line]
             record = {"step": step, "prompt": prompt, "cfg_scale": scale, "seed": self.samples.seed,
                       "path": os.path.relpath(path, self.samples.manifest.parent),
-                      "checkpoint": checkpoint.name if checkpoint else None}  # fmt: skip
+                      "checkpoint": _relative(checkpoint, self.samples.manifest.parent)}  # fmt: skip
             with self.samples.manifest.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             self._emit(SampleSaved(step, prompt, scale, self.samples.seed, path, checkpoint))
@@ -290,6 +290,13 @@ class Probe:
         if not self._unet_param_ids:  # a network module without unet_loras: report the last group
             return float(groups[-1]["lr"]), None
         return float(unet[0]) if unet else 0.0, float(text[0]) if text else None
+
+
+def _relative(path: Path | None, folder: Path) -> str | None:
+    """A file name when ``path`` is in ``folder`` (a run's own checkpoint), else the absolute path."""
+    if path is None:
+        return None
+    return path.name if path.parent == folder else str(path)
 
 
 _TRAINER_CLASSES: dict[int, type] = {}

@@ -31,6 +31,7 @@ from spyke_lora import (
     TrainingError,
     TrainStarted,
     plan,
+    sample,
     sd_scripts_argv,
     train,
 )
@@ -475,3 +476,15 @@ def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(fir
     assert prompt_file[1] == "spyke_plasma_v1, standing in a forest --w 64 --h 64 --d 1234 --l 9.0 --s 2"
     for saved in result.checkpoints:
         assert_same_tensors(saved.path, first_run.reference / saved.path.name)
+    # sampling the files afterwards, with the same settings, gives the training run's images, bit for bit
+    later = cfg.replace(output_dir=tmp_path / "later", sample_at_first=False)
+    again = sample([cfg.output_dir / f"{NAME}.safetensors", cfg.output_dir], later)
+    assert [(s.step, s.prompt, s.cfg_scale, s.checkpoint) for s in again] == [
+        (s.step, s.prompt, s.cfg_scale, s.checkpoint) for s in samples if s.step
+    ]
+    for before, after in zip([s for s in samples if s.step], again):
+        assert after.path.parent == later.output_dir / "sample"
+        with Image.open(after.path) as image:
+            assert (np.asarray(image.convert("RGB"), dtype=np.int16) == pixels[before.path]).all(), after.path.name
+    lines = (later.output_dir / f"{NAME}.samples.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["checkpoint"] == str(cfg.output_dir / f"{NAME}-step00000002.safetensors")

@@ -1,0 +1,97 @@
+"""``sample(checkpoints, cfg)``: sample LoRA files already on disk, exactly as a training run samples its own."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from . import _engine
+from ._config import TrainConfig
+from ._device import SpykeLoraWarning
+from ._errors import ConfigError
+from ._model import check_base_model, inspect_model
+from ._train import Callback
+from .events import Event, SampleSaved
+
+__all__ = ["sample"]
+
+
+def sample(
+    checkpoints: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    cfg: TrainConfig,
+    callbacks: Iterable[Callback] | Callback = (),
+) -> tuple[SampleSaved, ...]:
+    """Sample LoRA files with ``cfg``'s ``sample_prompts``, ``sample_cfg_scales``, ``sample_seed``, steps, size and
+    sampler, on ``cfg.base_model``, with sd-scripts' own sampler: the images a training run with ``cfg`` made of the
+    same file, so checkpoints from different runs (or new prompts) can be compared on equal terms.
+
+    ``checkpoints``: files, or a folder (its LoRA files named ``cfg.output_name``, in step order). Each file's step
+    is its ``ss_steps`` metadata. Images go to ``cfg.output_dir/sample``, one line each in the run's
+    ``NAME.samples.jsonl`` (the newest line for a step, prompt and scale wins, so a contact sheet shows the latest).
+    ``cfg.sample_at_first`` adds the base model alone as step 0. Returns the :class:`SampleSaved` events, also
+    delivered to ``callbacks``.
+    """
+    with _engine.preserved_random_state():
+        return _sample(checkpoints, cfg, callbacks)
+
+
+def _sample(checkpoints, cfg: TrainConfig, callbacks) -> tuple[SampleSaved, ...]:
+    started_at = time.perf_counter()
+    callbacks = (callbacks,) if callable(callbacks) else tuple(callbacks)
+    files = _files(checkpoints, cfg)
+    check_base_model(cfg.base_model)
+    plan = _engine.device_plan(cfg)
+    for note in plan.corrections:
+        warnings.warn(note, SpykeLoraWarning, stacklevel=3)
+    made: list[SampleSaved] = []
+
+    def emit(event: Event) -> None:
+        if isinstance(event, SampleSaved):
+            made.append(event)
+        for callback in callbacks:
+            callback(event)
+
+    _engine.sample(cfg, plan, files, emit, started_at)
+    return tuple(made)
+
+
+def _files(checkpoints, cfg: TrainConfig) -> list[tuple[int, Path]]:
+    if not cfg.sample_prompts:
+        raise ConfigError("`sample_prompts` is empty, so there is nothing to sample; give at least one prompt")
+    if isinstance(checkpoints, (str, os.PathLike)):
+        checkpoints = [checkpoints]
+    paths: list[Path] = []
+    for item in checkpoints:
+        path = Path(item).expanduser().absolute()
+        if path.is_dir():
+            found = _engine.existing_outputs(cfg.replace(output_dir=path))
+            if not found:
+                raise ConfigError(f"{path} holds no LoRA file named `{cfg.output_name}`; pass the files themselves")
+            paths += found
+        else:
+            paths.append(path)
+    problems, files, seen = [], [], {}
+    for position, path in enumerate(paths, 1):
+        try:
+            info = inspect_model(path)
+        except ConfigError as e:
+            problems += [p.replace("`base_model` ", "checkpoint ") for p in e.problems]
+            continue
+        if info.family != "lora":
+            problems.append(f"checkpoint {str(path)!r} is {info.description}, not a LoRA file")
+            continue
+        step_text = info.metadata.get("ss_steps", "")
+        step = int(step_text) if step_text.isdigit() else position
+        if not step_text.isdigit():
+            warnings.warn(f"{path.name} has no ss_steps metadata: it is shown as step {step}", SpykeLoraWarning, 4)
+        if step in seen:  # NAME-step00000920 and NAME (the final file) of one run are the same weights
+            warnings.warn(f"{path.name} is step {step} like {seen[step].name}: sampled once", SpykeLoraWarning, 4)
+            continue
+        seen[step] = path
+        files.append((step, path))
+    if problems:
+        raise ConfigError(problems)
+    return sorted(files)
