@@ -15,7 +15,7 @@ from typing import IO
 from . import __version__
 from ._config import TrainConfig, tomllib
 from ._errors import ConfigError, SpykeLoraError, TrainingError
-from .events import CheckpointSaved, Event, StepEnded, TrainEnded, TrainStarted
+from .events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainEnded, TrainStarted
 
 
 def describe(event: Event) -> str:
@@ -33,6 +33,8 @@ def describe(event: Event) -> str:
         )
     if isinstance(event, CheckpointSaved):
         return f"{'final' if event.final else 'checkpoint'} (step {event.step}): {event.path}"
+    if isinstance(event, SampleSaved):
+        return f"sample (step {event.step}, CFG {event.cfg_scale:g}): {event.path}"
     if isinstance(event, TrainEnded):
         where = f"; final LoRA {event.final_path}" if event.final_path else ""
         return f"ended: {event.status} after {event.steps} steps{where}"
@@ -126,6 +128,16 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from ._sampling import sample
+
+    cfg = _load(args)
+    with _engine_output_to(args.engine_log) as out:
+        made = sample(args.checkpoints, cfg, callbacks=_printer(out))
+    print(f"{len(made)} images in {cfg.output_dir / 'sample'}")
+    return 0
+
+
 def _argv(args: argparse.Namespace) -> int:
     from ._engine import (
         device_plan,
@@ -201,6 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field")
     p.add_argument("--resume", nargs="?", const="latest", metavar="STATE", help=_RESUME_HELP)
     p.set_defaults(run=_plan)
+
+    p = sub.add_parser(
+        "sample", help="sample LoRA files on disk with a config's prompts, CFG scales and seed (as training does)"
+    )
+    p.add_argument("config", type=Path)
+    p.add_argument("checkpoints", nargs="+", type=Path, help="LoRA files, or a run folder (its files, in step order)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field (e.g. sample_steps=30)")
+    p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
+    p.set_defaults(run=_sample)
 
     p = sub.add_parser(
         "argv", help="print the equivalent sd-scripts command line (and write the dataset TOML it reads)"

@@ -105,3 +105,19 @@ def test_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(spyke_lora._train, "train", interrupted)
     assert main(["train", str(write_config(tmp_path))]) == 130
     assert "spyke-lora: interrupted" in capsys.readouterr().err
+
+
+def test_sample_command_refuses_files_that_are_not_loras(tmp_path, capsys):
+    config = write_config(tmp_path)
+    not_a_lora = tmp_path / "notes.safetensors"
+    not_a_lora.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    assert main(["sample", str(config), str(tmp_path / "missing.safetensors"), str(not_a_lora)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.safetensors' does not exist" in err and "notes.safetensors" in err
+
+
+def test_sample_event_line():
+    from spyke_lora import SampleSaved
+
+    line = describe(SampleSaved(200, "spyke_plasma_v1, x", 7.0, 1234, Path("/r/sample/a.png"), None))
+    assert line == "sample (step 200, CFG 7): /r/sample/a.png"
