@@ -14,3 +14,12 @@ def test_example_script_stops_at_its_time_budget(capsys):
     assert watch(StepEnded(1, 920, 1, 0.2, 0.2, 1e-4, 5e-5, budget - 1)) is None
     assert watch(StepEnded(2, 920, 1, 0.2, 0.2, 1e-4, 5e-5, budget + 1)) == Stop("time budget of 60 minutes used")
 
+
+
+def test_the_spyke_example_is_the_recipe():
+    from spyke_lora import TrainConfig
+
+    cfg = TrainConfig.from_toml(EXAMPLES / "spyke.toml")
+    assert (cfg.max_train_epochs, cfg.save_every_n_steps, cfg.network_dim, cfg.network_alpha) == (2, 200, 32, 16)
+    assert cfg.save_state and cfg.sample_cfg_scales == (5, 7, 9) and len(cfg.sample_prompts) == 3
+    assert all(p.startswith("spyke_plasma_v1, ") for p in cfg.sample_prompts)
