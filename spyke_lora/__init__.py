@@ -30,6 +30,7 @@ from ._errors import (  # noqa: E402
     TrainingError,
 )
 from ._plan import Plan, SubsetPlan, plan  # noqa: E402
+from ._records import RunRecord, config_diff, loss_chart, runs  # noqa: E402
 from ._sampling import sample  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
 from .events import CheckpointSaved, Event, SampleSaved, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
@@ -47,6 +48,7 @@ __all__ = [
     "NonFiniteLoss",
     "OutputInUse",
     "Plan",
+    "RunRecord",
     "SampleSaved",
     "SpykeLoraError",
     "SpykeLoraWarning",
@@ -58,9 +60,12 @@ __all__ = [
     "TrainResult",
     "TrainStarted",
     "TrainingError",
+    "config_diff",
     "doctor",
     "events",
+    "loss_chart",
     "plan",
+    "runs",
     "sample",
     "sd_scripts_argv",
     "train",

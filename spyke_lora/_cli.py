@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
 import sys
 import tempfile
 import time
@@ -139,24 +138,36 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _argv(args: argparse.Namespace) -> int:
-    from ._engine import (
-        device_plan,
-        locate_engine,
-        run_environment,
-        sd_scripts_argv,
-        write_dataset_toml,
-        write_sample_prompts,
-    )
+    from ._engine import command_line, device_plan, sd_scripts_argv, write_dataset_toml, write_sample_prompts
 
     cfg = TrainConfig.from_toml(args.config)
-    argv = sd_scripts_argv(cfg, device=args.device)
-    env = [f"{k}={v}" for k, v in run_environment(device_plan(cfg, args.device)).items()]
-    script = locate_engine(cfg.sd_scripts_dir) / "train_network.py"
+    sd_scripts_argv(cfg, device=args.device)  # checked by sd-scripts' parser; corrections warned about
     written = write_dataset_toml(cfg)  # the command below reads it: make it runnable as printed
     for what, path in (("the dataset TOML", written), ("the sample prompts", write_sample_prompts(cfg))):
         if path:
             print(f"# wrote {what} it reads: {path}", file=sys.stderr)
-    print(" ".join(env + [shlex.join([sys.executable, str(script), *argv])]))
+    print(command_line(cfg, device_plan(cfg, args.device)))
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from ._records import runs
+
+    found = runs(args.folder)
+    if not found:
+        print(f"no spyke-lora runs in {args.folder}")
+        return 0
+    print(f"{'run':<24} {'status':<11} {'steps':>11} {'':<17} {'time':>8}  {'dev':<4} started")
+    for record in found:
+        print(record)
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from ._records import config_diff
+
+    changes = config_diff(args.a, args.b)
+    print("\n".join(changes) if changes else "the configs are the same")
     return 0
 
 
@@ -231,6 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--device", choices=["cpu", "cuda", "mps"], help="apply this device's policy (default: this machine's)"
     )
     p.set_defaults(run=_argv)
+
+    p = sub.add_parser("runs", help="list the runs recorded in a folder: status, steps, loss, duration")
+    p.add_argument("folder", type=Path, help="an output_dir, or a folder of them")
+    p.set_defaults(run=_runs)
+
+    p = sub.add_parser("diff", help="what changed between two configs (e.g. two runs' NAME.config.toml)")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.set_defaults(run=_diff)
 
     p = sub.add_parser("doctor", help="check this machine: device, precision, engine, disk (exit 1 if it cannot train)")
     p.add_argument("config", type=Path, nargs="?", help="check for this config (default: the recipe's settings)")

@@ -15,6 +15,7 @@ from . import _engine
 from ._config import TrainConfig
 from ._device import SpykeLoraWarning
 from ._plan import plan
+from ._records import RunRecorder
 from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted
 
 __all__ = ["Callback", "TrainResult", "train"]
@@ -107,12 +108,18 @@ def _train(
     cfg: TrainConfig, callbacks: Iterable[Callback] | Callback, resume: str | os.PathLike[str] | None
 ) -> TrainResult:
     started_at = time.perf_counter()
-    session = _Session((callbacks,) if callable(callbacks) else tuple(callbacks))
     checked = plan(cfg, resume=resume)  # every check first: a refused run loads nothing and writes nothing
     state = _engine.resolve_resume(cfg, checked.resume_from) if checked.resume_from else None
+    device_plan = _engine.device_plan(cfg)
+    root = _engine.locate_engine(cfg.sd_scripts_dir)
+    recorder = RunRecorder(
+        cfg,
+        _engine.command_line(cfg, device_plan, state.path if state else None),
+        {"sd_scripts": str(root), "sd_scripts_commit": _engine.engine_commit(root) or "unknown"},
+    )
+    session = _Session((recorder, *((callbacks,) if callable(callbacks) else tuple(callbacks))))
     for note in checked.warnings:
         warnings.warn(note, SpykeLoraWarning, stacklevel=3)
-    device_plan = _engine.device_plan(cfg)
     if device_plan.device == "mps" and _mps_fallback_missing():
         warnings.warn(
             "PYTORCH_ENABLE_MPS_FALLBACK=1 was not in the environment when torch was imported, so an operation MPS "

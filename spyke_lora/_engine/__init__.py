@@ -54,6 +54,7 @@ __all__ = [
     "SavedState",
     "StepCount",
     "build_argv",
+    "command_line",
     "count_steps",
     "dataset_folders",
     "dataset_toml_path",
@@ -105,6 +106,16 @@ def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
     with host.active():
         parse_argv(host.train_network().setup_parser(), argv)
     return argv
+
+
+def command_line(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = None) -> str:
+    """The shell command that runs ``cfg`` with the sd-scripts command line: environment, this Python, the engine's
+    ``train_network.py`` and :func:`build_argv`'s arguments (the files they read are written by the run)."""
+    import shlex
+
+    env = [f"{k}={v}" for k, v in run_environment(plan).items()]
+    script = locate_engine(cfg.sd_scripts_dir) / "train_network.py"
+    return " ".join(env + [shlex.join([sys.executable, str(script), *build_argv(cfg, plan, resume_from)])])
 
 
 def run_environment(plan: DevicePlan) -> dict[str, str]:

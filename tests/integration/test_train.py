@@ -1,11 +1,13 @@
 """The real engine, the tiny model, 64 px, 5 steps, a checkpoint every 2 steps."""
 
 import gc
+import importlib.metadata
 import json
 import logging
 import math
 import os
 import random
+import shlex
 import shutil
 import struct
 import subprocess
@@ -27,15 +29,17 @@ from spyke_lora import (
     SpykeLoraError,
     StepEnded,
     Stop,
+    TrainConfig,
     TrainEnded,
     TrainingError,
     TrainStarted,
     plan,
+    runs,
     sample,
     sd_scripts_argv,
     train,
 )
-from spyke_lora._engine._host import VENDORED
+from spyke_lora._engine._host import PINNED_COMMIT, VENDORED
 
 from .helpers import assert_same_tensors, read_lora
 
@@ -148,22 +152,43 @@ def test_host_process_is_left_as_it_was(first_run):
 
 
 def test_command_line_reproduces_the_run_bit_for_bit(first_run, tmp_path):
-    """`python vendor/sd-scripts/train_network.py *sd_scripts_argv(cfg)` after train(cfg) gives the same LoRA."""
+    """The run's recorded NAME.command.sh (sd-scripts' command line: `python vendor/sd-scripts/train_network.py
+    *sd_scripts_argv(cfg)`), run from another folder after train(cfg), gives the same LoRA."""
     cfg, result, reference = first_run.cfg, first_run.result, first_run.reference
     library_final = reference / result.final_path.name
     for path in cfg.output_dir.glob("*.safetensors"):
         path.unlink()
-    argv = sd_scripts_argv(cfg)
+    command = cfg.output_dir / f"{NAME}.command.sh"
+    words = shlex.split(command.read_text().splitlines()[-1])
+    assert words[:3] == ["ACCELERATE_USE_CPU=true", sys.executable, str(VENDORED / "train_network.py")]
+    assert words[3:] == sd_scripts_argv(cfg)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(VENDORED / "train_network.py"), *argv],
-        cwd=VENDORED, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    proc = subprocess.run([str(command)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_tensors(library_final, cfg.output_dir / f"{NAME}.safetensors")
     _, meta_cli = read_lora(cfg.output_dir / f"{NAME}.safetensors")
     _, meta_lib = read_lora(library_final)
     assert meta_cli["ss_steps"] == meta_lib["ss_steps"] == "5"
+
+
+def test_the_run_leaves_its_records(first_run):
+    cfg, events = first_run.cfg, first_run.events
+    out = cfg.output_dir
+    assert TrainConfig.from_toml(out / f"{NAME}.config.toml") == cfg
+    environment = json.loads((out / f"{NAME}.environment.json").read_text())
+    assert (environment["device"], environment["mixed_precision"]) == ("cpu", "no")
+    assert environment["sd_scripts_commit"] == PINNED_COMMIT
+    assert environment["packages"]["torch"] == importlib.metadata.version("torch")
+    recorded = [json.loads(line) for line in (out / f"{NAME}.events.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in recorded] == [type(e).__name__ for e in events]
+    assert [r["step"] for r in recorded if r["event"] == "StepEnded"] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in recorded if r["event"] == "StepEnded"] == first_run.result.losses
+    with Image.open(out / f"{NAME}.loss.png") as chart:
+        assert chart.size == (800, 400)
+    (record,) = runs(out)
+    assert (record.name, record.status, record.steps, record.total_steps, record.checkpoints) == (
+        NAME, "completed", 5, 5, 3)
+    assert record.final_loss == first_run.result.losses[-1] and record.duration_s > 0
 
 
 def test_second_run_in_the_same_process_is_identical(first_run, world, tmp_path):

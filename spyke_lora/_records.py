@@ -1,0 +1,293 @@
+"""Run records: what every run leaves next to its LoRA files, written as it goes, to reproduce and compare runs.
+
+In ``output_dir``, for ``output_name`` NAME (next to ``NAME_dataset.toml``, ``NAME_sample_prompts.txt`` and
+``NAME.samples.jsonl``, which the run also writes):
+
+* ``NAME.config.toml``: the resolved config; ``TrainConfig.from_toml`` reads it back equal.
+* ``NAME.command.sh``: the same run with the sd-scripts command line, runnable as-is.
+* ``NAME.environment.json``: Python, platform, package versions, device, mixed precision, the sd-scripts commit.
+* ``NAME.events.jsonl``: every event, one JSON object per line, with the time it was delivered.
+* ``NAME.loss.png``: the loss chart, written when the run ends (whatever the reason).
+
+A resumed run appends to the events of the run it continues; a fresh run starts them anew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ._config import TrainConfig
+from ._device import SpykeLoraWarning
+from ._errors import ConfigError
+from .events import Event, StepEnded, TrainEnded, TrainStarted
+
+__all__ = ["RunRecord", "config_diff", "loss_chart", "read_run", "runs"]
+
+_PACKAGES = ("torch", "torchvision", "accelerate", "transformers", "diffusers", "safetensors", "numpy", "spyke-lora")
+
+
+def record_paths(cfg: TrainConfig) -> dict[str, Path]:
+    base = cfg.output_dir / cfg.output_name
+    return {
+        "config": base.with_name(f"{cfg.output_name}.config.toml"),
+        "command": base.with_name(f"{cfg.output_name}.command.sh"),
+        "environment": base.with_name(f"{cfg.output_name}.environment.json"),
+        "events": base.with_name(f"{cfg.output_name}.events.jsonl"),
+        "loss_chart": base.with_name(f"{cfg.output_name}.loss.png"),
+    }
+
+
+class RunRecorder:
+    """The callback ``train()`` puts first: writes the records. A failed write is warned about once, then records
+    are off for the run: they must never cost the training itself."""
+
+    def __init__(self, cfg: TrainConfig, command: str, engine: dict[str, str]) -> None:
+        self.cfg = cfg
+        self.paths = record_paths(cfg)
+        self.command = command
+        self.engine = engine
+        self.enabled = True
+
+    def __call__(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        try:
+            if isinstance(event, TrainStarted):
+                self._start(event)
+            with self.paths["events"].open("a", encoding="utf-8") as f:
+                f.write(json.dumps(event_to_json(event)) + "\n")
+            if isinstance(event, TrainEnded):
+                history = [e for e in read_events(self.paths["events"]) if e["event"] == "StepEnded"]
+                if history:
+                    loss_chart(history, self.paths["loss_chart"], title=self.cfg.output_name)
+        except OSError as e:
+            self.enabled = False
+            warnings.warn(f"could not write the run records in {self.cfg.output_dir}: {e}; training goes on without "
+                          f"them", SpykeLoraWarning, stacklevel=2)  # fmt: skip
+
+    def _start(self, event: TrainStarted) -> None:
+        if not event.resumed_from_step:
+            self.paths["events"].unlink(missing_ok=True)
+        _write(self.paths["config"], self.cfg.to_toml_string())
+        _write(self.paths["command"], f"#!/bin/sh\n# {self.cfg.output_name}: the same run with sd-scripts' command "
+               f"line\n{self.command}\n")  # fmt: skip
+        os.chmod(self.paths["command"], 0o755)
+        environment = {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "packages": {name: _version(name) for name in _PACKAGES},
+            "device": event.device,
+            "mixed_precision": event.mixed_precision,
+            **self.engine,
+        }
+        _write(self.paths["environment"], json.dumps(environment, indent=1) + "\n")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    data = {"event": type(event).__name__, "time": round(time.time(), 3)}
+    for key, value in dataclasses.asdict(event).items():
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = str(value)  # JSON has no NaN: "nan", "inf"
+        data[key] = value
+    return data
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a run; a line cut short by a kill is skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+# --- reading runs -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One run, from its records."""
+
+    name: str
+    folder: Path
+    status: str  # "completed", "stopped", "failed", "interrupted", "running", or "killed" (no end was recorded)
+    steps: int
+    total_steps: int
+    final_loss: float | None
+    final_avg_loss: float | None
+    duration_s: float  # training time, summed over resumed parts
+    started_at: float  # unix time of the first TrainStarted
+    device: str
+    checkpoints: int
+    config: Path
+
+    def __str__(self) -> str:
+        loss = f"{self.final_avg_loss:.4f}" if self.final_avg_loss is not None else "-"
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started_at))
+        return (
+            f"{self.name:<24} {self.status:<11} {self.steps:>5}/{self.total_steps:<5} avg loss {loss:<8} "
+            f"{_duration(self.duration_s):>8}  {self.device:<4} {when}  {self.folder}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
+def read_run(events_path: str | os.PathLike[str]) -> RunRecord:
+    path = Path(events_path)
+    name = path.name[: -len(".events.jsonl")]
+    events = read_events(path)
+    starts = [e for e in events if e["event"] == "TrainStarted"]
+    if not starts:
+        raise ConfigError(f"{path} has no TrainStarted event: it is not a spyke-lora run record")
+    steps = [e for e in events if e["event"] == "StepEnded"]
+    duration, open_start = 0.0, None
+    for e in events:
+        if e["event"] == "TrainStarted":
+            open_start = e["time"]
+        elif e["event"] == "TrainEnded" and open_start is not None:
+            duration += e["time"] - open_start
+            open_start = None
+    if open_start is not None:  # no end recorded: count to the last event
+        duration += events[-1]["time"] - open_start
+    last = events[-1]
+    if last["event"] == "TrainEnded":
+        status = last["status"]
+    else:
+        lock = path.with_name(f".{name}.lock")
+        status = "running" if lock.exists() else "killed"
+    final = steps[-1] if steps else None
+    return RunRecord(
+        name=name,
+        folder=path.parent,
+        status=status,
+        steps=final["step"] if final else starts[-1].get("resumed_from_step", 0),
+        total_steps=starts[-1]["total_steps"],
+        final_loss=_number(final["loss"]) if final else None,
+        final_avg_loss=_number(final["avg_loss"]) if final else None,
+        duration_s=duration,
+        started_at=starts[0]["time"],
+        device=starts[-1]["device"],
+        checkpoints=sum(1 for e in events if e["event"] == "CheckpointSaved"),
+        config=path.with_name(f"{name}.config.toml"),
+    )
+
+
+def _number(value: Any) -> float:
+    return float(value)  # "nan" / "inf" strings included
+
+
+def runs(folder: str | os.PathLike[str]) -> list[RunRecord]:
+    """The runs recorded in ``folder`` and its subfolders (one level), oldest first."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{str(folder)!r} is not a folder; give the output_dir of your runs (or its parent)")
+    found = sorted(folder.glob("*.events.jsonl")) + sorted(folder.glob("*/*.events.jsonl"))
+    records = []
+    for path in found:
+        try:
+            records.append(read_run(path))
+        except ConfigError:
+            continue
+    return sorted(records, key=lambda r: r.started_at)
+
+
+def config_diff(a: TrainConfig | str | os.PathLike[str], b: TrainConfig | str | os.PathLike[str]) -> list[str]:
+    """What changed from config ``a`` to ``b`` (configs, or their TOML files: a run's ``NAME.config.toml``), one
+    line per field: ``learning_rate: 0.0001 -> 5e-05``."""
+    first, second = (x if isinstance(x, TrainConfig) else TrainConfig.from_toml(x) for x in (a, b))
+    before, after = first.to_dict(), second.to_dict()
+    return [
+        f"{key}: {_show(before.get(key))} -> {_show(after.get(key))}"
+        for key in before | after
+        if before.get(key) != after.get(key)
+    ]
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value) if isinstance(value, (str, list, dict)) else str(value)
+
+
+# --- the loss chart -----------------------------------------------------------------------------------------------
+
+
+def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.PathLike[str], *, title: str = "",
+               size: tuple[int, int] = (800, 400)) -> Path:  # fmt: skip
+    """A PNG line chart of the loss per step (grey) and its running average (blue); NaN/Inf steps marked in red.
+    Pillow only, no plotting library."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    points = [(h["step"], _number(h["loss"]), _number(h["avg_loss"])) if isinstance(h, dict)
+              else (h.step, h.loss, h.avg_loss) for h in history]  # fmt: skip
+    width, height = size
+    left, right, top, bottom = 64, 16, 32, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    finite = [v for _, loss, avg in points for v in (loss, avg) if math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if high - low < 1e-12:
+        low, high = low - 0.5, high + 0.5
+    first, last = (points[0][0], points[-1][0]) if points else (0, 1)
+    span = max(1, last - first)
+
+    def xy(step: int, value: float) -> tuple[float, float]:
+        x = left + (step - first) / span * (width - left - right)
+        y = top + (high - value) / (high - low) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="#888888")
+    for value in (low, (low + high) / 2, high):
+        _, y = xy(first, value)
+        draw.line([left - 4, y, left, y], fill="#888888")
+        draw.text((4, y - 6), f"{value:.4g}", fill="black", font=font)
+    for step in sorted({first, (first + last) // 2, last}):
+        x, _ = xy(step, low)
+        draw.line([x, height - bottom, x, height - bottom + 4], fill="#888888")
+        draw.text((x - 10, height - bottom + 8), str(step), fill="black", font=font)
+    draw.text((left, 8), f"{title}  loss per step (grey), running average (blue)".strip(), fill="black", font=font)
+    for index, colour in ((1, "#aaaaaa"), (2, "#1f5fbf")):
+        line = [xy(p[0], p[index]) for p in points if math.isfinite(p[index])]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        elif line:
+            draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=colour)
+    for step, loss, _ in points:
+        if not math.isfinite(loss):
+            x, _ = xy(step, low)
+            draw.line([x, top, x, height - bottom], fill="#d62728")
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    image.save(tmp)
+    os.replace(tmp, out)
+    return out
