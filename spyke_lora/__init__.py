@@ -15,7 +15,7 @@ _os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 import logging as _logging  # noqa: E402
 
-from . import events  # noqa: E402
+from . import callbacks, events  # noqa: E402
 from ._config import TrainConfig  # noqa: E402
 from ._device import SpykeLoraWarning  # noqa: E402
 from ._doctor import DeviceReport, doctor  # noqa: E402
@@ -32,6 +32,7 @@ from ._errors import (  # noqa: E402
 from ._plan import Plan, SubsetPlan, plan  # noqa: E402
 from ._records import RunRecord, config_diff, loss_chart, runs  # noqa: E402
 from ._sampling import sample  # noqa: E402
+from ._stream import EventStream, iter_events  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
 from .events import CheckpointSaved, Event, SampleSaved, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
 
@@ -45,6 +46,7 @@ __all__ = [
     "DeviceReport",
     "EngineError",
     "Event",
+    "EventStream",
     "NonFiniteLoss",
     "OutputInUse",
     "Plan",
@@ -60,9 +62,11 @@ __all__ = [
     "TrainResult",
     "TrainStarted",
     "TrainingError",
+    "callbacks",
     "config_diff",
     "doctor",
     "events",
+    "iter_events",
     "loss_chart",
     "plan",
     "runs",

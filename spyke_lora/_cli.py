@@ -14,69 +14,12 @@ from typing import IO
 from . import __version__
 from ._config import TrainConfig, tomllib
 from ._errors import ConfigError, SpykeLoraError, TrainingError
-from .events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainEnded, TrainStarted
-
-
-def describe(event: Event) -> str:
-    """One readable line per event."""
-    if isinstance(event, TrainStarted):
-        return (
-            f"started: {event.total_steps} steps on {event.device} (mixed precision {event.mixed_precision}), "
-            f"writing to {event.output_dir}"
-        )
-    if isinstance(event, StepEnded):
-        te = f"  te lr {event.lr_text_encoder:.2e}" if event.lr_text_encoder is not None else ""
-        return (
-            f"step {event.step:>{len(str(event.total_steps))}}/{event.total_steps}  epoch {event.epoch}  "
-            f"loss {event.loss:.4f}  avg {event.avg_loss:.4f}  lr {event.lr:.2e}{te}  {event.elapsed_s:.1f}s"
-        )
-    if isinstance(event, CheckpointSaved):
-        return f"{'final' if event.final else 'checkpoint'} (step {event.step}): {event.path}"
-    if isinstance(event, SampleSaved):
-        return f"sample (step {event.step}, CFG {event.cfg_scale:g}): {event.path}"
-    if isinstance(event, TrainEnded):
-        where = f"; final LoRA {event.final_path}" if event.final_path else ""
-        return f"ended: {event.status} after {event.steps} steps{where}"
-    return repr(event)  # pragma: no cover
-
-
-class _Progress:
-    """In a terminal: one bar line rewritten in place after every step (checkpoints and the end get lines of their
-    own). Elsewhere (a log file, CI): one line per event."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.live = stream.isatty()
-        self.first_step_at: float | None = None
-        self.open_line = False
-
-    def __call__(self, event: Event) -> None:
-        if not (self.live and isinstance(event, StepEnded)):
-            if self.open_line:
-                self.stream.write("\n")
-                self.open_line = False
-            print(describe(event), file=self.stream, flush=True)
-            return
-        if self.first_step_at is None:
-            self.first_step_at = event.elapsed_s
-        done = event.step / event.total_steps
-        bar = "#" * int(done * 24) + "-" * (24 - int(done * 24))
-        eta = ""
-        if event.step > 1:
-            per_step = (event.elapsed_s - self.first_step_at) / (event.step - 1)
-            eta = f"  eta {_clock(per_step * (event.total_steps - event.step))}"
-        self.stream.write(f"\r[{bar}] {describe(event)}{eta}\033[K")
-        self.stream.flush()
-        self.open_line = True
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+from .callbacks import Progress, describe  # noqa: F401  (describe: the event lines, tested from here)
+from .events import Event
 
 
 def _printer(stream: IO[str]) -> Callable[[Event], None]:
-    return _Progress(stream)
+    return Progress(stream)
 
 
 @contextlib.contextmanager

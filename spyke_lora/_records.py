@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ._config import TrainConfig
 from ._device import SpykeLoraWarning
@@ -241,10 +241,10 @@ def _show(value: Any) -> str:
 # --- the loss chart -----------------------------------------------------------------------------------------------
 
 
-def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.PathLike[str], *, title: str = "",
-               size: tuple[int, int] = (800, 400)) -> Path:  # fmt: skip
+def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.PathLike[str] | IO[bytes], *,
+               title: str = "", size: tuple[int, int] = (800, 400)) -> Path | None:  # fmt: skip
     """A PNG line chart of the loss per step (grey) and its running average (blue); NaN/Inf steps marked in red.
-    Pillow only, no plotting library."""
+    Pillow only, no plotting library. ``path`` may be a binary file object (then None is returned)."""
     from PIL import Image, ImageDraw, ImageFont
 
     points = [(h["step"], _number(h["loss"]), _number(h["avg_loss"])) if isinstance(h, dict)
@@ -286,6 +286,9 @@ def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.Pat
         if not math.isfinite(loss):
             x, _ = xy(step, low)
             draw.line([x, top, x, height - bottom], fill="#d62728")
+    if hasattr(path, "write"):
+        image.save(path, format="PNG")
+        return None
     out = Path(path)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
     image.save(tmp)

@@ -1,5 +1,6 @@
 """The real engine, the tiny model, 64 px, 5 steps, a checkpoint every 2 steps."""
 
+import dataclasses
 import gc
 import importlib.metadata
 import json
@@ -33,6 +34,7 @@ from spyke_lora import (
     TrainEnded,
     TrainingError,
     TrainStarted,
+    iter_events,
     plan,
     runs,
     sample,
@@ -513,3 +515,38 @@ def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(fir
             assert (np.asarray(image.convert("RGB"), dtype=np.int16) == pixels[before.path]).all(), after.path.name
     lines = (later.output_dir / f"{NAME}.samples.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["checkpoint"] == str(cfg.output_dir / f"{NAME}-step00000002.safetensors")
+
+
+def _without_time(event):
+    return dataclasses.replace(event, elapsed_s=0.0) if isinstance(event, StepEnded) else event
+
+
+def test_iter_events_yields_what_callbacks_get(first_run, world, tmp_path):
+    cfg = first_run.cfg.replace(output_dir=tmp_path / "out")
+    with iter_events(cfg) as stream:
+        events = list(stream)
+    expected = [_without_time(e) for e in first_run.events]
+    expected = [dataclasses.replace(e, output_dir=cfg.output_dir) if isinstance(e, TrainStarted) else e
+                for e in expected]  # fmt: skip
+    moved = {p: cfg.output_dir / p.name for p in (c.path for c in first_run.result.checkpoints)}
+    expected = [dataclasses.replace(e, path=moved[e.path]) if isinstance(e, CheckpointSaved) else
+                dataclasses.replace(e, final_path=moved[e.final_path]) if isinstance(e, TrainEnded) else e
+                for e in expected]  # fmt: skip
+    assert [_without_time(e) for e in events] == expected  # same order, same losses, same files
+    assert stream.result.status == "completed" and stream.result.steps == 5
+
+
+def test_breaking_out_of_iter_events_stops_after_that_step(world, out):
+    seen = []
+    for event in iter_events(world.config(output_dir=out)):
+        seen.append(event)
+        if isinstance(event, StepEnded) and event.step == 3:
+            break
+    assert [e.step for e in seen if isinstance(e, StepEnded)] == [1, 2, 3]
+    _, metadata = read_lora(out / f"{NAME}.safetensors")
+    assert metadata["ss_steps"] == "3"  # the run ended after step 3, its LoRA saved, like Stop at step 3
+    recorded = [json.loads(line) for line in (out / f"{NAME}.events.jsonl").read_text().splitlines()]
+    assert recorded[-1]["event"] == "TrainEnded" and recorded[-1]["status"] == "stopped"
+    assert not (out / f".{NAME}.lock").exists()  # the run is over: the next one may start
+    with pytest.raises(SpykeLoraError, match="already exist"):
+        next(iter(iter_events(world.config(output_dir=out))))  # a refusal comes out of the loop

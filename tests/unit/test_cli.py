@@ -73,7 +73,7 @@ def test_event_lines():
 def test_progress_is_a_bar_in_a_terminal_and_lines_elsewhere():
     import io
 
-    from spyke_lora._cli import _Progress
+    from spyke_lora.callbacks import Progress as _Progress
 
     class Terminal(io.StringIO):
         def isatty(self):

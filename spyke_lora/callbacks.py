@@ -1,0 +1,234 @@
+"""Ready-made callbacks. Each is a plain callable taking one event (see :mod:`spyke_lora.events`); pass any number
+to ``train(cfg, callbacks=[...])``. A callback that returns :class:`~spyke_lora.Stop` ends the run after the
+current step.
+
+* :class:`Progress`: a progress bar: an HTML bar in Jupyter, a bar rewritten in place in a terminal, one line per
+  event elsewhere (a log file, CI).
+* :class:`LiveLossChart`: the loss chart, redrawn in place in Jupyter as the run goes.
+* :class:`LossHistory`: the steps, losses and learning rates, as lists.
+* :class:`StopAfter`: stop at a step number, or after a time budget.
+* :class:`StopOnPlateau`: stop when the running average loss has not improved for a number of steps.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import sys
+from typing import IO, Any
+
+from .events import CheckpointSaved, Event, SampleSaved, StepEnded, Stop, TrainEnded, TrainStarted
+
+__all__ = ["LiveLossChart", "LossHistory", "Progress", "StopAfter", "StopOnPlateau", "describe", "in_notebook"]
+
+
+def describe(event: Event) -> str:
+    """One readable line per event."""
+    if isinstance(event, TrainStarted):
+        resumed = f", resuming after step {event.resumed_from_step}" if event.resumed_from_step else ""
+        return (
+            f"started: {event.total_steps} steps on {event.device} (mixed precision {event.mixed_precision}), "
+            f"writing to {event.output_dir}{resumed}"
+        )
+    if isinstance(event, StepEnded):
+        te = f"  te lr {event.lr_text_encoder:.2e}" if event.lr_text_encoder is not None else ""
+        return (
+            f"step {event.step:>{len(str(event.total_steps))}}/{event.total_steps}  epoch {event.epoch}  "
+            f"loss {event.loss:.4f}  avg {event.avg_loss:.4f}  lr {event.lr:.2e}{te}  {event.elapsed_s:.1f}s"
+        )
+    if isinstance(event, CheckpointSaved):
+        return f"{'final' if event.final else 'checkpoint'} (step {event.step}): {event.path}"
+    if isinstance(event, SampleSaved):
+        return f"sample (step {event.step}, CFG {event.cfg_scale:g}): {event.path}"
+    if isinstance(event, TrainEnded):
+        where = f"; final LoRA {event.final_path}" if event.final_path else ""
+        return f"ended: {event.status} after {event.steps} steps{where}"
+    return repr(event)  # pragma: no cover
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where rich output can be displayed and updated in place)."""
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    return bool(shell) and "IPKernelApp" in getattr(shell, "config", {})
+
+
+class Progress:
+    """A progress bar with the loss and an ETA. In Jupyter: an HTML bar updated in place (plus a line for each
+    checkpoint and the end); in a terminal: one line rewritten after every step; elsewhere (a log file, CI, a
+    notebook's plain output): one line per event. ``stream`` defaults to stdout; ``notebook`` forces a mode."""
+
+    def __init__(self, stream: IO[str] | None = None, *, notebook: bool | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.notebook = in_notebook() if notebook is None else notebook
+        self.live = not self.notebook and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._first: tuple[int, float] | None = None  # (step, elapsed) of the first step seen: the ETA's origin
+        self._open_line = False
+        self._handle: Any = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StepEnded):
+            if self._first is None:
+                self._first = (event.step, event.elapsed_s)
+            if self.notebook:
+                return self._show_html(event)
+            if self.live:
+                return self._rewrite(event)
+        if self.notebook and isinstance(event, (StepEnded, SampleSaved)):
+            return  # the bar says it; a line per sample image would flood the cell
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+        print(describe(event), file=self.stream, flush=True)
+
+    def eta(self, event: StepEnded) -> str:
+        if self._first is None or event.step <= self._first[0]:
+            return ""
+        per_step = (event.elapsed_s - self._first[1]) / (event.step - self._first[0])
+        return _clock(per_step * (event.total_steps - event.step))
+
+    def _rewrite(self, event: StepEnded) -> None:
+        done = event.step / event.total_steps
+        bar = "#" * int(done * 24) + "-" * (24 - int(done * 24))
+        eta = self.eta(event)
+        self.stream.write(f"\r[{bar}] {describe(event)}{f'  eta {eta}' if eta else ''}\033[K")
+        self.stream.flush()
+        self._open_line = True
+
+    def _show_html(self, event: StepEnded) -> None:
+        from IPython.display import HTML, display
+
+        eta = self.eta(event)
+        text = html.escape(describe(event) + (f"  eta {eta}" if eta else ""))
+        markup = HTML(
+            f'<progress value="{event.step}" max="{event.total_steps}" style="width:40em"></progress>'
+            f"<pre style='margin:0'>{text}</pre>"
+        )
+        if self._handle is None:
+            self._handle = display(markup, display_id=True)
+        else:
+            self._handle.update(markup)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
+class LossHistory:
+    """Collects every step: ``steps``, ``losses``, ``avg_losses``, ``lrs``, ``epochs`` (parallel lists)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.avg_losses: list[float] = []
+        self.lrs: list[float] = []
+        self.epochs: list[int] = []
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StepEnded):
+            self.steps.append(event.step)
+            self.losses.append(event.loss)
+            self.avg_losses.append(event.avg_loss)
+            self.lrs.append(event.lr)
+            self.epochs.append(event.epoch)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+class LiveLossChart:
+    """The loss per step and its running average, redrawn in place in Jupyter every ``every`` steps and at the
+    end (the same chart as the run's ``NAME.loss.png``). Outside Jupyter it only collects, and :meth:`save` writes
+    the chart to a file."""
+
+    def __init__(self, every: int = 10, *, size: tuple[int, int] = (800, 400), notebook: bool | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"`every` must be at least 1, got {every}")
+        self.every = every
+        self.size = size
+        self.notebook = in_notebook() if notebook is None else notebook
+        self.history: list[StepEnded] = []
+        self._handle: Any = None
+        self.draws = 0
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StepEnded):
+            self.history.append(event)
+            if len(self.history) % self.every == 0:
+                self._draw()
+        elif isinstance(event, TrainEnded) and self.history:
+            self._draw()
+
+    def png(self) -> bytes:
+        from ._records import loss_chart
+
+        buffer = io.BytesIO()
+        loss_chart(self.history, buffer, size=self.size)
+        return buffer.getvalue()
+
+    def save(self, path: str) -> None:
+        from ._records import loss_chart
+
+        loss_chart(self.history, path, size=self.size)
+
+    def _draw(self) -> None:
+        self.draws += 1
+        if not self.notebook:
+            return
+        from IPython.display import Image, display
+
+        image = Image(data=self.png(), format="png")
+        if self._handle is None:
+            self._handle = display(image, display_id=True)
+        else:
+            self._handle.update(image)
+
+
+class StopAfter:
+    """Stop once the run reaches step ``steps`` (its global step number), or once ``seconds`` have passed since
+    ``train()`` was called, whichever comes first. The LoRA of the step reached is saved under the final name."""
+
+    def __init__(self, steps: int | None = None, *, seconds: float | None = None) -> None:
+        if steps is None and seconds is None:
+            raise ValueError("give `steps`, `seconds` or both")
+        if steps is not None and steps < 1:
+            raise ValueError(f"`steps` must be at least 1, got {steps}")
+        self.steps, self.seconds = steps, seconds
+
+    def __call__(self, event: Event) -> Stop | None:
+        if not isinstance(event, StepEnded):
+            return None
+        if self.steps is not None and event.step >= self.steps:
+            return Stop(f"reached step {event.step} (StopAfter steps={self.steps})")
+        if self.seconds is not None and event.elapsed_s >= self.seconds:
+            return Stop(f"time budget of {self.seconds:g} s used at step {event.step}")
+        return None
+
+
+class StopOnPlateau:
+    """Stop when the running average loss (``StepEnded.avg_loss``, sd-scripts' "avr_loss") has not gone below its
+    best value minus ``min_delta`` for ``patience`` steps, after ``warmup`` steps. A plateau of the training loss
+    says training has stopped fitting the data; it does not say the LoRA is good: look at the samples."""
+
+    def __init__(self, patience: int = 100, *, min_delta: float = 0.0, warmup: int = 0) -> None:
+        if patience < 1:
+            raise ValueError(f"`patience` must be at least 1, got {patience}")
+        self.patience, self.min_delta, self.warmup = patience, min_delta, warmup
+        self.best = math.inf
+        self.best_step = 0
+        self._seen = 0
+
+    def __call__(self, event: Event) -> Stop | None:
+        if not isinstance(event, StepEnded) or not math.isfinite(event.avg_loss):
+            return None
+        self._seen += 1
+        if event.avg_loss < self.best - self.min_delta:
+            self.best, self.best_step = event.avg_loss, event.step
+            return None
+        if self._seen > self.warmup and event.step - self.best_step >= self.patience:
+            return Stop(
+                f"average loss has not improved on {self.best:.4f} (step {self.best_step}) for {self.patience} steps"
+            )
+        return None
+
