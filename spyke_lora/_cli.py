@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -20,18 +19,6 @@ from .events import Event
 
 def _printer(stream: IO[str]) -> Callable[[Event], None]:
     return Progress(stream)
-
-
-@contextlib.contextmanager
-def _engine_output_to(log: Path | None) -> Iterator[IO[str]]:
-    """Send sd-scripts' own prints and progress bars to ``log`` (when given); yield the stream for our lines."""
-    out = sys.stdout
-    if log is None:
-        yield out
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        yield out
 
 
 def _load(args: argparse.Namespace) -> TrainConfig:
@@ -58,8 +45,7 @@ def _train(args: argparse.Namespace) -> int:
     from ._train import train
 
     cfg = _load(args)
-    with _engine_output_to(args.engine_log) as out:
-        train(cfg, callbacks=_printer(out), resume=args.resume)
+    train(cfg, callbacks=_printer(sys.stdout), resume=args.resume, engine_log=args.engine_log)
     return 0
 
 
@@ -74,8 +60,7 @@ def _sample(args: argparse.Namespace) -> int:
     from ._sampling import sample
 
     cfg = _load(args)
-    with _engine_output_to(args.engine_log) as out:
-        made = sample(args.checkpoints, cfg, callbacks=_printer(out))
+    made = sample(args.checkpoints, cfg, callbacks=_printer(sys.stdout), engine_log=args.engine_log)
     print(f"{len(made)} images in {cfg.output_dir / 'sample'}")
     return 0
 
@@ -133,8 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = world.config(output_dir=output, max_train_steps=args.steps)
     log = output / "sd-scripts.log"
     print(f"training {args.steps} steps; sd-scripts' own output goes to {log}")
-    with _engine_output_to(log) as out:
-        result = train(cfg, callbacks=_printer(out))
+    result = train(cfg, callbacks=_printer(sys.stdout), engine_log=log)
     print(f"device {result.device}, mixed precision {result.mixed_precision}")
     print("losses: " + ", ".join(f"{loss:.4f}" for loss in result.losses))
     print("checkpoints:")

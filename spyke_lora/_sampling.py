@@ -13,7 +13,7 @@ from ._config import TrainConfig
 from ._device import SpykeLoraWarning
 from ._errors import ConfigError
 from ._model import check_base_model, inspect_model
-from ._train import Callback
+from ._train import Callback, engine_output
 from .events import Event, SampleSaved
 
 __all__ = ["sample"]
@@ -23,6 +23,8 @@ def sample(
     checkpoints: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     cfg: TrainConfig,
     callbacks: Iterable[Callback] | Callback = (),
+    *,
+    engine_log: str | os.PathLike[str] | None = "auto",
 ) -> tuple[SampleSaved, ...]:
     """Sample LoRA files with ``cfg``'s ``sample_prompts``, ``sample_cfg_scales``, ``sample_seed``, steps, size and
     sampler, on ``cfg.base_model``, with sd-scripts' own sampler: the images a training run with ``cfg`` made of the
@@ -32,13 +34,13 @@ def sample(
     is its ``ss_steps`` metadata. Images go to ``cfg.output_dir/sample``, one line each in the run's
     ``NAME.samples.jsonl`` (the newest line for a step, prompt and scale wins, so a contact sheet shows the latest).
     ``cfg.sample_at_first`` adds the base model alone as step 0. Returns the :class:`SampleSaved` events, also
-    delivered to ``callbacks``.
+    delivered to ``callbacks``. ``engine_log`` as for :func:`~spyke_lora.train`.
     """
     with _engine.preserved_random_state():
-        return _sample(checkpoints, cfg, callbacks)
+        return _sample(checkpoints, cfg, callbacks, engine_log)
 
 
-def _sample(checkpoints, cfg: TrainConfig, callbacks) -> tuple[SampleSaved, ...]:
+def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[SampleSaved, ...]:
     started_at = time.perf_counter()
     callbacks = (callbacks,) if callable(callbacks) else tuple(callbacks)
     files = _files(checkpoints, cfg)
@@ -54,7 +56,8 @@ def _sample(checkpoints, cfg: TrainConfig, callbacks) -> tuple[SampleSaved, ...]
         for callback in callbacks:
             callback(event)
 
-    _engine.sample(cfg, plan, files, emit, started_at)
+    with engine_output(engine_log, cfg, append=True):
+        _engine.sample(cfg, plan, files, emit, started_at)
     return tuple(made)
 
 

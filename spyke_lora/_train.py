@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Union
 
@@ -85,6 +86,7 @@ def train(
     callbacks: Iterable[Callback] | Callback = (),
     *,
     resume: str | os.PathLike[str] | None = None,
+    engine_log: str | os.PathLike[str] | None = "auto",
 ) -> TrainResult:
     """Train a LoRA with kohya-ss/sd-scripts in this process.
 
@@ -99,13 +101,21 @@ def train(
     ``resume="latest"`` (or the path of a ``NAME-step…-state`` folder) continues a run saved with
     ``save_state = true``: its step count, epoch, learning-rate schedule and checkpoint schedule go on as if it had
     never stopped. A config or dataset that would train differently is refused with the differences listed.
+
+    ``engine_log``: where sd-scripts' own prints, log lines and progress bars go: a file path; None for the console;
+    "auto" (the default) is the console, except in a Jupyter notebook, where they go to ``NAME.engine.log`` in
+    ``output_dir`` so the cell shows the callbacks' output (:class:`~spyke_lora.callbacks.Progress`) instead of
+    sd-scripts' carriage-return progress bars.
     """
     with _engine.preserved_random_state():  # the caller's generators are theirs: a run seeds and draws from them
-        return _train(cfg, callbacks, resume)
+        return _train(cfg, callbacks, resume, engine_log)
 
 
 def _train(
-    cfg: TrainConfig, callbacks: Iterable[Callback] | Callback, resume: str | os.PathLike[str] | None
+    cfg: TrainConfig,
+    callbacks: Iterable[Callback] | Callback,
+    resume: str | os.PathLike[str] | None,
+    engine_log: str | os.PathLike[str] | None,
 ) -> TrainResult:
     started_at = time.perf_counter()
     checked = plan(cfg, resume=resume)  # every check first: a refused run loads nothing and writes nothing
@@ -132,7 +142,8 @@ def _train(
         "training %s on %s (mixed precision %s)", cfg.output_name, device_plan.device, device_plan.mixed_precision
     )
     try:
-        outcome = _engine.run(cfg, device_plan, session.emit, session.stop_requested, started_at, state)
+        with engine_output(engine_log, cfg, append=state is not None):
+            outcome = _engine.run(cfg, device_plan, session.emit, session.stop_requested, started_at, state)
     except KeyboardInterrupt:
         final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
         session.end("interrupted", session.step_reached(checked.resume_step), final)
@@ -153,6 +164,27 @@ def _train(
         stop_reason=session.stop_reason if outcome.stopped else None,
         resumed_from_step=checked.resume_step,
     )
+
+
+@contextlib.contextmanager
+def engine_output(
+    engine_log: str | os.PathLike[str] | None, cfg: TrainConfig, *, append: bool = False
+) -> Iterator[Path | None]:
+    """Send what sd-scripts prints (stdout and stderr: its log lines and tqdm bars) to the file ``engine_log`` for
+    the duration; "auto": ``NAME.engine.log`` in ``output_dir`` inside a notebook, else the console."""
+    from .callbacks import in_notebook
+
+    if isinstance(engine_log, str) and engine_log == "auto":
+        engine_log = cfg.output_dir / f"{cfg.output_name}.engine.log" if in_notebook() else None
+    if engine_log is None:
+        yield None
+        return
+    path = Path(engine_log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a" if append else "w", encoding="utf-8") as f, contextlib.redirect_stdout(
+        f
+    ), contextlib.redirect_stderr(f):
+        yield path
 
 
 def _mps_fallback_missing() -> bool:

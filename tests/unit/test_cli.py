@@ -99,7 +99,7 @@ def test_progress_is_a_bar_in_a_terminal_and_lines_elsewhere():
 def test_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
     import spyke_lora._train
 
-    def interrupted(cfg, callbacks=(), resume=None):
+    def interrupted(cfg, callbacks=(), resume=None, engine_log=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(spyke_lora._train, "train", interrupted)
