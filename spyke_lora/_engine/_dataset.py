@@ -9,7 +9,9 @@ epoch with regularisation has twice the batches. ``train()`` then derives steps 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import random
 from pathlib import Path
@@ -118,10 +120,12 @@ def count_steps(cfg: TrainConfig, plan: DevicePlan) -> StepCount:
             toml.loads(text) if text is not None else config_util.load_user_config(str(cfg.dataset_config))
         )
         state = random.getstate()
+        quiet = io.StringIO()  # its "read caption" progress bars: a plan prints its own summary
         try:  # sd-scripts' own dataset code: captions, image sizes, repeats, regularisation pairing, buckets
-            sanitizer = config_util.ConfigSanitizer(True, True, args.masked_loss, True)
-            blueprint = config_util.BlueprintGenerator(sanitizer).generate(user_config, args)
-            group, _ = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
+            with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
+                sanitizer = config_util.ConfigSanitizer(True, True, args.masked_loss, True)
+                blueprint = config_util.BlueprintGenerator(sanitizer).generate(user_config, args)
+                group, _ = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
         finally:
             random.setstate(state)
         subsets = tuple(

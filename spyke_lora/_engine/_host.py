@@ -69,6 +69,22 @@ def engine_commit(root: Path) -> str | None:
     return commit or None
 
 
+class _LastResort(logging.Handler):
+    """What Python does with a record when the root logger has no handler (``logging.lastResort``: WARNING and up,
+    the message alone, to the current ``sys.stderr``), as a handler. While sd-scripts is active in a process whose
+    root logger has none, this stands in: sd-scripts' modules, when imported, give the root logger a rich handler
+    if it has none, and in Jupyter rich prints HTML outside any redirection."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # pragma: no cover - as logging does
+            self.handleError(record)
+
+
 class RootLoggerSnapshot:
     """The root logger's handlers and level, to put back after sd-scripts replaced them."""
 
@@ -183,12 +199,18 @@ class EngineHost:
             paths_before = sys.path.count(str(self.root))
             sys.path.insert(0, str(self.root))
             self._depth = 1
+            root_logger = logging.getLogger()
+            stand_in = _LastResort() if not root_logger.handlers else None
+            if stand_in is not None:
+                root_logger.addHandler(stand_in)
             self._logging = RootLoggerSnapshot()
             try:
                 yield self._logging
             finally:
                 self._depth = 0
                 self._logging.restore()
+                if stand_in is not None:
+                    root_logger.removeHandler(stand_in)
                 # ours at the front, plus the one train() appends itself (train_network.py l.642)
                 root = str(self.root)
                 if sys.path and sys.path[0] == root and sys.path.count(root) > paths_before:
@@ -207,6 +229,9 @@ class EngineHost:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", SyntaxWarning)  # sd-scripts has `is not "no"` comparisons
+                # tqdm.auto, imported by its dependencies, warns in Jupyter when ipywidgets is missing; spyke-lora
+                # draws its own progress there (callbacks.Progress), so the warning is only noise
+                warnings.filterwarnings("ignore", message="IProgress not found")
                 self._train_network = importlib.import_module("train_network")
         return self._train_network
 
