@@ -90,6 +90,7 @@ class TrainConfig:
     save_every_n_steps: int | None = 200
     save_precision: SavePrecision = "float"
     save_state: bool = False  # also save the training state with every checkpoint (and on a stop): resumable
+    tensorboard: bool = False  # sd-scripts' own TensorBoard logging, into OUTPUT_DIR/tensorboard/NAME-<time>/
     overwrite: bool = False  # False: refuse to start when files of this output_name already exist
     max_nonfinite_steps: int = 1  # stop after this many consecutive NaN/Inf losses (1: at once; 0: never stop)
     # --- samples of every checkpoint (sd-scripts' own sampler), to choose the best one --------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from pathlib import Path
 
@@ -103,6 +104,11 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
         warnings.append(
             "the base model is SD2.x: it is trained with sd-scripts' v2 settings; a 768-v model (SD 2.0-v, 2.1-768) "
             "also needs extra_args.v_parameterization = true"
+        )
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append(
+            "`tensorboard = true` needs the tensorboard package, which is not installed: "
+            "pip install 'spyke-lora[tensorboard]' (or set tensorboard = false)"
         )
     for name in ("tokenizer_cache_dir",):
         folder = getattr(cfg, name)

@@ -77,6 +77,11 @@ def dataset_toml_text(cfg: TrainConfig) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def tensorboard_dir(cfg: TrainConfig) -> Path:
+    """Where ``tensorboard = true`` writes (one subfolder per run): ``tensorboard --logdir`` this folder."""
+    return cfg.output_dir / "tensorboard"
+
+
 def sample_prompts_path(cfg: TrainConfig) -> Path:
     """Where ``train()`` writes the prompt file of sd-scripts' sampler (next to the dataset TOML)."""
     return cfg.output_dir / f"{cfg.output_name}_sample_prompts.txt"
@@ -120,6 +125,12 @@ def build_argv(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = No
             "`extra_args.max_data_loader_n_workers` cannot be set on mps: workers start with `spawn` there, which "
             "breaks in notebooks, so spyke-lora loads data in the main process"
         )
+    if cfg.tensorboard:
+        problems += [
+            f"`extra_args.{key}` cannot be combined with `tensorboard = true`, which sets it; remove one"
+            for key in ("logging_dir", "log_with", "log_prefix")
+            if key in cfg.extra_args
+        ]
     if problems:
         raise ConfigError(problems)
 
@@ -165,6 +176,10 @@ def build_argv(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = No
     opt("save_every_n_steps", cfg.save_every_n_steps)
     opt("save_precision", cfg.save_precision)
     opt("save_state", cfg.save_state)
+    if cfg.tensorboard:  # sd-scripts appends the start time: OUTPUT_DIR/tensorboard/NAME-20261124120000/
+        opt("logging_dir", str(tensorboard_dir(cfg)))
+        opt("log_with", "tensorboard")
+        opt("log_prefix", f"{cfg.output_name}-")
     if cfg.sample_prompts:  # when to sample is spyke-lora's choice (every saved file), so no sample_every_n_*
         opt("sample_prompts", str(sample_prompts_path(cfg)))
         opt("sample_sampler", cfg.sample_sampler)

@@ -550,3 +550,16 @@ def test_breaking_out_of_iter_events_stops_after_that_step(world, out):
     assert not (out / f".{NAME}.lock").exists()  # the run is over: the next one may start
     with pytest.raises(SpykeLoraError, match="already exist"):
         next(iter(iter_events(world.config(output_dir=out))))  # a refusal comes out of the loop
+
+
+def test_tensorboard_logs_the_losses_of_every_step(world, out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(world.config(output_dir=out, tensorboard=True, save_every_n_steps=None))
+    (run,) = (out / "tensorboard").iterdir()
+    assert run.name.startswith(f"{NAME}-")  # sd-scripts appends the start time
+    (logs,) = {p.parent for p in run.rglob("events.out.tfevents.*")}
+    scalars = EventAccumulator(str(logs)).Reload()
+    current = scalars.Scalars("loss/current")
+    assert [s.step for s in current] == [1, 2, 3, 4, 5]
+    assert [s.value for s in current] == pytest.approx(result.losses, rel=1e-6)

@@ -33,7 +33,7 @@ def test_defaults_are_the_lora01_recipe(tmp_path):
             "spyke_plasma_v1, crouching, looking up, urban environment",
             "spyke_plasma_v1, full body, front view, detailed character study",
         ), "sample_cfg_scales": (5.0, 7.0, 9.0), "sample_seed": 1234, "sample_steps": 20, "sample_size": None,
-        "sample_sampler": "euler_a", "sample_negative_prompt": "", "sample_at_first": False,
+        "sample_sampler": "euler_a", "sample_negative_prompt": "", "sample_at_first": False, "tensorboard": False,
         "extra_args": {},
     }  # fmt: skip
     actual = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

@@ -252,3 +252,17 @@ def test_the_prompt_file_is_one_line_per_prompt_and_scale(good):
         "a --n lowres --w 96 --h 96 --d 7 --l 5.0 --s 4", "a --n lowres --w 96 --h 96 --d 7 --l 7.5 --s 4",
         "b --n lowres --w 96 --h 96 --d 7 --l 5.0 --s 4", "b --n lowres --w 96 --h 96 --d 7 --l 7.5 --s 4",
     ]  # fmt: skip
+
+
+def test_tensorboard_option(good, monkeypatch):
+    import importlib.util
+
+    argv = plan(good.replace(tensorboard=True)).argv
+    i = argv.index("--logging_dir")
+    assert argv[i + 1] == str(good.output_dir / "tensorboard") and argv[argv.index("--log_with") + 1] == "tensorboard"
+    with pytest.raises(ConfigError, match="`extra_args.logging_dir` cannot be combined with `tensorboard = true`"):
+        plan(good.replace(tensorboard=True, extra_args={"logging_dir": "/x"}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs the tensorboard package.*pip install 'spyke-lora\[tensorboard\]'"):
+        plan(good.replace(tensorboard=True))
