@@ -79,13 +79,13 @@ def _argv(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from ._records import runs
+    from ._records import RunRecord, runs
 
     found = runs(args.folder)
     if not found:
         print(f"no spyke-lora runs in {args.folder}")
         return 0
-    print(f"{'run':<24} {'status':<11} {'steps':>11} {'':<17} {'time':>8}  {'dev':<4} started")
+    print(RunRecord.HEADER)
     for record in found:
         print(record)
     return 0

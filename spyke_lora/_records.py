@@ -152,10 +152,13 @@ class RunRecord:
     def __str__(self) -> str:
         loss = f"{self.final_avg_loss:.4f}" if self.final_avg_loss is not None else "-"
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started_at))
+        steps = f"{self.steps}/{self.total_steps}"
         return (
-            f"{self.name:<24} {self.status:<11} {self.steps:>5}/{self.total_steps:<5} avg loss {loss:<8} "
-            f"{_duration(self.duration_s):>8}  {self.device:<4} {when}  {self.folder}"
+            f"{self.name:<24} {self.status:<11} {steps:>11} {loss:>9} {_duration(self.duration_s):>8}  "
+            f"{self.device:<4} {when}  {self.folder}"
         )
+
+    HEADER = f"{'run':<24} {'status':<11} {'steps':>11} {'avg loss':>9} {'time':>8}  {'dev':<4} {'started':<16}  folder"
 
 
 def _duration(seconds: float) -> str:
