@@ -16,12 +16,15 @@ _os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import logging as _logging  # noqa: E402
 
 from . import callbacks, events  # noqa: E402
+from ._compare import ColourHistogramScorer, Review, Scorer, contact_sheet, rank_checkpoints, review  # noqa: E402
 from ._config import TrainConfig  # noqa: E402
+from ._deploy import DeployResult, deploy  # noqa: E402
 from ._device import SpykeLoraWarning  # noqa: E402
 from ._doctor import DeviceReport, doctor  # noqa: E402
 from ._engine import sd_scripts_argv  # noqa: E402
 from ._errors import (  # noqa: E402
     ConfigError,
+    DeployError,
     DeviceError,
     EngineError,
     NonFiniteLoss,
@@ -41,7 +44,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Callback",
     "CheckpointSaved",
+    "ColourHistogramScorer",
     "ConfigError",
+    "DeployError",
+    "DeployResult",
     "DeviceError",
     "DeviceReport",
     "EngineError",
@@ -50,8 +56,10 @@ __all__ = [
     "NonFiniteLoss",
     "OutputInUse",
     "Plan",
+    "Review",
     "RunRecord",
     "SampleSaved",
+    "Scorer",
     "SpykeLoraError",
     "SpykeLoraWarning",
     "StepEnded",
@@ -64,11 +72,15 @@ __all__ = [
     "TrainingError",
     "callbacks",
     "config_diff",
+    "contact_sheet",
+    "deploy",
     "doctor",
     "events",
     "iter_events",
     "loss_chart",
     "plan",
+    "rank_checkpoints",
+    "review",
     "runs",
     "sample",
     "sd_scripts_argv",

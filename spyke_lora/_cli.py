@@ -183,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("config", type=Path, nargs="?", help="check for this config (default: the recipe's settings)")
     p.set_defaults(run=_doctor)
 
+    from ._compare import add_parser as _add_compare
+    from ._deploy import add_parser as _add_deploy
+
+    _add_compare(sub)  # spyke-lora compare RUN_DIR: the contact sheet and the sample warnings
+    _add_deploy(sub)  # spyke-lora deploy CHECKPOINT --comfyui DIR [--name] [--overwrite] [--config]
+
     p = sub.add_parser("demo", help="train a few steps on a tiny, locally generated model and dataset")
     p.add_argument("--dir", help="where to build the demo (default: a new temporary folder)")
     p.add_argument("--steps", type=int, default=5)

@@ -4,6 +4,7 @@
 
     SpykeLoraError
      ├── ConfigError          a TrainConfig value, TOML key or extra argument is wrong (lists every problem)
+     ├── DeployError          a LoRA file or ComfyUI folder failed deploy()'s checks, or installing it failed
      ├── DeviceError          the config cannot run on the chosen device (e.g. an 8-bit optimizer on MPS)
      ├── EngineError          sd-scripts is missing, or is not the pinned version, or refused the arguments
      ├── OutputInUse          another live run is writing the same output_dir/output_name
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DeployError",
     "DeviceError",
     "EngineError",
     "NonFiniteLoss",
@@ -41,6 +43,11 @@ class ConfigError(SpykeLoraError, ValueError):
             lines = "\n".join(f"  - {p}" for p in self.problems)
             message = f"{len(self.problems)} configuration problems{where}:\n{lines}"
         super().__init__(message)
+
+
+class DeployError(SpykeLoraError):
+    """``deploy()`` refused a LoRA file or a ComfyUI folder, or could not install the file; nothing half-written is
+    left in ComfyUI's folders, and a file already installed is never lost."""
 
 
 class DeviceError(SpykeLoraError):

@@ -42,7 +42,7 @@ from ._host import (
     locate_engine,
     random_untouched_by_logging,
 )
-from ._process import free_memory, isolated_run, preserved_random_state
+from ._process import class_attributes_restored, free_memory, isolated_run, preserved_random_state
 from ._state import SavedState, find_states, remove_partial_states, resolve_resume, state_record
 from ._trainer import NonFiniteStop, Probe, SamplePlan, StopRun, finish_after_stop, trainer_class
 
@@ -204,7 +204,9 @@ def run(
             )  # fmt: skip
             with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
                 host.logger_names()
-            ), _ctrl_c_stops_after_the_step(probe):
+            ), class_attributes_restored(host.engine_modules(cfg.network_module)), _ctrl_c_stops_after_the_step(
+                probe
+            ):
                 return _train(train_network, host, argv, probe)
     finally:
         _RUN_LOCK.release()
@@ -236,7 +238,7 @@ def sample(
                           samples=_prepare_samples(cfg, fresh=False))  # fmt: skip
             with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
                 host.logger_names()
-            ):
+            ), class_attributes_restored(host.engine_modules(cfg.network_module)):
                 args = parse_argv(train_network.setup_parser(), argv)
                 try:
                     sample_files(train_network, args, files, probe, base_first=cfg.sample_at_first)

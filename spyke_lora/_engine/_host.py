@@ -10,6 +10,7 @@ at the start of every run.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import random
@@ -167,6 +168,17 @@ class EngineHost:
             names += [f"{package}.{p.stem}" for p in (self.root / package).glob("*.py") if p.stem != "__init__"]
             names.append(package)
         return names
+
+    def engine_modules(self, *also: str) -> list[ModuleType]:
+        """sd-scripts' modules imported so far, and the modules named in ``also`` (imported now: a network module
+        such as ``networks.lora``, which sd-scripts imports only when a run starts). Call inside :meth:`active`."""
+        for name in also:
+            importlib.import_module(name)
+        found = {
+            id(m): m for n, m in list(sys.modules.items()) if self._is_engine_name(n) and self._owns(m)
+        }
+        found.update({id(sys.modules[name]): sys.modules[name] for name in also})
+        return list(found.values())
 
     def _owns(self, module: ModuleType) -> bool:
         paths = [getattr(module, "__file__", None) or ""]

@@ -8,10 +8,11 @@ variables. A second run in the same process needs all of those fresh; the caller
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -68,6 +69,38 @@ def isolated_run(train_network: ModuleType, env: dict[str, str]) -> Iterator[Non
         torch.set_rng_state(saved_rng[2])
         if saved_rng[3] is not None:
             torch.cuda.set_rng_state_all(saved_rng[3])
+
+
+@contextlib.contextmanager
+def class_attributes_restored(modules: Iterable[ModuleType]) -> Iterator[None]:
+    """The list, dict and set attributes of every class defined in ``modules`` as they were before the block.
+
+    sd-scripts changes such class attributes in place: ``LoRANetwork.__init__`` does ``target_modules =
+    LoRANetwork.UNET_TARGET_REPLACE_MODULE; target_modules += UNET_TARGET_REPLACE_MODULE_CONV2D_3X3`` whenever a
+    network is made from weights (sampling files on disk) or with ``conv_dim``. The class list keeps the 3x3 targets
+    for the rest of the process, so the next run's LoRA also wraps the Linear and 1x1 layers inside every ResNet
+    block: other modules, other random draws, another LoRA (found when a training run after ``sample()`` gave other
+    losses than the same run before it). The contents are put back into the same objects, so every reference sees
+    them; an attribute rebound to a new object is set back too.
+    """
+    saved = []
+    for module in modules:
+        for cls in [v for v in vars(module).values() if isinstance(v, type) and v.__module__ == module.__name__]:
+            for name, value in list(vars(cls).items()):
+                if isinstance(value, (list, dict, set)) and not name.startswith("__"):
+                    saved.append((cls, name, value, copy.copy(value)))
+    try:
+        yield
+    finally:
+        for cls, name, value, contents in saved:
+            if vars(cls).get(name) is not value:
+                setattr(cls, name, value)
+            if value != contents:
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(contents)
+                else:
+                    value.update(contents)
 
 
 @contextlib.contextmanager

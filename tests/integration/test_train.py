@@ -41,7 +41,7 @@ from spyke_lora import (
     sd_scripts_argv,
     train,
 )
-from spyke_lora._engine._host import PINNED_COMMIT, VENDORED
+from spyke_lora._engine._host import PINNED_COMMIT, VENDORED, host_for
 
 from .helpers import assert_same_tensors, read_lora
 
@@ -515,6 +515,12 @@ def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(fir
             assert (np.asarray(image.convert("RGB"), dtype=np.int16) == pixels[before.path]).all(), after.path.name
     lines = (later.output_dir / f"{NAME}.samples.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["checkpoint"] == str(cfg.output_dir / f"{NAME}-step00000002.safetensors")
+    # sd-scripts extends this class list in place when it builds a network from a file; left so, the next run's
+    # LoRA would also wrap the layers of every ResNet block (another LoRA, other losses)
+    host = host_for(cfg.sd_scripts_dir)
+    with host.active():
+        lora_module = importlib.import_module("networks.lora")
+        assert lora_module.LoRANetwork.UNET_TARGET_REPLACE_MODULE == ["Transformer2DModel"]
 
 
 def _without_time(event):

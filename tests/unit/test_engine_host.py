@@ -164,3 +164,26 @@ def test_torch_imported_first_is_remembered_for_the_mps_warning():
     out = subprocess.run([sys.executable, "-c", code.replace("torch, spyke_lora", "spyke_lora, torch")],
                          env=env, capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout.split() == ["False"]
+
+
+def test_class_attributes_are_put_back_after_a_run():
+    """sd-scripts' LoRANetwork extends its class list UNET_TARGET_REPLACE_MODULE in place when a network is made
+    from weights; the next run in the process must see the list as it was."""
+    import types
+
+    from spyke_lora._engine._process import class_attributes_restored
+
+    module = types.ModuleType("networks.fake")
+    exec(
+        "class LoRANetwork:\n    TARGETS = ['Transformer2DModel']\n    NAMES = {'a': 1}\n    DIM = 4\n"
+        "class Other:\n    SEEN = set()\n",
+        module.__dict__,
+    )
+    targets = module.LoRANetwork.TARGETS
+    with class_attributes_restored([module]):
+        module.LoRANetwork.TARGETS += ["ResnetBlock2D", "Downsample2D"]  # what LoRANetwork.__init__ does
+        module.LoRANetwork.NAMES["b"] = 2
+        module.Other.SEEN.add("x")
+        module.Other.SEEN = {"rebound"}
+    assert module.LoRANetwork.TARGETS == ["Transformer2DModel"] and module.LoRANetwork.TARGETS is targets
+    assert module.LoRANetwork.NAMES == {"a": 1} and module.Other.SEEN == set() and module.LoRANetwork.DIM == 4
