@@ -32,6 +32,7 @@ from ._errors import (  # noqa: E402
     SpykeLoraError,
     TrainingError,
 )
+from ._pipeline import diffusers_pipeline  # noqa: E402
 from ._plan import Plan, SubsetPlan, plan  # noqa: E402
 from ._records import RunRecord, config_diff, loss_chart, runs  # noqa: E402
 from ._sampling import sample  # noqa: E402
@@ -74,6 +75,7 @@ __all__ = [
     "config_diff",
     "contact_sheet",
     "deploy",
+    "diffusers_pipeline",
     "doctor",
     "events",
     "iter_events",

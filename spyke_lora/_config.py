@@ -107,6 +107,10 @@ class TrainConfig:
     clip_skip: int | None = 2
     prior_loss_weight: float = 1.0
     gradient_checkpointing: bool = True
+    # latents made once by the VAE, before step 1, instead of at every step: faster (the VAE leaves the loop) and
+    # changes what is learnt slightly: each image's latent is sampled once rather than anew each epoch
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False  # also keep them as IMAGE_WxH_sd.npz next to each image, for the next run
     seed: int = 42
     # --- where it runs ----------------------------------------------------------------------------------------------
     device: Device = "auto"  # auto: cuda, else mps, else cpu
@@ -229,6 +233,8 @@ class TrainConfig:
             problems.append(
                 "`train_dir` and `dataset_config` are both set; use one: the dataset TOML already names its folders"
             )
+        if self.cache_latents_to_disk and not self.cache_latents:
+            problems.append("`cache_latents_to_disk = true` needs `cache_latents = true`; set both, or neither")
         if self.reg_dir is not None and self.dataset_config is not None:
             problems.append("`reg_dir` cannot be combined with `dataset_config`; add the folder to the dataset TOML")
         if self.reg_dir is not None and self.train_dir is None and self.dataset_config is None:

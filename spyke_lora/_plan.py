@@ -126,6 +126,11 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
         found, noted = check_folder(folder, cfg, extensions)
         problems += found
         warnings += noted
+        if cfg.cache_latents and folder.fresh_latents:
+            problems.append(
+                f"{folder.source} sets {' and '.join(folder.fresh_latents)}, which change the image at every step, so "
+                f"its latents cannot be cached; set `cache_latents = false` (slower: the VAE encodes every step)"
+            )
     state = None
     if resume is not None:
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 from .._config import TrainConfig
 from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_device, resolve_device
-from .._errors import DeviceError, NonFiniteLoss, SpykeLoraError, TrainingError
+from .._errors import ConfigError, DeviceError, NonFiniteLoss, SpykeLoraError, TrainingError
 from .._lock import output_lock
 from ..events import Event
 from ._argv import (
@@ -388,6 +388,17 @@ def write_dataset_toml(cfg: TrainConfig) -> Path | None:
     path = dataset_toml_path(cfg)
     _write_atomically(path, text)
     return path
+
+
+def diffusers_pipeline(cfg: TrainConfig) -> Any:
+    """A diffusers ``StableDiffusionPipeline`` of ``cfg.base_model`` (SD1.x), converted offline by sd-scripts'
+    ``model_util``, with ``cfg.tokenizer_cache_dir``'s tokenizer when set. See :mod:`._diffusers`."""
+    from .._model import check_base_model
+    from ._diffusers import build_pipeline
+
+    if check_base_model(cfg.base_model).family != "sd1":
+        raise ConfigError(f"`base_model` {str(cfg.base_model)!r} is SD2.x; diffusers_pipeline() converts SD1.x only")
+    return build_pipeline(host_for(cfg.sd_scripts_dir), cfg.base_model, cfg.tokenizer_cache_dir)
 
 
 def write_random_sd15_checkpoint(path: Path, *, seed: int = 0, sd_scripts_dir: Path | None = None) -> Path:

@@ -195,6 +195,8 @@ def build_argv(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = No
     opt("max_data_loader_n_workers", plan.data_loader_workers)
     opt("clip_skip", cfg.clip_skip)
     opt("gradient_checkpointing", cfg.gradient_checkpointing)
+    opt("cache_latents", cfg.cache_latents)
+    opt("cache_latents_to_disk", cfg.cache_latents_to_disk)
     opt("seed", cfg.seed)
     opt("tokenizer_cache_dir", str(cfg.tokenizer_cache_dir) if cfg.tokenizer_cache_dir else None)
     # Plain log lines: rich's rendering draws from Python's global `random` (link ids), the generator sd-scripts

@@ -36,6 +36,7 @@ class Folder:
     caption_extension: str
     class_tokens: str | None  # the caption sd-scripts uses for an image without a caption file
     source: str  # the config field or dataset TOML entry that names it, for messages
+    fresh_latents: tuple[str, ...] = ()  # augmentations that need a new latent every step (color_aug, random_crop)
 
 
 def dataset_folders(cfg: TrainConfig) -> list[Folder]:
@@ -65,9 +66,10 @@ def dataset_folders(cfg: TrainConfig) -> list[Folder]:
             folder = Path(subset["image_dir"]).expanduser()
             if not folder.is_absolute():
                 folder = cfg.dataset_config.parent / folder
+            fresh = tuple(key for key in ("color_aug", "random_crop") if pick(key, False))
             folders.append(Folder(folder, int(pick("num_repeats", 1)), bool(subset.get("is_reg", False)),
                                   pick("caption_extension", cfg.caption_extension), subset.get("class_tokens"),
-                                  where))  # fmt: skip
+                                  where, fresh))  # fmt: skip
     if not folders:
         raise ConfigError(f"`dataset_config` {str(cfg.dataset_config)!r} has no [[datasets.subsets]] entry")
     return folders

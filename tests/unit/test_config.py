@@ -27,6 +27,7 @@ def test_defaults_are_the_lora01_recipe(tmp_path):
         "text_encoder_lr": 5e-5, "lr_scheduler": "cosine", "lr_warmup_steps": 0, "max_train_epochs": 4,
         "max_train_steps": None, "save_every_n_steps": 200, "mixed_precision": "auto", "save_precision": "float",
         "clip_skip": 2, "prior_loss_weight": 1.0, "gradient_checkpointing": True, "seed": 42, "device": "auto",
+        "cache_latents": True, "cache_latents_to_disk": False,
         "tokenizer_cache_dir": None, "sd_scripts_dir": None, "overwrite": False, "max_nonfinite_steps": 1,
         "save_state": False, "sample_prompts": (
             "spyke_plasma_v1, standing in a forest, dramatic lighting, anime style",
@@ -55,7 +56,7 @@ def test_toml_round_trip_is_exact(tmp_path):
         learning_rate=3e-4,
         text_encoder_lr=None,
         max_train_steps=920,
-        extra_args={"noise_offset": 0.05, "network_args": ["conv_dim=4", "conv_alpha=1"], "cache_latents": True},
+        extra_args={"noise_offset": 0.05, "network_args": ["conv_dim=4", "conv_alpha=1"], "vae_batch_size": 4},
     )
     path = cfg.to_toml(tmp_path / "cfg.toml")
     again = TrainConfig.from_toml(path)

@@ -94,6 +94,23 @@ def test_argv_on_cpu(cfg):
     assert "--sdpa" in argv and "--xformers" not in argv
 
 
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_the_defaults_are_the_fast_settings(cfg, device):
+    """Issue 7's measured defaults (docs/benchmarks.md): sdpa attention, latents cached once in memory, data
+    loading in the training process (no worker processes to start: with cached latents a batch is a lookup)."""
+    argv = sd_scripts_argv(cfg, device=device)
+    assert "--sdpa" in argv and "--cache_latents" in argv
+    assert value(argv, "--max_data_loader_n_workers") == "0" and "--persistent_data_loader_workers" not in argv
+    assert "--cache_latents_to_disk" not in argv  # it writes files into the user's dataset folders: opt-in
+    assert "--cache_latents_to_disk" in sd_scripts_argv(cfg.replace(cache_latents_to_disk=True), device=device)
+    assert "--cache_latents" not in sd_scripts_argv(cfg.replace(cache_latents=False), device=device)
+
+
+def test_caching_latents_on_disk_needs_caching(cfg):
+    with pytest.raises(ConfigError, match="`cache_latents_to_disk = true` needs `cache_latents = true`"):
+        cfg.replace(cache_latents=False, cache_latents_to_disk=True)
+
+
 def test_argv_carries_the_recipe(cfg):
     argv = sd_scripts_argv(cfg, device="cpu")
     assert value(argv, "--pretrained_model_name_or_path") == str(cfg.base_model)

@@ -110,6 +110,13 @@ def dataset_toml_subset_missing(cfg):
     return changed, "my_dataset.toml datasets[0].subsets[0] folder", cfg.train_dir.parent / "gone"
 
 
+def augmentation_with_cached_latents(cfg):
+    toml_path = cfg.train_dir.parent / "augmented.toml"
+    toml_path.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{cfg.train_dir}"\ncolor_aug = true\n')
+    changed = cfg.replace(train_dir=None, reg_dir=None, dataset_config=toml_path)
+    return changed, "augmented.toml datasets[0].subsets[0] sets color_aug", "cache_latents = false"
+
+
 def earlier_lora_exists(cfg):
     cfg.output_dir.mkdir()
     (cfg.output_dir / "spyke_plasma_v1-step00000200.safetensors").write_bytes(b"an earlier LoRA")
@@ -119,7 +126,7 @@ def earlier_lora_exists(cfg):
 BAD = [
     sdxl_model, truncated_model, pickle_model, missing_train_dir, empty_train_dir, truncated_image, jpeg_named_png,
     missing_caption, empty_caption, wrong_size_without_buckets, buckets_rejected, same_stem_twice,
-    broken_reg_image, dataset_toml_subset_missing, earlier_lora_exists,
+    broken_reg_image, dataset_toml_subset_missing, augmentation_with_cached_latents, earlier_lora_exists,
 ]  # fmt: skip
 
 

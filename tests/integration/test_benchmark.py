@@ -1,0 +1,21 @@
+"""The benchmark (issue 7) in its short mode, so that it cannot rot: all three kinds run, every figure is read."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_benchmark_runs_in_its_short_mode(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cli_vs_library.py"), "--quick", "--work",
+                    str(tmp_path / "work"), "--write", str(report)], check=True, capture_output=True)  # fmt: skip
+    text = report.read_text()
+    assert "### 64 px, batch 1, 3 steps, 1 repetition(s)" in text
+    for title in ("seconds per step (progress bar)", "time to first step, s", "wall time, s", "peak RSS, MB"):
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| {title} |")]
+        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+        assert len(cells) == 6 and all(re.fullmatch(r"\d+\.\d+", c) for c in cells), row  # 3 kinds + 3 ratios
+        assert 0.5 < float(cells[4]) < 2.0, row  # library / command line: the same engine, the same work
