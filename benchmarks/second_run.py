@@ -12,6 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import psutil
+except ImportError:  # resident memory is then not reported
+    psutil = None
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spyke_lora import StepEnded, TrainStarted, train  # noqa: E402
@@ -54,17 +59,19 @@ def main() -> None:
 
         t0 = time.perf_counter()
         cfg = world.config(output_dir=work / f"second-run-{run}", max_train_steps=steps, save_every_n_steps=None)
-        result = train(cfg, callbacks=watch)
+        result = train(cfg, callbacks=watch, engine_log=work / f"second-run-{run}.engine.log")
         total = time.perf_counter() - t0
         trainer.load_target_model, group.new_cache_latents = originals
+        rss = psutil.Process().memory_info().rss / 2**20 if psutil else float("nan")
         rows.append((run, marks["first_step"] - t0, spent.get("load_target_model", 0.0),
-                     spent.get("new_cache_latents", 0.0), marks["started"] - t0, total, result.losses))  # fmt: skip
+                     spent.get("new_cache_latents", 0.0), marks["started"] - t0, total, rss, result.losses))  # fmt: skip
     print(f"\n### Two runs in one process ({resolution} px, {steps} steps; `benchmarks/second_run.py`)\n")
     print("| run | time to first step, s | of which: loading the base model | caching latents | "
-          "until TrainStarted | whole run, s |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    for run, first, load, cache, started, total, _ in rows:
-        print(f"| {run} | {first:.1f} | {load:.1f} s ({load / first:.0%}) | {cache:.2f} s | {started:.1f} | {total:.1f} |")
+          "until TrainStarted | whole run, s | resident memory after the run, MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for run, first, load, cache, started, total, rss, _ in rows:
+        print(f"| {run} | {first:.1f} | {load:.1f} s ({load / first:.0%}) | {cache:.2f} s | {started:.1f} | {total:.1f} "
+              f"| {rss:.0f} |")
     same = rows[0][-1] == rows[1][-1]
     print(f"\nThe two runs' losses are {'identical' if same else 'DIFFERENT'} ({len(rows[0][-1])} steps).")
 

@@ -37,7 +37,10 @@ def sample(
     delivered to ``callbacks``. ``engine_log`` as for :func:`~spyke_lora.train`.
     """
     with _engine.preserved_random_state():
-        return _sample(checkpoints, cfg, callbacks, engine_log)
+        try:
+            return _sample(checkpoints, cfg, callbacks, engine_log)
+        finally:
+            _engine.free_memory()
 
 
 def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[SampleSaved, ...]:

@@ -108,7 +108,10 @@ def train(
     sd-scripts' carriage-return progress bars.
     """
     with _engine.preserved_random_state():  # the caller's generators are theirs: a run seeds and draws from them
-        return _train(cfg, callbacks, resume, engine_log)
+        try:
+            return _train(cfg, callbacks, resume, engine_log)
+        finally:  # the run's last references are gone only now: give the freed memory back (a notebook sweep)
+            _engine.free_memory()
 
 
 def _train(
