@@ -18,4 +18,6 @@ def test_the_benchmark_runs_in_its_short_mode(tmp_path):
         (row,) = [line for line in text.splitlines() if line.startswith(f"| {title} |")]
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
         assert len(cells) == 6 and all(re.fullmatch(r"\d+\.\d+", c) for c in cells), row  # 3 kinds + 3 ratios
-        assert 0.5 < float(cells[4]) < 2.0, row  # library / command line: the same engine, the same work
+        # library / command line: the same engine doing the same work. Loose bounds: this checks that the figures
+        # are read, not performance (one 3-step run; docs/benchmarks.md has the real numbers)
+        assert 0.25 < float(cells[4]) < 4.0, row

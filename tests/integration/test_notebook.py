@@ -24,7 +24,9 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     cells = {i: c for i, c in enumerate(nb.cells) if c.cell_type == "code"}
     assert not [o for c in cells.values() for o in c.outputs if o.output_type == "error"]
-    doctor, plan_cell, train_cell, samples_cell, runs_cell = (cells[i] for i in sorted(cells)[1:])
+    doctor, plan_cell, train_cell, samples_cell, sheet_cell, deploy_cell, runs_cell = (
+        cells[i] for i in sorted(cells)[1:]
+    )
 
     assert re.search(r"device\s+cpu", "".join(texts(doctor, "stream")))
     shown = "".join(texts(plan_cell, "stream"))
@@ -45,4 +47,9 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     # samples: 2 prompts x 2 CFG scales for the files of steps 3 and 6 (the final file is step 6's weights)
     assert len(texts(samples_cell, "image/png")) == 8
     assert "step 3: spyke_plasma_v1, standing in a forest @ CFG 5" in "".join(texts(samples_cell, "stream"))
+    assert len(texts(sheet_cell, "image/png")) == 1  # the contact sheet
+    assert "8 samples, 0 warning(s)" in "".join(texts(sheet_cell, "stream"))
+    installed = "".join(texts(deploy_cell, "stream"))
+    assert installed.startswith("installed spyke_plasma_v1.safetensors (step 6, sha256 ")
+    assert (tmp_path / "notebook-output" / "ComfyUI" / "models" / "loras" / "spyke_plasma_v1.safetensors").is_file()
     assert re.search(r"spyke_plasma_v1\s+completed\s+6/6", "".join(texts(runs_cell, "stream")))
