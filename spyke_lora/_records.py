@@ -30,6 +30,7 @@ from typing import IO, Any
 from ._config import TrainConfig
 from ._device import SpykeLoraWarning
 from ._errors import ConfigError
+from ._lock import output_in_use
 from .events import Event, StepEnded, TrainEnded, TrainStarted
 
 __all__ = ["RunRecord", "config_diff", "loss_chart", "read_run", "runs"]
@@ -138,7 +139,7 @@ class RunRecord:
 
     name: str
     folder: Path
-    status: str  # "completed", "stopped", "failed", "interrupted", "running", or "killed" (no end was recorded)
+    status: str  # "completed", "stopped", "failed", "interrupted"; no end recorded: "running" (lock held), "killed"
     steps: int
     total_steps: int
     final_loss: float | None
@@ -187,8 +188,10 @@ def read_run(events_path: str | os.PathLike[str]) -> RunRecord:
     if last["event"] == "TrainEnded":
         status = last["status"]
     else:
-        lock = path.with_name(f".{name}.lock")
-        status = "running" if lock.exists() else "killed"
+        try:  # only a lock really held means a live run: a SIGKILLed run leaves its lock file behind
+            status = "running" if output_in_use(path.parent, name) else "killed"
+        except OSError:  # its lock file cannot be opened: no live run can be seen
+            status = "killed"
     final = steps[-1] if steps else None
     return RunRecord(
         name=name,

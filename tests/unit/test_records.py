@@ -2,14 +2,19 @@
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 from PIL import Image
 
 from spyke_lora import StepEnded, TrainConfig, config_diff, loss_chart, runs
 from spyke_lora._cli import main
+from spyke_lora._lock import output_lock
 from spyke_lora._records import event_to_json, read_run
 from spyke_lora.events import CheckpointSaved, TrainEnded, TrainStarted
+
+from .test_lock import held_by_another_process
 
 
 def write_events(path, events, start=1000.0):
@@ -44,8 +49,25 @@ def test_a_run_without_an_end_is_running_while_locked_else_killed(tmp_path):
     write_events(tmp_path / "b.events.jsonl", [TrainStarted(9, "cpu", "no", tmp_path), step(1, float("nan"), 9)])
     assert read_run(tmp_path / "b.events.jsonl").status == "killed"
     assert math.isnan(read_run(tmp_path / "b.events.jsonl").final_loss)
-    (tmp_path / ".b.lock").write_text("{}")
-    assert read_run(tmp_path / "b.events.jsonl").status == "running"
+    cfg = TrainConfig(base_model=tmp_path / "m", train_dir=tmp_path / "1_x", output_dir=tmp_path, output_name="b")
+    with output_lock(cfg):  # held in this process
+        assert read_run(tmp_path / "b.events.jsonl").status == "running"
+    assert read_run(tmp_path / "b.events.jsonl").status == "killed"  # released, no end recorded
+    (tmp_path / ".b.lock").write_text("{}")  # a lock file alone means nothing
+    assert read_run(tmp_path / "b.events.jsonl").status == "killed"
+
+
+def test_a_sigkilled_run_reads_killed_not_running_forever(tmp_path, capsys):
+    """Bug 4: the lock file a SIGKILLed run leaves behind does not make it look alive in `spyke-lora runs`."""
+    write_events(tmp_path / "b.events.jsonl", [TrainStarted(9, "cpu", "no", tmp_path), step(1, 0.5, 9)])
+    with held_by_another_process(tmp_path, "b") as holder:
+        assert read_run(tmp_path / "b.events.jsonl").status == "running"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".b.lock").exists()
+    assert read_run(tmp_path / "b.events.jsonl").status == "killed"
+    assert main(["runs", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("b                        killed ")
 
 
 def test_runs_lists_a_folder_and_its_subfolders_oldest_first(tmp_path, capsys):
