@@ -117,7 +117,7 @@ def test_a_letterboxed_sample_keeps_its_aspect(tmp_path):
     run = fake_run(tmp_path / "run", steps=[200], prompts=PROMPTS[:1], cfgs=[7.0],
                    image=lambda *a: noise_image(3).resize((128, 64)))  # fmt: skip
     sheet = Image.open(contact_sheet(run, cell=128)).convert("RGB")
-    x0, y0, x1, y1 = sheet_layout(1, 1, 128).cell_box(0, 0)
+    x0, y0, x1, _ = sheet_layout(1, 1, 128).cell_box(0, 0)
     top = region(sheet, (x0, y0, x1, y0 + 30))
     assert (top == 40).all()  # the letterbox above the picture
     assert region(sheet, (x0, y0 + 40, x1, y0 + 88)).std() > 10
@@ -194,8 +194,10 @@ def test_the_run_config_names_the_training_images(tmp_path):
     assert set(rv.train_images) == {train / "pose3.png", train / "other.jpg"}
     assert [w.kind for w in rv.cell(200, PROMPTS[1], 5.0).warnings] == ["near-duplicate"]
     assert rv.warnings == (
-        'step 200, CFG 5, "spyke_plasma_v1, crouching, side view": near-duplicate of training image '
-        "10_spyke_plasma_v1/pose3.png (memorised?) — sample/spyke_plasma_v1_000200_02_20261124120000_1234.png",
+        (
+            'step 200, CFG 5, "spyke_plasma_v1, crouching, side view": near-duplicate of training image '
+            "10_spyke_plasma_v1/pose3.png (memorised?) — sample/spyke_plasma_v1_000200_02_20261124120000_1234.png"
+        ),
     )
     assert review(run, train_images=()).warnings == ()
 
@@ -241,7 +243,19 @@ def test_checkpoints_are_ranked_best_first_broken_last(tmp_path):
     assert len(scorer.calls) == 4 and all(len(samples) == 4 for samples, _ in scorer.calls)
     rv = review(run, train_images=(), scorer=Brightness())
     assert rv.scorer == "brightness" and rv.steps[2].score == pytest.approx(ranking[0][1])
-    contact_sheet(run, cell=96, train_images=(), scorer=Brightness())  # draws scores without failing
+    # the sheet draws each ranked step's score under its file name: with a scorer, the label of every step but the
+    # base model's changes, and nothing else in the rows does
+    plain = Image.open(contact_sheet(run, out=tmp_path / "plain.png", cell=96, train_images=())).convert("RGB")
+    scored = Image.open(contact_sheet(run, out=tmp_path / "scored.png", cell=96, train_images=(), scorer=Brightness()))
+    scored = scored.convert("RGB")
+    layout = sheet_layout(5, 4, 96)
+    assert plain.size == scored.size == (layout.width, layout.height)
+    labels_changed = [not np.array_equal(region(plain, layout.label_box(r)), region(scored, layout.label_box(r)))
+                      for r in range(5)]  # fmt: skip
+    assert labels_changed == [False, True, True, True, True]  # steps 0 (base, not ranked), 200, 400, 600, 800
+    for r in range(5):
+        for c in range(4):
+            assert np.array_equal(region(plain, layout.cell_box(r, c)), region(scored, layout.cell_box(r, c)))
 
 
 def test_the_colour_histogram_scorer_prefers_the_training_palette(tmp_path):

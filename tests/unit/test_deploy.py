@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -224,10 +225,18 @@ def test_missing_file(comfy, tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (os.urandom(64), "must be a .safetensors file, got a header length of"),
+        # a PNG: its signature read as a little-endian length is 0x0a1a0a0d474e5089, far over the 100 MiB limit
+        (b"\x89PNG\r\n\x1a\n" + bytes(range(56)),
+         re.escape(f"got a header length of {0x0A1A0A0D474E5089} in a 64-byte file (not safetensors, or cut short)")),
+        # a plausible length, but the file ends before the header does
+        (struct.pack("<Q", 100) + b'{"a": ' + b" " * 50,
+         re.escape("got a header length of 100 in a 64-byte file (not safetensors, or cut short)")),
+        # a pickle starts with its protocol opcode 0x80 (what os.urandom(64) gave one time in 256)
+        (b"\x80\x02}q\x00.", "must be a .safetensors file, got a pickle checkpoint"),
         (b"abc", "must be a .safetensors file, got 3 bytes"),
         (struct.pack("<Q", 4) + b"{{{{", "got a header that is not JSON"),
     ],
+    ids=["png", "cut-short-header", "pickle", "3-bytes", "not-json"],
 )
 def test_not_safetensors(comfy, tmp_path, content, message):
     path = tmp_path / "x.safetensors"

@@ -93,7 +93,8 @@ def test_importing_the_package_sets_the_mps_fallback_before_torch():
 def test_public_names_are_exactly_all():
     public = {n for n in dir(spyke_lora) if not n.startswith("_")}
     assert public == set(spyke_lora.__all__)
-    assert spyke_lora.__all__ == sorted(spyke_lora.__all__, key=str.lower) or spyke_lora.__all__ == sorted(spyke_lora.__all__)
+    # code-point order, as sorted() gives it: the classes (capitalised) first, then the functions and modules
+    assert spyke_lora.__all__ == sorted(spyke_lora.__all__)
 
 
 def test_every_error_derives_from_the_root():
@@ -174,7 +175,7 @@ def test_class_attributes_are_put_back_after_a_run():
     from spyke_lora._engine._process import class_attributes_restored
 
     module = types.ModuleType("networks.fake")
-    exec(
+    exec(  # noqa: S102  (a stand-in engine module, from a constant)
         "class LoRANetwork:\n    TARGETS = ['Transformer2DModel']\n    NAMES = {'a': 1}\n    DIM = 4\n"
         "class Other:\n    SEEN = set()\n",
         module.__dict__,
