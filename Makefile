@@ -6,7 +6,7 @@ ENGINE := vendor/sd-scripts/train_network.py
 PINNED := ae72efb92babe89ff8e70f057e42db68440e8d61
 STAMP := $(VENV)/.spyke-lora-installed
 
-.PHONY: setup demo test test-unit test-integration test-mps test-gpu clean
+.PHONY: setup demo test test-unit test-integration test-mps test-gpu lint clean
 
 setup: $(STAMP) $(ENGINE)  ## venv + sd-scripts submodule + dependencies; idempotent (seconds when done)
 	@$(PY) -c "import spyke_lora, sys; print('spyke-lora', spyke_lora.__version__, 'ready on Python', sys.version.split()[0])"
@@ -41,11 +41,16 @@ test-unit: setup
 test-integration: setup
 	$(PY) -m pytest tests/integration -q --durations=5
 
+# SPYKE_LORA_REQUIRE_DEVICE makes a missing device an error (tests/device/conftest.py), where a plain `pytest`
+# skips these tests: on the wrong machine these two targets fail instead of passing with everything skipped.
 test-mps: setup  ## on an Apple Silicon Mac only
-	$(PY) -m pytest tests/device -q -m mps
+	SPYKE_LORA_REQUIRE_DEVICE=mps $(PY) -m pytest tests/device -q -rs -m mps
 
 test-gpu: setup  ## on a CUDA machine only
-	$(PY) -m pytest tests/device -q -m gpu
+	SPYKE_LORA_REQUIRE_DEVICE=gpu $(PY) -m pytest tests/device -q -rs -m gpu
+
+lint: setup  ## ruff: pyflakes, syntax errors and import order ([tool.ruff.lint] in pyproject.toml)
+	$(PY) -m ruff check spyke_lora tests benchmarks examples
 
 clean:
 	rm -rf demo-output .pytest_cache

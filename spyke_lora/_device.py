@@ -12,11 +12,25 @@ The rules (from running sd-scripts on Apple Silicon, CUDA and CPU):
 from __future__ import annotations
 
 import dataclasses
+import platform
+import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from ._errors import DeviceError
 
-__all__ = ["DevicePlan", "SpykeLoraWarning", "available_devices", "plan_device", "resolve_device"]
+__all__ = [
+    "DeviceFacts",
+    "DevicePlan",
+    "SpykeLoraWarning",
+    "available_devices",
+    "device_facts",
+    "device_name",
+    "memory_reader",
+    "plan_device",
+    "resolve_device",
+]
 
 
 class SpykeLoraWarning(UserWarning):
@@ -78,11 +92,98 @@ def plan_device(device: str, *, mixed_precision: str, optimizer_type: str, xform
     return DevicePlan(device, "no", device == "mps", "sdpa", 0, tuple(corrections))
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceFacts:
+    """What torch reports about this machine's devices. Read in one place (:func:`device_facts`), so every decision
+    that depends on the machine can be given another machine's facts in a test."""
+
+    torch_version: str | None  # None: torch is not installed
+    mps_built: bool
+    mps_available: bool
+    cuda_available: bool
+    cuda_device: str | None  # the first GPU's name
+
+
+def device_facts() -> DeviceFacts:
+    """This machine's :class:`DeviceFacts`. Imports torch."""
+    try:
+        import torch
+    except ImportError:
+        return DeviceFacts(None, False, False, False, None)
+    mps_backend = getattr(torch.backends, "mps", None)
+    cuda = bool(torch.cuda.is_available())
+    return DeviceFacts(
+        torch_version=torch.__version__,
+        mps_built=bool(mps_backend is not None and mps_backend.is_built()),
+        mps_available=bool(mps_backend is not None and sys.platform == "darwin" and mps_backend.is_available()),
+        cuda_available=cuda,
+        cuda_device=torch.cuda.get_device_name(0) if cuda else None,
+    )
+
+
 def available_devices() -> tuple[bool, bool]:
     """(cuda_available, mps_available) as torch sees them. Imports torch."""
+    facts = device_facts()
+    return facts.cuda_available, facts.mps_available
+
+
+def _sysctl(key: str) -> str:
+    """``sysctl -n KEY`` (macOS); empty when it cannot be read."""
+    try:
+        out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+def _cpuinfo_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _cuda_name() -> str:
     import torch
 
-    cuda = bool(torch.cuda.is_available())
-    mps_backend = getattr(torch.backends, "mps", None)
-    mps = bool(mps_backend is not None and sys.platform == "darwin" and mps_backend.is_available())
-    return cuda, mps
+    return str(torch.cuda.get_device_name(torch.cuda.current_device()))
+
+
+def device_name(
+    device: str,
+    *,
+    platform_name: str = sys.platform,
+    sysctl: Callable[[str], str] = _sysctl,
+    cuda_name: Callable[[], str] = _cuda_name,
+    cpuinfo: Callable[[], str] = _cpuinfo_model,
+) -> str:
+    """What the training device is, in words (LORA-04's proof that a Mac trains on its GPU): the GPU's name on
+    CUDA; on MPS the Mac's chip as ``sysctl machdep.cpu.brand_string`` reads it ("Apple M1 Pro", whose GPU MPS is);
+    the processor's model on the CPU. The readers are parameters so the logic is tested on any machine."""
+    if device == "cuda":
+        return cuda_name()
+    if platform_name == "darwin":
+        return sysctl("machdep.cpu.brand_string") or platform.machine()
+    return cpuinfo() or platform.processor() or platform.machine()
+
+
+def memory_reader(device: str) -> Callable[[], int | None]:
+    """A function giving the bytes in use on ``device`` now: ``torch.mps.current_allocated_memory()`` on MPS,
+    ``torch.cuda.memory_allocated()`` on CUDA, the process's resident memory on the CPU (unified memory on a Mac is
+    shared, so the MPS figure is what the GPU allocator holds, not the whole process)."""
+    if device == "mps":
+        import torch
+
+        return lambda: int(torch.mps.current_allocated_memory())
+    if device == "cuda":
+        import torch
+
+        return lambda: int(torch.cuda.memory_allocated())
+    import psutil  # a dependency of accelerate
+
+    process = psutil.Process()
+    return lambda: int(process.memory_info().rss)

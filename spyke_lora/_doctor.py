@@ -6,10 +6,9 @@ import dataclasses
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 
-from . import _engine
+from . import _device, _engine
 from ._config import TrainConfig
 from ._device import plan_device, resolve_device
 from ._errors import DeviceError, EngineError
@@ -83,16 +82,11 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
     optimizer = cfg.optimizer_type if cfg else "AdamW"
     output_dir = cfg.output_dir if cfg else Path.cwd()
 
-    try:
-        import torch
-    except ImportError:
-        torch = None
+    facts = _device.device_facts()  # one seam: tests give it another machine's facts
+    if facts.torch_version is None:
         problems.append("torch is not installed; run `make setup` (or pip install -e .)")
-    mps_backend = getattr(getattr(torch, "backends", None), "mps", None)
-    mps_built = bool(mps_backend is not None and mps_backend.is_built())
-    mps_available = bool(mps_backend is not None and sys.platform == "darwin" and mps_backend.is_available())
-    cuda_available = bool(torch is not None and torch.cuda.is_available())
-    cuda_device = torch.cuda.get_device_name(0) if cuda_available else None
+    mps_built, mps_available = facts.mps_built, facts.mps_available
+    cuda_available, cuda_device = facts.cuda_available, facts.cuda_device
 
     device = precision = None
     try:
@@ -135,7 +129,7 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
     return DeviceReport(
         python=platform.python_version(),
         platform=f"{platform.system()} {platform.machine()}",
-        torch_version=getattr(torch, "__version__", None),
+        torch_version=facts.torch_version,
         mps_built=mps_built,
         mps_available=mps_available,
         cuda_available=cuda_available,

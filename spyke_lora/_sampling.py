@@ -13,7 +13,7 @@ from ._config import TrainConfig
 from ._device import SpykeLoraWarning
 from ._errors import ConfigError
 from ._model import check_base_model, inspect_model
-from ._train import Callback, engine_output
+from ._train import Callback, engine_log_path
 from .events import Event, SampleSaved
 
 __all__ = ["sample"]
@@ -59,8 +59,7 @@ def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[Sampl
         for callback in callbacks:
             callback(event)
 
-    with engine_output(engine_log, cfg, append=True):
-        _engine.sample(cfg, plan, files, emit, started_at)
+    _engine.sample(cfg, plan, files, emit, started_at, engine_log_path(engine_log, cfg))
     return tuple(made)
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
 from ._config import TrainConfig
-from ._train import TrainResult, train
+from ._train import TrainResult, run_training
 from .events import Event, Stop
 
 __all__ = ["EventStream", "iter_events"]
 
 _DONE = object()
+_LET_GO = "the loop over iter_events() ended"
 
 
 class _Channel:
@@ -24,15 +26,15 @@ class _Channel:
 
     def __init__(self) -> None:
         self.queue: queue.Queue[Any] = queue.Queue()
-        self.turn = threading.Semaphore(0)  # released when the loop asks for the next event (or leaves)
+        self.turn = threading.Semaphore(0)  # released when the loop asks for the next event (or lets go)
         self.closed = threading.Event()
         self.result: TrainResult | None = None
         self.error: BaseException | None = None
 
     def work(self, cfg: TrainConfig, resume: str | os.PathLike[str] | None) -> None:
         try:
-            self.result = train(cfg, callbacks=self.deliver, resume=resume)
-        except BaseException as e:  # handed to the loop's thread
+            self.result = run_training(cfg, self.deliver, resume=resume, engine_log="auto", let_go=self.let_go_reason)
+        except BaseException as e:  # noqa: BLE001 - handed to the loop's thread, which raises it
             self.error = e
         finally:
             self.queue.put(_DONE)
@@ -40,13 +42,30 @@ class _Channel:
     def deliver(self, event: Event) -> Stop | None:
         if not self.closed.is_set():
             self.queue.put(event)
-            self.turn.acquire()  # until the loop has handled it
-        return Stop("the loop over iter_events() ended") if self.closed.is_set() else None
+            self.turn.acquire()  # until the loop has handled it, or let go
+        return Stop(_LET_GO) if self.closed.is_set() else None
+
+    def let_go(self) -> None:
+        """The loop wants no more events: the run stops at its next safe point (before loading anything, when it
+        has not got that far)."""
+        self.closed.set()
+        self.turn.release()  # a worker waiting for its turn goes on, and stops
+
+    def let_go_reason(self) -> str | None:
+        return _LET_GO if self.closed.is_set() else None
 
     def raise_error(self) -> None:
         error, self.error = self.error, None
         if error is not None:
             raise error
+
+
+def _end(channel: _Channel, thread: threading.Thread) -> None:
+    """Stop the run and wait for it to end (its LoRA saved, its locks freed). Not from the run's own thread (a
+    garbage collection there), which cannot wait for itself: it is asked to stop, and ends on its own."""
+    channel.let_go()
+    if threading.current_thread() is not thread:
+        thread.join()
 
 
 def _generate(channel: _Channel, thread: threading.Thread) -> Iterator[Event]:
@@ -55,25 +74,28 @@ def _generate(channel: _Channel, thread: threading.Thread) -> Iterator[Event]:
             yield item
             channel.turn.release()
     finally:  # the end of the run, or the loop left: break, an exception, Ctrl-C, close(), the stream freed
-        channel.closed.set()
-        channel.turn.release()  # a worker waiting for its turn goes on, and stops after its step
-        thread.join()
+        _end(channel, thread)
     channel.raise_error()
 
 
 class EventStream:
     """The events of one run, in order. The run goes on in a worker thread, one event at a time: it waits for the
     loop to ask for the next event, so leaving the loop after ``StepEnded(step=3)`` ends the run exactly as a
-    callback returning :class:`Stop` there would (that step's LoRA saved under the final name). Leaving the loop
-    (``break``, an exception, Ctrl-C), :meth:`close`, or letting go of the stream stops the run and waits for it to
-    end. ``result`` is the :class:`TrainResult` once the run has ended; an error the run raised (a refused config,
-    ``NonFiniteLoss``, ...) is raised by the loop, or by :meth:`close`."""
+    callback returning :class:`Stop` there would (that step's LoRA saved under the final name). Every way of letting
+    go of the stream ends the run and waits for it to end: leaving the loop (``break``, an exception, Ctrl-C),
+    :meth:`close`, a ``with`` block, or dropping the last reference, even before the first event (the run then
+    stops before loading the model). ``result`` is the :class:`TrainResult` once the run has ended; an error the
+    run raised (a refused config, ``NonFiniteLoss``, ...) is raised by the loop, or by :meth:`close`."""
 
     def __init__(self, cfg: TrainConfig, resume: str | os.PathLike[str] | None = None) -> None:
         self._channel = _Channel()
-        thread = threading.Thread(target=self._channel.work, args=(cfg, resume), name="spyke-lora-run", daemon=True)
-        thread.start()
-        self._events = _generate(self._channel, thread)
+        self._thread = threading.Thread(
+            target=self._channel.work, args=(cfg, resume), name="spyke-lora-run", daemon=True
+        )
+        self._thread.start()
+        self._events = _generate(self._channel, self._thread)
+        # the stream dropped without being iterated or closed: its generator never ran, so this ends the run
+        self._finalizer = weakref.finalize(self, _end, self._channel, self._thread)
 
     @property
     def result(self) -> TrainResult | None:
@@ -86,8 +108,10 @@ class EventStream:
         return next(self._events)
 
     def close(self) -> None:
-        """Stop the run after its current step (if it is still going) and wait for it to end."""
-        self._events.close()
+        """Stop the run after its current step (if it is still going; before loading anything if it has not got
+        that far) and wait for it to end."""
+        self._events.close()  # a started loop: its own ending
+        _end(self._channel, self._thread)  # one that never started
         self._channel.raise_error()
 
     def __enter__(self) -> EventStream:
@@ -96,8 +120,9 @@ class EventStream:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         if kind is None:
             self.close()
-        else:
-            self._events.close()  # the block's own exception wins
+        else:  # the block's own exception wins
+            self._events.close()
+            _end(self._channel, self._thread)
 
 
 def iter_events(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> EventStream:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Union
 
@@ -48,8 +47,9 @@ class TrainResult:
 class _Session:
     """Delivers events to the callbacks in order and remembers what the result needs."""
 
-    def __init__(self, callbacks: tuple[Callback, ...]) -> None:
+    def __init__(self, callbacks: tuple[Callback, ...], let_go: Callable[[], str | None] = lambda: None) -> None:
         self.callbacks = callbacks
+        self.let_go = let_go  # a reason once the caller has let go of the run (an iter_events stream closed)
         self.started: TrainStarted | None = None
         self.history: list[StepEnded] = []
         self.checkpoints: list[CheckpointSaved] = []
@@ -73,6 +73,8 @@ class _Session:
         return self.history[-1].step if self.history else default
 
     def stop_requested(self) -> bool:
+        if self.stop_reason is None:
+            self.stop_reason = self.let_go()
         return self.stop_reason is not None
 
     def end(self, status: str, steps: int, final_path: Path | None) -> None:
@@ -107,9 +109,23 @@ def train(
     ``output_dir`` so the cell shows the callbacks' output (:class:`~spyke_lora.callbacks.Progress`) instead of
     sd-scripts' carriage-return progress bars.
     """
+    return run_training(cfg, callbacks, resume=resume, engine_log=engine_log)
+
+
+def run_training(
+    cfg: TrainConfig,
+    callbacks: Iterable[Callback] | Callback,
+    *,
+    resume: str | os.PathLike[str] | None,
+    engine_log: str | os.PathLike[str] | None,
+    let_go: Callable[[], str | None] = lambda: None,
+) -> TrainResult:
+    """:func:`train`, with ``let_go``: polled with the callbacks' answers, it gives a reason once the caller no
+    longer wants the run (an ``iter_events`` stream closed, perhaps before any event), which then stops as a
+    :class:`Stop` would, before loading anything when it comes early enough."""
     with _engine.preserved_random_state():  # the caller's generators are theirs: a run seeds and draws from them
         try:
-            return _train(cfg, callbacks, resume, engine_log)
+            return _train(cfg, callbacks, resume, engine_log, let_go)
         finally:  # the run's last references are gone only now: give the freed memory back (a notebook sweep)
             _engine.free_memory()
 
@@ -119,6 +135,7 @@ def _train(
     callbacks: Iterable[Callback] | Callback,
     resume: str | os.PathLike[str] | None,
     engine_log: str | os.PathLike[str] | None,
+    let_go: Callable[[], str | None],
 ) -> TrainResult:
     started_at = time.perf_counter()
     checked = plan(cfg, resume=resume)  # every check first: a refused run loads nothing and writes nothing
@@ -130,7 +147,7 @@ def _train(
         _engine.command_line(cfg, device_plan, state.path if state else None),
         {"sd_scripts": str(root), "sd_scripts_commit": _engine.engine_commit(root) or "unknown"},
     )
-    session = _Session((recorder, *((callbacks,) if callable(callbacks) else tuple(callbacks))))
+    session = _Session((recorder, *((callbacks,) if callable(callbacks) else tuple(callbacks))), let_go)
     for note in checked.warnings:
         warnings.warn(note, SpykeLoraWarning, stacklevel=3)
     if device_plan.device == "mps" and _mps_fallback_missing():
@@ -145,8 +162,9 @@ def _train(
         "training %s on %s (mixed precision %s)", cfg.output_name, device_plan.device, device_plan.mixed_precision
     )
     try:
-        with engine_output(engine_log, cfg, append=state is not None):
-            outcome = _engine.run(cfg, device_plan, session.emit, session.stop_requested, started_at, state)
+        outcome = _engine.run(
+            cfg, device_plan, session.emit, session.stop_requested, started_at, state, engine_log_path(engine_log, cfg)
+        )
     except KeyboardInterrupt:
         final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
         session.end("interrupted", session.step_reached(checked.resume_step), final)
@@ -155,6 +173,14 @@ def _train(
         session.end("failed", session.step_reached(checked.resume_step), None)
         raise
     status = "stopped" if outcome.stopped else "completed"
+    if outcome.final_path is None and outcome.steps > checked.resume_step:
+        warnings.warn(
+            f"no final LoRA was written at step {outcome.steps}: the loss was not finite there (NaN/Inf), and no file "
+            f"is saved from such weights. Files written before: "
+            f"{', '.join(c.path.name for c in session.checkpoints) or 'none'}",
+            SpykeLoraWarning,
+            stacklevel=3,
+        )
     session.end(status, outcome.steps, outcome.final_path)
     return TrainResult(
         status=status,
@@ -169,25 +195,14 @@ def _train(
     )
 
 
-@contextlib.contextmanager
-def engine_output(
-    engine_log: str | os.PathLike[str] | None, cfg: TrainConfig, *, append: bool = False
-) -> Iterator[Path | None]:
-    """Send what sd-scripts prints (stdout and stderr: its log lines and tqdm bars) to the file ``engine_log`` for
-    the duration; "auto": ``NAME.engine.log`` in ``output_dir`` inside a notebook, else the console."""
+def engine_log_path(engine_log: str | os.PathLike[str] | None, cfg: TrainConfig) -> Path | None:
+    """Where sd-scripts' own output (its prints, log lines and tqdm bars) goes: the file ``engine_log``; None for
+    the console; "auto": ``NAME.engine.log`` in ``output_dir`` inside a notebook, else the console."""
     from .callbacks import in_notebook
 
     if isinstance(engine_log, str) and engine_log == "auto":
-        engine_log = cfg.output_dir / f"{cfg.output_name}.engine.log" if in_notebook() else None
-    if engine_log is None:
-        yield None
-        return
-    path = Path(engine_log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a" if append else "w", encoding="utf-8") as f, contextlib.redirect_stdout(
-        f
-    ), contextlib.redirect_stderr(f):
-        yield path
+        return cfg.output_dir / f"{cfg.output_name}.engine.log" if in_notebook() else None
+    return None if engine_log is None else Path(engine_log)
 
 
 def _mps_fallback_missing() -> bool:

@@ -27,15 +27,17 @@ def describe(event: Event) -> str:
     """One readable line per event."""
     if isinstance(event, TrainStarted):
         resumed = f", resuming after step {event.resumed_from_step}" if event.resumed_from_step else ""
+        name = f" ({event.device_name})" if event.device_name else ""
         return (
-            f"started: {event.total_steps} steps on {event.device} (mixed precision {event.mixed_precision}), "
+            f"started: {event.total_steps} steps on {event.device}{name} (mixed precision {event.mixed_precision}), "
             f"writing to {event.output_dir}{resumed}"
         )
     if isinstance(event, StepEnded):
         te = f"  te lr {event.lr_text_encoder:.2e}" if event.lr_text_encoder is not None else ""
+        memory = f"  mem {event.memory_bytes / 2**30:.2f} GiB" if event.memory_bytes is not None else ""
         return (
             f"step {event.step:>{len(str(event.total_steps))}}/{event.total_steps}  epoch {event.epoch}  "
-            f"loss {event.loss:.4f}  avg {event.avg_loss:.4f}  lr {event.lr:.2e}{te}  {event.elapsed_s:.1f}s"
+            f"loss {event.loss:.4f}  avg {event.avg_loss:.4f}  lr {event.lr:.2e}{te}  {event.elapsed_s:.1f}s{memory}"
         )
     if isinstance(event, CheckpointSaved):
         return f"{'final' if event.final else 'checkpoint'} (step {event.step}): {event.path}"

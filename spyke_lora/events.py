@@ -31,6 +31,7 @@ class TrainStarted:
     mixed_precision: str  # "no", "fp16" or "bf16": what the engine actually runs with
     output_dir: Path
     resumed_from_step: int = 0  # a resumed run: the step its state was saved at (its first step is this + 1)
+    device_name: str = ""  # what the device is: the GPU's name, the Mac's chip ("Apple M1 Pro"), the CPU's model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ class StepEnded:
     lr: float  # U-Net learning rate used for this step
     lr_text_encoder: float | None  # text-encoder learning rate used for this step (None when it is not trained)
     elapsed_s: float  # seconds since train() was called
+    # memory in use on the training device after the step: MPS's allocated memory (torch.mps), CUDA's allocated
+    # memory (torch.cuda), the process's resident memory on the CPU; None when it cannot be read
+    memory_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,15 @@ from types import TracebackType
 from typing import Any
 
 from .._config import TrainConfig
-from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_device, resolve_device
+from .._device import (
+    DevicePlan,
+    SpykeLoraWarning,
+    available_devices,
+    device_name,
+    memory_reader,
+    plan_device,
+    resolve_device,
+)
 from .._errors import ConfigError, DeviceError, NonFiniteLoss, SpykeLoraError, TrainingError
 from .._lock import output_lock
 from ..events import Event
@@ -37,12 +45,23 @@ from ._host import (
     PINNED_COMMIT,
     PINNED_VERSION,
     EngineHost,
+    RootLoggerSnapshot,
     engine_commit,
     host_for,
     locate_engine,
     random_untouched_by_logging,
 )
-from ._process import class_attributes_restored, free_memory, isolated_run, preserved_random_state
+from ._output import caller_output, engine_output
+from ._process import (
+    DeviceGenerator,
+    class_attributes_restored,
+    cuda_rng_calls_reach,
+    device_generator,
+    free_memory,
+    isolated_run,
+    module_values_restored,
+    preserved_random_state,
+)
 from ._state import SavedState, find_states, remove_partial_states, resolve_resume, state_record
 from ._trainer import NonFiniteStop, Probe, SamplePlan, StopRun, finish_after_stop, trainer_class
 
@@ -59,6 +78,7 @@ __all__ = [
     "dataset_folders",
     "dataset_toml_path",
     "device_plan",
+    "engine_output",
     "engine_commit",
     "existing_outputs",
     "find_states",
@@ -75,8 +95,6 @@ __all__ = [
     "write_sample_prompts",
     "write_random_sd15_checkpoint",
 ]
-
-_RUN_LOCK = threading.Lock()  # sd-scripts keeps process-wide singletons: one run at a time per process
 
 
 def device_plan(cfg: TrainConfig, device: str | None = None) -> DevicePlan:
@@ -173,6 +191,79 @@ class Outcome:
     stopped: bool
 
 
+class _RunSlot:
+    """One run (or sampling) at a time per process: sd-scripts and accelerate keep process-wide singletons.
+
+    A second run is refused at once, from any thread, with a clear error; it never waits behind a run that goes on.
+    It waits only for a run that is already ending (a stop was asked for, e.g. its ``iter_events`` stream was let
+    go), so the next ``train()`` after an abandoned stream works."""
+
+    WAIT_FOR_ENDING_S = 600.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._ending: Callable[[], bool] = lambda: False
+
+    @contextlib.contextmanager
+    def taken(self, ending: Callable[[], bool]) -> Iterator[None]:
+        if not self._lock.acquire(blocking=False):
+            owner, owner_ending = self._owner, self._ending
+            waits = owner is not None and owner != threading.get_ident() and owner_ending()
+            if not self._lock.acquire(timeout=self.WAIT_FOR_ENDING_S if waits else 0.0):
+                raise SpykeLoraError(
+                    "another spyke-lora run is active in this process; sd-scripts keeps process-wide state, so runs "
+                    "in one process go one at a time: wait for it to end (or stop it) first"
+                )
+        self._owner, self._ending = threading.get_ident(), ending
+        try:
+            yield
+        finally:
+            self._owner, self._ending = None, lambda: False
+            self._lock.release()
+
+
+_SLOT = _RunSlot()
+
+
+@contextlib.contextmanager
+def _engine_session(
+    cfg: TrainConfig,
+    plan: DevicePlan,
+    generator: DeviceGenerator | None,
+    ending: Callable[[], bool],
+    log: Path | None,
+    append_log: bool,
+) -> Iterator[tuple[EngineHost, Any, RootLoggerSnapshot]]:
+    """What a training run and a sampling call share: this process's run slot, then the output's lock, then the
+    engine log (opened only now: a refused run must not empty a live run's log), then sd-scripts hosted in a
+    process state that is put back afterwards. Yields the host, ``train_network`` and the caller's logging."""
+    host = host_for(cfg.sd_scripts_dir)
+    try:
+        with _SLOT.taken(ending), output_lock(cfg), engine_output(log, append=append_log), host.active() as logging:
+            train_network = host.train_network()
+            modules = host.engine_modules(cfg.network_module)
+            with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
+                host.logger_names()
+            ), class_attributes_restored(modules), module_values_restored(modules), cuda_rng_calls_reach(generator):
+                yield host, train_network, logging
+    finally:
+        free_memory()
+
+
+def _to_caller(emit: Callable[[Event], None]) -> Callable[[Event], None]:
+    """``emit`` with the callbacks' own prints going to the caller's streams, not to the engine log (flushed first,
+    so a callback reading the log sees everything sd-scripts wrote up to the event)."""
+
+    def deliver(event: Event) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with caller_output():
+            emit(event)
+
+    return deliver
+
+
 def run(
     cfg: TrainConfig,
     plan: DevicePlan,
@@ -180,37 +271,28 @@ def run(
     stop_requested: Callable[[], bool],
     started_at: float,
     resume: SavedState | None = None,
+    log: Path | None = None,
 ) -> Outcome:
     """Train ``cfg`` in this process with sd-scripts (continuing the state ``resume`` when given). Events go to
-    ``emit``; ``stop_requested`` is polled at safe points. sd-scripts' own exceptions come out as
-    :class:`TrainingError`; others (a callback's, Ctrl-C) unchanged."""
+    ``emit``; ``stop_requested`` is polled at safe points (and before anything is loaded); sd-scripts' output goes
+    to the file ``log`` when given. sd-scripts' own exceptions come out as :class:`TrainingError`; others (a
+    callback's, Ctrl-C) unchanged."""
     argv = build_argv(cfg, plan, resume.path if resume else None)
-    host = host_for(cfg.sd_scripts_dir)
-    if not _RUN_LOCK.acquire(blocking=False):
-        raise SpykeLoraError(
-            "another spyke-lora run is active in this process; sd-scripts keeps process-wide state, so runs in one "
-            "process go one at a time: wait for it to end (or stop it) first"
-        )
-    try:
-        with output_lock(cfg), host.active() as caller_logging:
-            train_network = host.train_network()
-            _remove_partial_files(cfg)
-            remove_partial_states(cfg)
-            write_dataset_toml(cfg)
-            probe = Probe(
-                emit, stop_requested, started_at, caller_logging.restore, cfg.max_nonfinite_steps,
-                resume=resume, state_record=state_record(cfg) if cfg.save_state else None,
-                samples=_prepare_samples(cfg, fresh=resume is None),
-            )  # fmt: skip
-            with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
-                host.logger_names()
-            ), class_attributes_restored(host.engine_modules(cfg.network_module)), _ctrl_c_stops_after_the_step(
-                probe
-            ):
-                return _train(train_network, host, argv, probe)
-    finally:
-        _RUN_LOCK.release()
-        free_memory()
+    generator = device_generator(plan.device)
+    with _engine_session(cfg, plan, generator, stop_requested, log, resume is not None) as (host, train_network, logs):
+        if stop_requested():  # let go of before it started (an iter_events stream closed at once): load nothing
+            return Outcome(resume.step if resume else 0, None, stopped=True)
+        _remove_partial_files(cfg)
+        remove_partial_states(cfg)
+        write_dataset_toml(cfg)
+        probe = Probe(
+            _to_caller(emit), stop_requested, started_at, logs.restore, cfg.max_nonfinite_steps,
+            resume=resume, state_record=state_record(cfg) if cfg.save_state else None,
+            samples=_prepare_samples(cfg, fresh=resume is None), generator=generator,
+            memory=memory_reader(plan.device), device_name=device_name(plan.device),
+        )  # fmt: skip
+        with _ctrl_c_stops_after_the_step(probe):
+            return _train(train_network, host, argv, probe)
 
 
 def sample(
@@ -219,37 +301,25 @@ def sample(
     files: list[tuple[int, Path]],
     emit: Callable[[Event], None],
     started_at: float,
+    log: Path | None = None,
 ) -> None:
     """Sample LoRA files on disk (``(step, path)`` pairs) with ``cfg``'s prompts, CFG scales and seed, into
     ``cfg.output_dir``, with sd-scripts' own sampler; events (:class:`SampleSaved`) go to ``emit``."""
     from ._sample import sample_files
 
     argv = build_argv(cfg, plan)
-    host = host_for(cfg.sd_scripts_dir)
-    if not _RUN_LOCK.acquire(blocking=False):
-        raise SpykeLoraError(
-            "another spyke-lora run is active in this process; sd-scripts keeps process-wide state, so runs in one "
-            "process go one at a time: wait for it to end (or stop it) first"
-        )
-    try:
-        with output_lock(cfg), host.active() as caller_logging:
-            train_network = host.train_network()
-            probe = Probe(emit, lambda: False, started_at, caller_logging.restore,
-                          samples=_prepare_samples(cfg, fresh=False))  # fmt: skip
-            with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
-                host.logger_names()
-            ), class_attributes_restored(host.engine_modules(cfg.network_module)):
-                args = parse_argv(train_network.setup_parser(), argv)
-                try:
-                    sample_files(train_network, args, files, probe, base_first=cfg.sample_at_first)
-                except BaseException as e:
-                    _clear_engine_frames(e.__traceback__, host.root)
-                    if isinstance(e, Exception) and not isinstance(e, SpykeLoraError) and e is not probe.callback_error:
-                        raise TrainingError(f"sd-scripts failed while sampling: {type(e).__name__}: {e}") from e
-                    raise
-    finally:
-        _RUN_LOCK.release()
-        free_memory()
+    generator = device_generator(plan.device)
+    with _engine_session(cfg, plan, generator, lambda: False, log, True) as (host, train_network, logs):
+        probe = Probe(_to_caller(emit), lambda: False, started_at, logs.restore,
+                      samples=_prepare_samples(cfg, fresh=False), generator=generator)  # fmt: skip
+        args = parse_argv(train_network.setup_parser(), argv)
+        try:
+            sample_files(train_network, args, files, probe, base_first=cfg.sample_at_first)
+        except BaseException as e:
+            _clear_engine_frames(e.__traceback__, host.root)
+            if isinstance(e, Exception) and not isinstance(e, SpykeLoraError) and e is not probe.callback_error:
+                raise TrainingError(f"sd-scripts failed while sampling: {type(e).__name__}: {e}") from e
+            raise
 
 
 def _train(train_network, host: EngineHost, argv: list[str], probe: Probe) -> Outcome:
@@ -267,13 +337,17 @@ def _train(train_network, host: EngineHost, argv: list[str], probe: Probe) -> Ou
             if probe.interrupted_at_boundary:  # between steps: keep the last completed step's LoRA
                 finish_after_stop(interrupt, train_network, probe)
             raise
-        final = Path(args.output_dir) / train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
-        return Outcome(probe.steps_done, final, stopped=False)
+        # the final file, when this run wrote it: a save during a NaN/Inf streak is skipped
+        name = train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
+        return Outcome(probe.steps_done, probe.written(Path(args.output_dir) / name), stopped=False)
     except NonFiniteStop as e:
         _clear_engine_frames(e.__traceback__, host.root)
         raise _nonfinite_error(probe) from None
-    except SystemExit as e:  # sd-scripts calls exit() on some bad input; a library must not
+    except SystemExit as e:
         _clear_engine_frames(e.__traceback__, host.root)
+        if e is probe.callback_error:  # the caller's own exit: theirs to have
+            raise
+        # sd-scripts calls exit() on some bad input; a library must not
         raise TrainingError(f"sd-scripts tried to exit the process (exit code {e.code}); see its log above") from None
     except BaseException as e:
         _clear_engine_frames(e.__traceback__, host.root)

@@ -1,16 +1,25 @@
 """Finding sd-scripts and hosting it in this process without leaving traces.
 
-sd-scripts is a folder of scripts, not a package: importing it puts generic top-level names (``library``,
-``networks``, ``tools``, ``finetune``, a dummy ``pytorch_lightning``) into ``sys.modules``. :class:`EngineHost`
-installs those names only while the engine is in use and takes them out again afterwards, restoring any module of
-the caller's that had the same name. It also restores the root logger, which sd-scripts reconfigures on import and
-at the start of every run.
+sd-scripts is a folder of scripts, not a package: its code imports generic top-level names (``library``,
+``networks``, ``train_network``). :class:`EngineHost` makes exactly the names its code imports (found by reading its
+import statements, not by listing its folder: ``tools``, ``tests``, ``docs``, ``setup`` or its dummy
+``pytorch_lightning`` are never touched) importable from its folder while the engine is in use, and takes them out
+of ``sys.modules`` again afterwards, restoring any module of the caller's that had the same name (with a warning,
+since that module steps aside meanwhile). It also restores the root logger, which sd-scripts reconfigures on import
+and at the start of every run.
+
+Several threads may use the engine's modules at once (a ``plan()`` in an ``iter_events`` loop body while the run's
+thread trains): the modules are installed by the first user and taken out by the last, and the lock is held only
+for those two moments, never for a whole run.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import random
@@ -21,6 +30,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from .._device import SpykeLoraWarning
 from .._errors import EngineError
@@ -135,20 +145,67 @@ def random_untouched_by_logging(logger_names: list[str]) -> Iterator[None]:
             del logger.handle
 
 
+def imported_names(root: Path, entry_points: tuple[str, ...] = ("train_network", "networks")) -> frozenset[str]:
+    """The top-level names of ``root`` that sd-scripts' code imports, starting from ``entry_points`` (the trainer,
+    and the package of its network modules, which it imports by name at run time) and following every ``import``
+    statement, module-level or inside functions, of every file reached."""
+    tops = {
+        p.stem if p.suffix == ".py" else p.name
+        for p in root.iterdir()
+        if (p.suffix == ".py" or (p / "__init__.py").is_file() or p.is_dir()) and not p.name.startswith(".")
+    }
+    found: set[str] = set()
+    todo = [name for name in entry_points if name in tops]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        package = root / name
+        for path in sorted(package.rglob("*.py")) if package.is_dir() else [root / f"{name}.py"]:
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+            except (OSError, SyntaxError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules = [node.module]
+                else:
+                    continue
+                todo += [m.split(".", 1)[0] for m in modules if m.split(".", 1)[0] in tops]
+    return frozenset(found)
+
+
+class _EngineFinder(importlib.abc.MetaPathFinder):
+    """Finds the engine's top-level names in its folder, ahead of ``sys.path``, and nothing else: the folder is not
+    put on ``sys.path``, so none of its other names (``tools``, ``tests``, ``setup``...) shadows the caller's."""
+
+    def __init__(self, root: Path, names: frozenset[str]) -> None:
+        self.root, self.names = str(root), names
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if path is not None or fullname not in self.names:
+            return None  # submodules are found through their package's __path__, as usual
+        return importlib.machinery.PathFinder.find_spec(fullname, [self.root])
+
+
 class EngineHost:
     """One sd-scripts folder hosted in this process: imports it on first use and keeps its modules out of
     ``sys.modules`` between uses."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.top_names = frozenset(
-            p.stem if p.suffix == ".py" else p.name
-            for p in root.iterdir()
-            if (p.suffix == ".py" or p.is_dir()) and not p.name.startswith(".")
-        )
+        self.top_names = imported_names(root)  # what its code imports: the names swapped in and out
+        self._finder = _EngineFinder(root, self.top_names)
         self._stash: dict[str, ModuleType] = {}
-        self._lock = threading.RLock()
-        self._depth = 0
+        self._callers: dict[str, ModuleType] = {}
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()  # held while modules go in or out, never for a whole run
+        self._depth = 0  # how many blocks (of any thread) are inside active()
+        self._paths_before = 0
+        self._stand_in: logging.Handler | None = None
         self._logging = RootLoggerSnapshot()
         self._train_network: ModuleType | None = None
         commit = engine_commit(root)
@@ -191,48 +248,63 @@ class EngineHost:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[RootLoggerSnapshot]:
-        """Make sd-scripts importable and its modules visible, for the duration of the block. Yields the caller's
-        root-logger configuration, which is restored at the end (and can be restored earlier)."""
+        """Make sd-scripts importable and its modules visible, for the duration of the block (blocks of several
+        threads may overlap: the first installs, the last takes out). Yields the caller's root-logger configuration,
+        which is restored when the last block ends (and can be restored earlier)."""
         with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield self._logging
-                finally:
-                    self._depth -= 1
-                return
-            callers: dict[str, ModuleType] = {}
-            for name in [n for n in sys.modules if self._is_engine_name(n)]:
-                module = sys.modules[name]
-                if not self._owns(module):
-                    callers[name] = sys.modules.pop(name)
-            sys.modules.update(self._stash)
-            self._stash.clear()
-            paths_before = sys.path.count(str(self.root))
-            sys.path.insert(0, str(self.root))
-            self._depth = 1
-            root_logger = logging.getLogger()
-            stand_in = _LastResort() if not root_logger.handlers else None
-            if stand_in is not None:
-                root_logger.addHandler(stand_in)
-            self._logging = RootLoggerSnapshot()
-            try:
-                yield self._logging
-            finally:
-                self._depth = 0
-                self._logging.restore()
-                if stand_in is not None:
-                    root_logger.removeHandler(stand_in)
-                # ours at the front, plus the one train() appends itself (train_network.py l.642)
-                root = str(self.root)
-                if sys.path and sys.path[0] == root and sys.path.count(root) > paths_before:
-                    del sys.path[0]
-                while sys.path.count(root) > paths_before:
-                    del sys.path[len(sys.path) - 1 - sys.path[::-1].index(root)]
-                for name in [n for n in sys.modules if self._is_engine_name(n)]:
-                    if self._owns(sys.modules[name]):
-                        self._stash[name] = sys.modules.pop(name)
-                sys.modules.update(callers)
+            if self._depth == 0:
+                self._install()
+            self._depth += 1
+            snapshot = self._logging
+        try:
+            yield snapshot
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._uninstall()
+
+    def _install(self) -> None:
+        self._callers = {}
+        for name in [n for n in sys.modules if self._is_engine_name(n)]:
+            module = sys.modules[name]
+            if not self._owns(module):
+                self._callers[name] = sys.modules.pop(name)
+        stepping_aside = sorted(n for n in self._callers if "." not in n and n not in self._warned)
+        if stepping_aside:
+            self._warned.update(stepping_aside)
+            names = ", ".join(f"`{n}` ({getattr(self._callers[n], '__file__', None) or 'built in'})" for n in stepping_aside)
+            warnings.warn(
+                f"your module {names} steps aside while sd-scripts runs: sd-scripts imports a top-level module of "
+                f"that name from {self.root}; yours is put back in sys.modules when the run ends (rename yours to "
+                f"avoid this)",
+                SpykeLoraWarning,
+                stacklevel=5,
+            )
+        sys.modules.update(self._stash)
+        self._stash.clear()
+        self._paths_before = sys.path.count(str(self.root))
+        sys.meta_path.insert(0, self._finder)
+        root_logger = logging.getLogger()
+        self._stand_in = _LastResort() if not root_logger.handlers else None
+        if self._stand_in is not None:
+            root_logger.addHandler(self._stand_in)
+        self._logging = RootLoggerSnapshot()
+
+    def _uninstall(self) -> None:
+        self._logging.restore()
+        if self._stand_in is not None:
+            logging.getLogger().removeHandler(self._stand_in)
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
+        root = str(self.root)  # train() appends its own folder to sys.path (train_network.py l.642)
+        while sys.path.count(root) > self._paths_before:
+            del sys.path[len(sys.path) - 1 - sys.path[::-1].index(root)]
+        for name in [n for n in sys.modules if self._is_engine_name(n)]:
+            if self._owns(sys.modules[name]):
+                self._stash[name] = sys.modules.pop(name)
+        sys.modules.update(self._callers)
+        self._callers = {}
 
     def train_network(self) -> ModuleType:
         """sd-scripts' ``train_network`` module (imported once; about 6 s). Call inside :meth:`active`."""

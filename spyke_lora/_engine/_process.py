@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -24,23 +25,92 @@ _STRATEGY_CLASSES = (
 )
 
 
-@contextlib.contextmanager
-def isolated_run(train_network: ModuleType, env: dict[str, str]) -> Iterator[None]:
-    """Fresh engine singletons inside, the caller's random generators, environment and singletons outside."""
-    import numpy as np
+@dataclasses.dataclass(frozen=True)
+class DeviceGenerator:
+    """The random generator of an accelerator as two functions, so the code that saves and restores it can be given
+    a stand-in and tested on any machine.
+
+    Why it matters on a Mac: ``torch.manual_seed`` seeds the CPU, CUDA *and* MPS generators, and training noise is
+    drawn on the device (``torch.randn_like(latents)``). sd-scripts' sampler seeds with it and puts back only the CPU
+    and CUDA generators (``library/train_util.py``, ``sample_images_common``), and accelerate's ``save_state`` stores
+    no MPS generator, so on MPS every stretch after a sample would replay the same noise and a resumed run would draw
+    other noise than an uninterrupted one."""
+
+    device: str  # "mps" or "cuda"
+    get_state: Callable[[], Any]
+    set_state: Callable[[Any], None]
+
+
+def device_generator(device: str) -> DeviceGenerator | None:
+    """The generator of ``device`` ("mps", "cuda"; None for "cpu", or when torch lacks that device here)."""
     import torch
+
+    if device == "mps" and getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
+        return DeviceGenerator("mps", torch.mps.get_rng_state, torch.mps.set_rng_state)
+    if device == "cuda" and torch.cuda.is_available():
+        return DeviceGenerator("cuda", torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all)
+    return None
+
+
+def available_generators() -> list[DeviceGenerator]:
+    """Every accelerator generator on this machine: what a run's seeding touches besides the CPU's."""
+    return [g for g in (device_generator("cuda"), device_generator("mps")) if g is not None]
+
+
+@contextlib.contextmanager
+def generators_preserved(generators: Sequence[DeviceGenerator]) -> Iterator[None]:
+    """The states of ``generators`` as they were before the block."""
+    saved = [(g, g.get_state()) for g in generators]
+    try:
+        yield
+    finally:
+        for generator, state in saved:
+            generator.set_state(state)
+
+
+@contextlib.contextmanager
+def cuda_rng_calls_reach(generator: DeviceGenerator | None) -> Iterator[None]:
+    """For the block, ``torch.cuda.get_rng_state()`` / ``set_rng_state()`` read and write ``generator`` when it is
+    the MPS generator and this machine has no CUDA.
+
+    sd-scripts v0.10.1's validation (``train_network.py`` l.1372-1399, ``switch_rng_state`` / ``restore_rng_state``,
+    closures inside ``train()``) calls exactly those two functions when the device is ``mps``: without CUDA they
+    raise, so validation crashes on a Mac. What the code means is the device's generator, which is what it gets
+    here; the two attributes of ``torch.cuda`` are put back afterwards. A machine with CUDA is left alone (the calls
+    work there, on the CUDA generator, as sd-scripts wrote them)."""
+    import torch
+
+    if generator is None or generator.device != "mps" or torch.cuda.is_available():
+        yield
+        return
+    cuda = torch.cuda
+    saved = (cuda.get_rng_state, cuda.set_rng_state)
+
+    def get_rng_state(device: Any = "cuda") -> Any:
+        return generator.get_state()
+
+    def set_rng_state(new_state: Any, device: Any = "cuda") -> None:
+        generator.set_state(new_state)
+
+    cuda.get_rng_state, cuda.set_rng_state = get_rng_state, set_rng_state
+    try:
+        yield
+    finally:
+        cuda.get_rng_state, cuda.set_rng_state = saved
+
+
+@contextlib.contextmanager
+def isolated_run(
+    train_network: ModuleType, env: dict[str, str], generators: Sequence[DeviceGenerator] | None = None
+) -> Iterator[None]:
+    """Fresh engine singletons inside, the caller's random generators (CPU, and ``generators``: by default every
+    accelerator generator here, MPS included), environment and singletons outside."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     strategy_base = train_network.strategy_base
     singletons = [PartialState, AcceleratorState, GradientState]
     saved_singletons = [dict(cls._shared_state) for cls in singletons]
     saved_strategies = {name: getattr(strategy_base, name)._strategy for name in _STRATEGY_CLASSES}
-    saved_rng: tuple[Any, ...] = (
-        random.getstate(),
-        np.random.get_state(),
-        torch.get_rng_state(),
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    )
     saved_env = dict(os.environ)
 
     def fresh() -> None:
@@ -52,7 +122,8 @@ def isolated_run(train_network: ModuleType, env: dict[str, str]) -> Iterator[Non
     fresh()
     os.environ.update(env)
     try:
-        yield
+        with preserved_random_state(generators):
+            yield
     finally:
         fresh()
         for cls, state in zip(singletons, saved_singletons):
@@ -64,11 +135,30 @@ def isolated_run(train_network: ModuleType, env: dict[str, str]) -> Iterator[Non
         for key, value in saved_env.items():
             if os.environ.get(key) != value:
                 os.environ[key] = value
-        random.setstate(saved_rng[0])
-        np.random.set_state(saved_rng[1])
-        torch.set_rng_state(saved_rng[2])
-        if saved_rng[3] is not None:
-            torch.cuda.set_rng_state_all(saved_rng[3])
+
+
+@contextlib.contextmanager
+def module_values_restored(modules: Iterable[ModuleType]) -> Iterator[None]:
+    """The plain values (bool, int, float, str, None) at the top of ``modules`` as they were before the block.
+
+    sd-scripts sets some with ``global``: ``library.train_util.HIGH_VRAM`` becomes True for the rest of the process
+    after one run with ``--highvram``, which changes how every later run caches latents."""
+    plain = (bool, int, float, str, type(None))
+    saved = [
+        (module, name, value)
+        for module in modules
+        for name, value in list(vars(module).items())
+        if not name.startswith("__") and isinstance(value, plain)
+    ]
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            if vars(module).get(name, _MISSING) is not value:
+                setattr(module, name, value)
+
+
+_MISSING = object()
 
 
 @contextlib.contextmanager
@@ -104,15 +194,17 @@ def class_attributes_restored(modules: Iterable[ModuleType]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def preserved_random_state() -> Iterator[None]:
-    """Python's, NumPy's and torch's random generators as they were before the block (a run seeds them all, and
-    log handlers such as rich draw from Python's)."""
+def preserved_random_state(generators: Sequence[DeviceGenerator] | None = None) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generators, and ``generators`` (by default every accelerator generator on
+    this machine, MPS included), as they were before the block (a run seeds them all, and log handlers such as rich
+    draw from Python's)."""
     import numpy as np
     import torch
 
     saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     try:
-        yield
+        with generators_preserved(available_generators() if generators is None else generators):
+            yield
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])

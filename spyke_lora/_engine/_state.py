@@ -24,6 +24,7 @@ from .._errors import ConfigError
 from ._dataset import dataset_folders, image_extensions
 
 __all__ = [
+    "DEVICE_RNG_NAME",
     "RECORD_NAME",
     "SavedState",
     "config_differences",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 RECORD_NAME = "spyke-lora.json"
+# the MPS generator at the save, which accelerate's save_state does not store (it keeps CPU, CUDA and XLA ones);
+# read back on resume, so a resumed run on a Mac draws the noise an uninterrupted one would
+DEVICE_RNG_NAME = "spyke-lora-mps-rng.pt"
 _SD_SCRIPTS_STATE = "train_state.json"
 
 # Fields a resumed run may change: where and how it runs, how often it saves, what it does on errors; none of them

@@ -34,7 +34,8 @@ from typing import Any
 
 from .._errors import EngineError, TrainingError
 from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarted
-from ._state import RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
+from ._process import DeviceGenerator, generators_preserved
+from ._state import DEVICE_RNG_NAME, RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
 
 
 class StopRun(BaseException):
@@ -75,8 +76,15 @@ class Probe:
         resume: SavedState | None = None,
         state_record: dict[str, Any] | None = None,
         samples: SamplePlan | None = None,
+        generator: DeviceGenerator | None = None,
+        memory: Callable[[], int | None] = lambda: None,
+        device_name: str = "",
     ) -> None:
         self._emit_to_callbacks = emit
+        # the training device's generator (MPS, CUDA): kept as it was across sampling, and saved with every state
+        self.generator = generator
+        self._memory = memory  # bytes in use on the training device now (StepEnded.memory_bytes)
+        self.device_name = device_name  # e.g. "Apple M1 Pro", "NVIDIA H100 80GB HBM3" (TrainStarted.device_name)
         self.resume = resume  # the state this run continues; its step is corrected into train() (see attach)
         self.first_step = resume.step if resume else 0
         self._state_record = state_record  # written into every state folder, to check a later resume against
@@ -118,7 +126,7 @@ class Probe:
         except KeyboardInterrupt:
             self.interrupted_at_boundary = True  # raised between steps: the weights are a completed step's
             raise
-        except Exception as e:
+        except BaseException as e:  # SystemExit included: the caller's, passed on as itself
             self.callback_error = e
             raise
 
@@ -132,6 +140,7 @@ class Probe:
         original_save = network.save_weights
         original_epoch_start = network.on_epoch_start
         original_save_state = accelerator.save_state
+        original_load_state = accelerator.load_state
 
         def save_weights(file: str, dtype: Any, metadata: Any) -> None:
             path = Path(file)
@@ -177,6 +186,10 @@ class Probe:
             partial = partial_state_dir(final)
             try:
                 result = original_save_state(str(partial), *a, **kw)
+                if self.generator is not None and self.generator.device == "mps":  # accelerate saves no MPS state
+                    import torch
+
+                    torch.save(self.generator.get_state(), partial / DEVICE_RNG_NAME)
                 if self._state_record is not None:
                     record = dict(self._state_record, step=self.steps_done, epoch=self.epoch)
                     (partial / RECORD_NAME).write_text(json.dumps(record, indent=1), encoding="utf-8")
@@ -192,9 +205,19 @@ class Probe:
             self.states.append(final)
             return result
 
+        def load_state(input_dir: str, *a: Any, **kw: Any) -> Any:
+            result = original_load_state(input_dir, *a, **kw)  # the CPU and CUDA generators, among the rest
+            saved = Path(input_dir) / DEVICE_RNG_NAME
+            if self.generator is not None and self.generator.device == "mps" and saved.is_file():
+                import torch
+
+                self.generator.set_state(torch.load(saved, weights_only=True))
+            return result
+
         network.save_weights = save_weights
         network.on_epoch_start = on_epoch_start
         accelerator.save_state = save_state
+        accelerator.load_state = load_state
 
     def sample(self, step: int, checkpoint: Path | None) -> None:
         """Sample the current weights (those saved as ``checkpoint``) with every prompt x CFG scale, with sd-scripts'
@@ -204,7 +227,10 @@ class Probe:
         self._sampled_steps.add(step)
         folder = self.samples.folder
         before = set(os.listdir(folder)) if folder.is_dir() else set()
-        self.sampler(step)
+        # sd-scripts' sampler seeds with torch.manual_seed (every generator) and puts back the CPU and CUDA ones
+        # only: the training device's is kept here, so training after a sample draws the noise it would have drawn
+        with generators_preserved([self.generator] if self.generator is not None else []):
+            self.sampler(step)
         prefix = f"{self.samples.output_name}_{step:06d}_"
         made = sorted(p for p in folder.iterdir() if p.name not in before and p.name.startswith(prefix))
         for path in made:
@@ -227,6 +253,7 @@ class Probe:
                 mixed_precision=str(accelerator.mixed_precision),
                 output_dir=Path(args.output_dir),
                 resumed_from_step=self.first_step,
+                device_name=self.device_name,
             )
         )
         self.raise_if_stopping()
@@ -258,6 +285,7 @@ class Probe:
                 lr=self._lrs[0],
                 lr_text_encoder=self._lrs[1],
                 elapsed_s=time.perf_counter() - self._started_at,
+                memory_bytes=self._memory(),
             )
         )  # delivered for the bad step too, so a notebook shows it
         if self.max_nonfinite_steps and self.nonfinite_streak >= self.max_nonfinite_steps:
@@ -276,6 +304,11 @@ class Probe:
                 f"could not continue the step count at {self.first_step} on Python {sys.version.split()[0]}; "
                 "resuming is not possible on this Python"
             )
+
+    def written(self, path: Path) -> Path | None:
+        """``path`` when this run wrote it (from finite weights), else None: a save is skipped during a NaN/Inf
+        streak, and an older file of that name (``overwrite = true``) is not this run's."""
+        return path if path in self.saved else None
 
     def raise_if_stopping(self) -> None:
         if self.interrupt_requested:
@@ -323,12 +356,14 @@ def trainer_class(train_network: ModuleType) -> type:
 
         def get_tokenize_strategy(self, args):  # the first hook after train()'s setup_logging(reset=True)
             self._probe.restore_logging()
+            self._probe.raise_if_stopping()  # a stop asked for already: end before loading the model
             return super().get_tokenize_strategy(args)
 
         def post_process_network(self, args, accelerator, network, text_encoders, unet):
             super().post_process_network(args, accelerator, network, text_encoders, unet)
             self._probe._train_code = train_network.NetworkTrainer.train.__code__
             self._probe.attach(train_util, args, network, accelerator)
+            self._probe.raise_if_stopping()  # the model is loaded: end before caching latents and training
 
         def process_batch(self, batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype,
                           accelerator, args, text_encoding_strategy, tokenize_strategy, is_train=True,
@@ -403,7 +438,7 @@ def finish_after_stop(stop: BaseException, train_network: ModuleType, probe: Pro
             train_network.train_util.save_and_remove_state_stepwise(args, accelerator, step)
     name = train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
     local["save_model"](name, network, local["global_step"], probe.epoch, force_sync_upload=True)
-    return Path(os.path.join(args.output_dir, name))
+    return probe.written(Path(os.path.join(args.output_dir, name)))
 
 
 def _set_frame_local(frame: FrameType, name: str, value: Any) -> None:

@@ -1,15 +1,20 @@
 """Runs on real accelerators only: `make test-mps` on an Apple Silicon Mac, `make test-gpu` on a CUDA machine.
 
-CI deselects these (`-m "not mps and not gpu"`); the device policy they exercise is a pure function that
-tests/unit/test_device_policy.py covers on every machine.
+Elsewhere these skip with a reason (tests/device/conftest.py); the logic they rely on is tested on every machine
+with the device injected (tests/unit/test_device_policy.py, test_device_random.py, test_doctor.py). What each one
+proves is listed in docs/devices.md.
 """
 
 import math
+import types
+from types import SimpleNamespace
 
 import pytest
 
-from spyke_lora import StepEnded, train
+from spyke_lora import StepEnded, Stop, train
 from spyke_lora.tiny_world import build_tiny_world
+
+NAME = "spyke_plasma_v1"
 
 
 @pytest.fixture(scope="module")
@@ -17,27 +22,86 @@ def world(tmp_path_factory):
     return build_tiny_world(tmp_path_factory.mktemp("tiny-world"))
 
 
+def same_lora(a, b):
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    return all(bool((ta[k] == tb[k]).all()) for k in ta)
+
+
 @pytest.mark.mps
 def test_lora04_runs_on_mps_without_mixed_precision(world, tmp_path):
-    """LORA-04: the run is on mps with mixed precision 'no', shown before the first step; losses stay finite."""
-    import torch
-
-    assert torch.backends.mps.is_available(), "needs an Apple Silicon Mac with an MPS build of torch"
+    """LORA-04: the run is on mps with mixed precision 'no', named by the Mac's chip, shown before the first step;
+    every step reports the memory MPS holds (a model is loaded: over 1 GB); losses stay finite."""
     events = []
     result = train(world.config(output_dir=tmp_path, device="auto", mixed_precision="fp16", max_train_steps=2),
                    callbacks=events.append)  # fmt: skip
     assert (events[0].device, events[0].mixed_precision) == ("mps", "no")
-    assert all(math.isfinite(e.loss) for e in events if isinstance(e, StepEnded))
+    assert events[0].device_name.startswith("Apple M")
+    steps = [e for e in events if isinstance(e, StepEnded)]
+    assert all(math.isfinite(e.loss) for e in steps)
+    assert all(e.memory_bytes > 2**30 for e in steps)
     assert result.status == "completed" and result.final_path.is_file()
+
+
+@pytest.mark.mps
+def test_sampling_on_mps_does_not_change_the_lora(world, tmp_path):
+    """sd-scripts' sampler seeds the MPS generator (torch.manual_seed) and does not put it back; training noise is
+    drawn on MPS. With spyke-lora keeping the generator, a sampled run trains the LoRA an unsampled one does."""
+    plain = train(world.config(output_dir=tmp_path / "plain", device="mps"))
+    sampled = train(world.config(output_dir=tmp_path / "sampled", device="mps", sample_prompts=(f"{NAME}, x",),
+                                 sample_cfg_scales=(7,), sample_steps=2))  # fmt: skip
+    assert [c.path.name for c in plain.checkpoints] == [c.path.name for c in sampled.checkpoints]
+    assert plain.losses == sampled.losses
+    for a, b in zip(plain.checkpoints, sampled.checkpoints):
+        assert same_lora(a.path, b.path), a.path.name
+
+
+@pytest.mark.mps
+def test_a_resumed_mps_run_trains_what_an_uninterrupted_one_does(world, tmp_path):
+    """accelerate's saved state has no MPS generator; spyke-lora writes it into every state and reads it back."""
+    short = dict(device="mps", num_repeats=1, reg_dir=None, max_train_steps=6, save_every_n_steps=2)
+    whole = train(world.config(output_dir=tmp_path / "whole", **short))
+    cfg = world.config(output_dir=tmp_path / "parts", save_state=True, **short)
+    first = train(cfg, callbacks=lambda e: Stop() if isinstance(e, StepEnded) and e.step == 3 else None)
+    assert (cfg.output_dir / f"{NAME}-step00000003-state" / "spyke-lora-mps-rng.pt").is_file()
+    rest = train(cfg, resume="latest")
+    assert first.losses + rest.losses == whole.losses
+    assert same_lora(rest.final_path, whole.final_path)
+
+
+@pytest.mark.mps
+def test_sd_scripts_validation_random_state_switch_runs_on_mps():
+    """sd-scripts' own switch_rng_state / restore_rng_state (train_network.py l.1372-1399) on a real MPS generator:
+    they call torch.cuda's functions on mps, which spyke-lora routes to the MPS generator for a run."""
+    import torch
+
+    from spyke_lora._engine._host import host_for
+    from spyke_lora._engine._process import cuda_rng_calls_reach, device_generator
+
+    host = host_for(None)
+    with host.active():
+        train_network = host.train_network()
+        codes = {c.co_name: c for c in train_network.NetworkTrainer.train.__code__.co_consts
+                 if isinstance(c, types.CodeType)}  # fmt: skip
+        cell = types.CellType(SimpleNamespace(device=torch.device("mps")))
+        switch, restore = (types.FunctionType(codes[n], vars(train_network), n, None, (cell,))
+                           for n in ("switch_rng_state", "restore_rng_state"))  # fmt: skip
+        generator = device_generator("mps")
+        before = torch.mps.get_rng_state()
+        with cuda_rng_calls_reach(generator):
+            states = switch(42)
+            torch.randn(8, device="mps")  # validation draws on the device
+            restore(states)
+        assert torch.equal(torch.mps.get_rng_state(), before)
 
 
 @pytest.mark.gpu
 def test_cuda_honours_fp16(world, tmp_path):
-    import torch
-
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
     events = []
     result = train(world.config(output_dir=tmp_path, device="cuda", max_train_steps=2), callbacks=events.append)
     assert (events[0].device, events[0].mixed_precision) == ("cuda", "fp16")
-    assert all(math.isfinite(e.loss) for e in events if isinstance(e, StepEnded))
+    assert events[0].device_name.startswith("NVIDIA")
+    assert all(math.isfinite(e.loss) and e.memory_bytes > 2**30 for e in events if isinstance(e, StepEnded))
     assert result.final_path.is_file()

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from spyke_lora import ConfigError, StepEnded, Stop, TrainStarted, plan, train
+from spyke_lora._lock import lock_path, output_in_use
 from spyke_lora._plan import _STATE_BYTES_PER_DIM
 
 NAME = "spyke_plasma_v1"
@@ -65,7 +66,9 @@ def test_stop_at_3_then_resume_twice_matches_an_uninterrupted_run(world, tmp_pat
     states = sorted(p.name for p in out.iterdir() if p.name.endswith("-state"))
     assert states == [f"{NAME}-state"] + [f"{NAME}-step0000000{n}-state" for n in (2, 3, 4, 5, 6)]
     assert json.loads((out / f"{NAME}-state" / "train_state.json").read_text())["current_step"] == 6
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file or folder left
+    # no temporary file or folder left; the lock file stays, free (an OS lock: it means nothing unheld)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [lock_path(cfg).name]
+    assert not output_in_use(cfg)
 
     # a finished run has nothing left to resume
     with pytest.raises(ConfigError, match="nothing left to train"):

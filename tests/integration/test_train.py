@@ -42,7 +42,9 @@ from spyke_lora import (
     sd_scripts_argv,
     train,
 )
+from spyke_lora._device import device_name
 from spyke_lora._engine._host import PINNED_COMMIT, VENDORED, host_for
+from spyke_lora._lock import output_in_use
 
 from .helpers import assert_same_tensors, read_lora
 
@@ -89,7 +91,9 @@ def test_events_arrive_in_order(first_run):
         "TrainEnded",
     ]  # fmt: skip
     started = events[0]
-    assert started == TrainStarted(total_steps=5, device="cpu", mixed_precision="no", output_dir=cfg.output_dir)
+    assert started == TrainStarted(total_steps=5, device="cpu", mixed_precision="no", output_dir=cfg.output_dir,
+                                   device_name=device_name("cpu"))  # fmt: skip
+    assert started.device_name  # LORA-04: what the device is, in words (the CPU's model here)
     # the dry run said the same: 6 training + 6 regularisation batches per epoch (sd-scripts logs 12), 5 steps
     planned = plan(cfg.replace(overwrite=True))
     assert (planned.steps_per_epoch, planned.total_steps, planned.device) == (12, 5, "cpu")
@@ -104,6 +108,9 @@ def test_events_arrive_in_order(first_run):
     assert steps[0].lr == pytest.approx(1e-4) and steps[0].lr_text_encoder == pytest.approx(5e-5)
     assert all(a.lr > b.lr for a, b in zip(steps, steps[1:]))
     assert all(a.elapsed_s < b.elapsed_s for a, b in zip(steps, steps[1:]))
+    # the memory in use after each step: on the CPU the process's resident memory, which holds the loaded model
+    # (the tiny SD1.5 in fp32: over 3 GB) and is no more than this machine has
+    assert all(3 * 2**30 < s.memory_bytes < psutil.virtual_memory().total for s in steps)
     assert events[-1] == TrainEnded("completed", 5, cfg.output_dir / f"{NAME}.safetensors")
 
 
@@ -378,23 +385,28 @@ def test_ctrl_c_from_a_callback_at_step_3_keeps_the_step_3_lora(world, out):
     assert read_lora(final)[1]["ss_steps"] == "3"
 
 
-def test_a_real_ctrl_c_stops_after_the_current_step(world, out):
+def test_a_real_ctrl_c_stops_after_the_current_step(world, out, monkeypatch):
     """SIGINT while a step runs: the step finishes, its LoRA and its training state are saved, then
     KeyboardInterrupt; the caller's SIGINT handler is back afterwards."""
     import os
     import signal
-    import threading
+
+    from spyke_lora._engine._trainer import Probe
 
     before = signal.getsignal(signal.SIGINT)
     events = []
+    real_after_micro_batch = Probe.after_micro_batch
 
-    def press_ctrl_c_during_step_2(event):
-        events.append(event)
-        if isinstance(event, StepEnded) and event.step == 1:  # a step takes ~4 s here: 0.5 s in is mid-step 2
-            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    def press_ctrl_c_during_step_2(probe, loss):
+        real_after_micro_batch(probe, loss)
+        if probe.steps_done == 1:  # step 2's forward pass is done, its backward pass and update are not
+            # a real SIGINT to this process; CPython runs the handler in this (main) thread before os.kill returns,
+            # so it lands mid-step 2 however fast or slow a step is
+            os.kill(os.getpid(), signal.SIGINT)
 
+    monkeypatch.setattr(Probe, "after_micro_batch", press_ctrl_c_during_step_2)
     with pytest.raises(KeyboardInterrupt):
-        train(world.config(output_dir=out, save_state=True), callbacks=press_ctrl_c_during_step_2)
+        train(world.config(output_dir=out, save_state=True), callbacks=events.append)
     final = out / f"{NAME}.safetensors"
     assert [e.step for e in events if isinstance(e, StepEnded)] == [1, 2]  # step 2 ran to its end
     assert events[-2:] == [CheckpointSaved(2, 1, final, True), TrainEnded("interrupted", 2, final)]
@@ -425,7 +437,7 @@ def test_a_full_disk_mid_run_stops_with_earlier_files_intact(world, out, monkeyp
     assert f"could not write {out / f'{NAME}-step00000004.safetensors'} at step 4" in message
     assert "No space left on device" in message and f"intact: {NAME}-step00000002.safetensors" in message
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == [f"{NAME}-step00000002.safetensors"]
-    assert not list(out.glob(".*partial*")) and not (out / f".{NAME}.lock").exists()
+    assert not list(out.glob(".*partial*")) and not output_in_use(out, NAME)
     assert read_lora(out / f"{NAME}-step00000002.safetensors")[1]["ss_steps"] == "2"
 
 
@@ -528,7 +540,7 @@ def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(fir
 
 
 def _without_time(event):
-    return dataclasses.replace(event, elapsed_s=0.0) if isinstance(event, StepEnded) else event
+    return dataclasses.replace(event, elapsed_s=0.0, memory_bytes=None) if isinstance(event, StepEnded) else event
 
 
 def test_iter_events_yields_what_callbacks_get(first_run, world, tmp_path):
@@ -557,7 +569,7 @@ def test_breaking_out_of_iter_events_stops_after_that_step(world, out):
     assert metadata["ss_steps"] == "3"  # the run ended after step 3, its LoRA saved, like Stop at step 3
     recorded = [json.loads(line) for line in (out / f"{NAME}.events.jsonl").read_text().splitlines()]
     assert recorded[-1]["event"] == "TrainEnded" and recorded[-1]["status"] == "stopped"
-    assert not (out / f".{NAME}.lock").exists()  # the run is over: the next one may start
+    assert not output_in_use(out, NAME)  # the run is over: the next one may start
     with pytest.raises(SpykeLoraError, match="already exist"):
         next(iter(iter_events(world.config(output_dir=out))))  # a refusal comes out of the loop
 

@@ -8,7 +8,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spyke_lora import TrainConfig
+from spyke_lora import TrainConfig, _device
+from spyke_lora._device import DeviceFacts
+
+# The machines a unit test can say it runs on. Every unit test runs on one of them, whatever this machine has:
+# the device is injected, never assumed (`make test` must pass on a Linux CPU, a Mac and a CUDA box alike).
+CPU_MACHINE = DeviceFacts("2.14.1", mps_built=False, mps_available=False, cuda_available=False, cuda_device=None)
+MPS_MAC = DeviceFacts("2.14.1", mps_built=True, mps_available=True, cuda_available=False, cuda_device=None)
+CUDA_BOX = DeviceFacts("2.14.1", mps_built=False, mps_available=False, cuda_available=True,
+                       cuda_device="NVIDIA H100 80GB HBM3")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def machine(monkeypatch):
+    """The machine the test runs on: a CPU-only one unless the test calls ``machine(MPS_MAC)`` or such."""
+
+    def on(facts: DeviceFacts) -> DeviceFacts:
+        monkeypatch.setattr(_device, "device_facts", lambda: facts)
+        return facts
+
+    on(CPU_MACHINE)
+    return on
 
 SD1_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 

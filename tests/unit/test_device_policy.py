@@ -179,3 +179,30 @@ def test_generated_dataset_toml(cfg):
         {"image_dir": str(cfg.train_dir), "num_repeats": 10, "is_reg": False, "class_tokens": "spyke_plasma_v1"},
         {"image_dir": str(cfg.reg_dir), "num_repeats": 1, "is_reg": True, "class_tokens": "person"},
     ]
+
+
+def test_the_device_is_named_from_the_machine_lora04():
+    """The readers are injected: a Mac's chip from sysctl, a GPU's name from torch, a Linux CPU from /proc."""
+    from spyke_lora._device import device_name
+
+    asked = []
+
+    def sysctl(key):
+        asked.append(key)
+        return "Apple M1 Pro"
+
+    assert device_name("mps", platform_name="darwin", sysctl=sysctl) == "Apple M1 Pro"
+    assert asked == ["machdep.cpu.brand_string"]
+    assert device_name("cpu", platform_name="darwin", sysctl=sysctl) == "Apple M1 Pro"
+    assert device_name("cuda", cuda_name=lambda: "NVIDIA H100 80GB HBM3") == "NVIDIA H100 80GB HBM3"
+    assert device_name("cpu", platform_name="linux", cpuinfo=lambda: "AMD EPYC 7B13") == "AMD EPYC 7B13"
+    assert device_name("mps", platform_name="darwin", sysctl=lambda key: "") != ""  # falls back to the machine
+
+
+def test_memory_in_use_on_the_cpu_is_the_resident_memory():
+    import psutil
+
+    from spyke_lora._device import memory_reader
+
+    read = memory_reader("cpu")
+    assert abs(read() - psutil.Process().memory_info().rss) < 256 * 2**20

@@ -4,6 +4,8 @@ from spyke_lora import DeviceReport, TrainConfig, doctor
 from spyke_lora._cli import main
 from spyke_lora._engine._host import PINNED_COMMIT, VENDORED
 
+from .conftest import CUDA_BOX, MPS_MAC
+
 
 def config(tmp_path, **changes):
     return TrainConfig(
@@ -12,10 +14,10 @@ def config(tmp_path, **changes):
     )  # fmt: skip
 
 
-def test_this_machine_can_train_on_the_cpu(tmp_path):
-    report = doctor(config(tmp_path))
+def test_a_cpu_only_machine_can_train_on_the_cpu(tmp_path):
+    report = doctor(config(tmp_path))  # the conftest's CPU-only machine, whatever this one has
     assert isinstance(report, DeviceReport) and report.ok
-    assert (report.device, report.mixed_precision) == ("cpu", "no")  # no GPU here
+    assert (report.device, report.mixed_precision) == ("cpu", "no")
     assert (report.sd_scripts_dir, report.sd_scripts_commit, report.sd_scripts_pinned) == (VENDORED, PINNED_COMMIT, True)
     assert report.mps_fallback_set  # the test process imported spyke_lora before torch
     assert report.free_disk_bytes > 0 and report.total_memory_bytes > 2**30
@@ -51,3 +53,23 @@ def test_doctor_command_exit_codes(tmp_path, capsys):
     assert main(["doctor", str(path)]) == 1
     out = capsys.readouterr().out
     assert "problem: `device` is 'cuda' but torch sees no CUDA GPU" in out
+
+
+def test_an_mps_mac_trains_on_mps_without_mixed_precision(tmp_path, machine):
+    """LORA-04 before a run: on an Apple Silicon Mac, `auto` is mps and the recipe's precision is 'no'."""
+    machine(MPS_MAC)
+    report = doctor(config(tmp_path, mixed_precision="fp16"))
+    assert report.ok and (report.device, report.mixed_precision) == ("mps", "no")
+    assert (report.mps_built, report.mps_available, report.cuda_available) == (True, True, False)
+    assert report.warnings[0] == (
+        "mixed_precision 'fp16' changed to 'no' on mps: fp16 mixed precision requires a GPU"
+    )
+    assert "mps             built yes, available yes" in str(report) and "device          mps" in str(report)
+
+
+def test_a_cuda_machine_keeps_fp16(tmp_path, machine):
+    machine(CUDA_BOX)
+    report = doctor(config(tmp_path))
+    assert report.ok and (report.device, report.mixed_precision) == ("cuda", "fp16")
+    assert "cuda            NVIDIA H100 80GB HBM3" in str(report)
+    assert doctor(config(tmp_path, device="mps")).problems[0].startswith("`device` is 'mps' but torch reports MPS")

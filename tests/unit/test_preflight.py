@@ -1,6 +1,5 @@
 """plan(): every bad input refused before anything loads, each message naming its file or field; the step math."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -193,7 +192,11 @@ def test_spyke_step_math_is_sd_scripts_own(tmp_path):
 def test_plan_command(good, tmp_path, capsys):
     path = good.to_toml(tmp_path / "c.toml")
     assert main(["plan", str(path)]) == 0
-    assert "5" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()  # the plan of `good`: 5 steps, a checkpoint every 2
+    assert "steps           60 per epoch x 1 epochs = 5" in lines
+    assert "checkpoints     2, 4, final" in lines
+    assert f"  {good.output_dir / 'spyke_plasma_v1-step00000004.safetensors'}" in lines
+    assert f"  {good.output_dir / 'spyke_plasma_v1.safetensors'}" in lines
     assert main(["plan", str(path), "--set", "resolution=100"]) == 2
     assert "`resolution` must be a multiple of 64, got 100; try 128" in capsys.readouterr().err
     assert main(["plan", str(path), "--set", "save_every_n_steps=3", "--set", "output_name=other"]) == 0
@@ -210,22 +213,17 @@ def test_not_enough_disk_is_refused(good, monkeypatch):
 
 
 def test_a_run_on_an_output_in_use_is_refused_before_loading(good):
-    import subprocess
-    import sys
-
     from spyke_lora import OutputInUse, train
-    from spyke_lora._lock import lock_path
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        good.output_dir.mkdir()
-        lock_path(good).write_text(json.dumps({"pid": sleeper.pid, "host": __import__("socket").gethostname()}))
-        with pytest.raises(OutputInUse, match=f"process {sleeper.pid}"):
-            train(good)
-        assert [p.name for p in good.output_dir.iterdir()] == [".spyke_plasma_v1.lock"]  # nothing else written
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    from .test_lock import held_by_another_process
+
+    good.output_dir.mkdir()
+    with (
+        held_by_another_process(good.output_dir, good.output_name) as holder,
+        pytest.raises(OutputInUse, match=f"process {holder.pid}"),
+    ):
+        train(good)
+    assert [p.name for p in good.output_dir.iterdir()] == [".spyke_plasma_v1.lock"]  # nothing else written
 
 
 def test_samples_in_the_plan_and_prompts_without_the_trigger(good):
