@@ -183,7 +183,7 @@ def memory_reader(device: str) -> Callable[[], int | None]:
         import torch
 
         return lambda: int(torch.cuda.memory_allocated())
-    import psutil  # a dependency of accelerate
+    import psutil
 
     process = psutil.Process()
     return lambda: int(process.memory_info().rss)

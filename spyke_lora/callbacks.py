@@ -27,9 +27,9 @@ def describe(event: Event) -> str:
     """One readable line per event."""
     if isinstance(event, TrainStarted):
         resumed = f", resuming after step {event.resumed_from_step}" if event.resumed_from_step else ""
-        name = f" ({event.device_name})" if event.device_name else ""
+        name = f"{event.device_name}, " if event.device_name else ""
         return (
-            f"started: {event.total_steps} steps on {event.device}{name} (mixed precision {event.mixed_precision}), "
+            f"started: {event.total_steps} steps on {event.device} ({name}mixed precision {event.mixed_precision}), "
             f"writing to {event.output_dir}{resumed}"
         )
     if isinstance(event, StepEnded):

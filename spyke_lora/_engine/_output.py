@@ -39,6 +39,9 @@ class _Routed(io.TextIOBase):
     def flush(self) -> None:
         self.target().flush()
 
+    def writable(self) -> bool:
+        return True
+
     def isatty(self) -> bool:  # tqdm and rich ask: the log is no terminal
         return self.target().isatty()
 

@@ -74,7 +74,7 @@ def test_event_lines_prove_the_device_lora04():
     """The device's name at the start and the memory in use on it after every step: the proof a Mac trains on its
     GPU, in the notebook's progress and in events.jsonl, instead of watching Activity Monitor."""
     started = TrainStarted(920, "mps", "no", Path("/o"), device_name="Apple M1 Pro")
-    assert describe(started) == "started: 920 steps on mps (Apple M1 Pro) (mixed precision no), writing to /o"
+    assert describe(started) == "started: 920 steps on mps (Apple M1 Pro, mixed precision no), writing to /o"
     step = StepEnded(3, 920, 1, 0.12345, 0.2, 1e-4, None, 12.0, memory_bytes=int(5.5 * 2**30))
     assert describe(step) == "step   3/920  epoch 1  loss 0.1235  avg 0.2000  lr 1.00e-04  12.0s  mem 5.50 GiB"
 
