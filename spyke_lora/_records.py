@@ -30,6 +30,7 @@ from typing import IO, Any
 from ._config import TrainConfig
 from ._device import SpykeLoraWarning
 from ._errors import ConfigError
+from ._files import atomic_path, write_atomically
 from ._lock import output_in_use
 from .events import Event, StepEnded, TrainEnded, TrainStarted
 
@@ -80,8 +81,8 @@ class RunRecorder:
     def _start(self, event: TrainStarted) -> None:
         if not event.resumed_from_step:
             self.paths["events"].unlink(missing_ok=True)
-        _write(self.paths["config"], self.cfg.to_toml_string())
-        _write(self.paths["command"], f"#!/bin/sh\n# {self.cfg.output_name}: the same run with sd-scripts' command "
+        write_atomically(self.paths["config"], self.cfg.to_toml_string())
+        write_atomically(self.paths["command"], f"#!/bin/sh\n# {self.cfg.output_name}: the same run with sd-scripts' command "
                f"line\n{self.command}\n")  # fmt: skip
         os.chmod(self.paths["command"], 0o755)
         environment = {
@@ -92,7 +93,7 @@ class RunRecorder:
             "mixed_precision": event.mixed_precision,
             **self.engine,
         }
-        _write(self.paths["environment"], json.dumps(environment, indent=1) + "\n")
+        write_atomically(self.paths["environment"], json.dumps(environment, indent=1) + "\n")
 
 
 def _version(name: str) -> str | None:
@@ -100,12 +101,6 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def event_to_json(event: Event) -> dict[str, Any]:
@@ -296,7 +291,6 @@ def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.Pat
         image.save(path, format="PNG")
         return None
     out = Path(path)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    image.save(tmp)
-    os.replace(tmp, out)
+    with atomic_path(out, keep_suffix=True) as tmp:  # Pillow picks the format from the extension
+        image.save(tmp)
     return out

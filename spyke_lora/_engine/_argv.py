@@ -1,4 +1,5 @@
-"""TrainConfig + device plan -> the exact ``train_network.py`` arguments, and the dataset TOML they point at.
+"""TrainConfig + device plan -> the exact ``train_network.py`` arguments, the dataset TOML they point at, and the
+equivalent shell command.
 
 This is the only place that knows sd-scripts' option names. Building the list is pure; checking it runs sd-scripts'
 own ``setup_parser()``.
@@ -9,14 +10,18 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import shlex
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .._config import TrainConfig, repeats_from_folder_name
-from .._device import DevicePlan
+from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_device, resolve_device
 from .._errors import ConfigError, DeviceError, EngineError
 from .._model import inspect_model
+from ._host import host_for, locate_engine
 
 # Options the library sets itself from config fields or the device policy: extra_args may not set them.
 _MANAGED: dict[str, str] = {
@@ -252,3 +257,50 @@ def parse_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
         raise EngineError(f"sd-scripts rejected the arguments: {message}") from None
     except SystemExit as e:  # pragma: no cover - --help or a version flag in extra_args
         raise EngineError(f"sd-scripts' argument parser exited (code {e.code}); check extra_args") from None
+
+
+def device_plan(cfg: TrainConfig, device: str | None = None) -> DevicePlan:
+    """The device policy for ``cfg``: on ``device`` when given (no hardware check), else on what ``cfg.device``
+    resolves to on this machine."""
+    if device is None:
+        cuda, mps = available_devices()
+        device = resolve_device(cfg.device, cuda_available=cuda, mps_available=mps)
+    elif device not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device must be 'cpu', 'cuda' or 'mps', got {device!r}")
+    xformers = bool(cfg.extra_args.get("xformers", False))
+    return plan_device(
+        device, mixed_precision=cfg.mixed_precision, optimizer_type=cfg.optimizer_type, xformers=xformers
+    )
+
+
+def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
+    """Exactly the ``train_network.py`` arguments :func:`spyke_lora.train` runs for ``cfg``, checked by sd-scripts'
+    own parser. ``device`` ("cpu", "cuda", "mps") applies that device's policy without needing the hardware; by
+    default the device ``cfg.device`` resolves to here. Corrections (e.g. fp16 on MPS) are issued as
+    :class:`SpykeLoraWarning`."""
+    plan = device_plan(cfg, device)
+    for note in plan.corrections:
+        warnings.warn(note, SpykeLoraWarning, stacklevel=2)
+    argv = build_argv(cfg, plan)
+    host = host_for(cfg.sd_scripts_dir)
+    with host.active():
+        parse_argv(host.train_network().setup_parser(), argv)
+    return argv
+
+
+def command_line(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = None) -> str:
+    """The shell command that runs ``cfg`` with the sd-scripts command line: environment, this Python, the engine's
+    ``train_network.py`` and :func:`build_argv`'s arguments (the files they read are written by the run)."""
+    env = [f"{k}={v}" for k, v in run_environment(plan).items()]
+    script = locate_engine(cfg.sd_scripts_dir) / "train_network.py"
+    return " ".join(env + [shlex.join([sys.executable, str(script), *build_argv(cfg, plan, resume_from)])])
+
+
+def run_environment(plan: DevicePlan) -> dict[str, str]:
+    """Environment variables a run on ``plan.device`` needs (set for the run in-process; print them with the
+    command line): MPS's CPU fallback for missing operations; CPU forced even where a GPU exists."""
+    if plan.device == "mps":
+        return {"PYTORCH_ENABLE_MPS_FALLBACK": "1"}
+    if plan.device == "cpu":
+        return {"ACCELERATE_USE_CPU": "true"}
+    return {}

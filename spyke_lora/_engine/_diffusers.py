@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .._config import TrainConfig
 from .._errors import ConfigError
-from ._host import EngineHost
+from ._host import EngineHost, host_for
 
 # The scheduler of the SD1.5 release (its scheduler_config.json), written out so that nothing is downloaded.
 SD15_SCHEDULER = dict(
@@ -54,3 +55,13 @@ def build_pipeline(host: EngineHost, base_model: Path, tokenizer_cache_dir: Path
         scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )  # fmt: skip
+
+
+def diffusers_pipeline(cfg: TrainConfig) -> Any:
+    """A diffusers ``StableDiffusionPipeline`` of ``cfg.base_model`` (SD1.x), converted offline by sd-scripts'
+    ``model_util``, with ``cfg.tokenizer_cache_dir``'s tokenizer when set. See :mod:`._diffusers`."""
+    from .._model import check_base_model
+
+    if check_base_model(cfg.base_model).family != "sd1":
+        raise ConfigError(f"`base_model` {str(cfg.base_model)!r} is SD2.x; diffusers_pipeline() converts SD1.x only")
+    return build_pipeline(host_for(cfg.sd_scripts_dir), cfg.base_model, cfg.tokenizer_cache_dir)

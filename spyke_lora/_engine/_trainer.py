@@ -33,6 +33,7 @@ from types import FrameType, ModuleType, TracebackType
 from typing import Any
 
 from .._errors import EngineError, TrainingError
+from .._files import atomic_path
 from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarted
 from ._process import DeviceGenerator, generators_preserved
 from ._state import DEVICE_RNG_NAME, RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
@@ -44,12 +45,6 @@ class StopRun(BaseException):
 
 class NonFiniteStop(BaseException):
     """Raised inside sd-scripts' loop when the loss has been NaN/Inf too long: end now, save nothing."""
-
-
-def partial_name(final: Path) -> Path:
-    """Where a LoRA file is written before it is renamed to ``final``: same folder (so the rename is atomic), a
-    hidden name that still ends in .safetensors (sd-scripts picks the format from the extension)."""
-    return final.with_name(f".{final.stem}.{os.getpid()}.partial.safetensors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,21 +141,16 @@ class Probe:
             path = Path(file)
             if self.nonfinite_streak:
                 return  # the weights after a NaN/Inf loss are not worth a file
-            partial = partial_name(path)
             try:  # written whole under a temporary name, then renamed: never a truncated file under `path`
-                original_save(str(partial), dtype, metadata)
-                with partial.open("rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(partial, path)
+                with atomic_path(path, keep_suffix=True) as partial:  # sd-scripts picks the format by extension
+                    original_save(str(partial), dtype, metadata)
             except OSError as e:  # a full disk, a vanished folder: stop with the files written so far intact
                 kept = ", ".join(p.name for p in self.saved) or "none"
+                size = self.saved[-1].stat().st_size / 1e6 if self.saved and self.saved[-1].exists() else 75
                 raise TrainingError(
                     f"could not write {path} at step {self.steps_done}: {e}; the run was stopped. Files written "
-                    f"before are intact: {kept}. Free some space (each file is about "
-                    f"{partial.stat().st_size / 1e6 if partial.exists() else 75:.0f} MB) and run again"
+                    f"before are intact: {kept}. Free some space (each file is about {size:.0f} MB) and run again"
                 ) from e
-            finally:
-                partial.unlink(missing_ok=True)
             self.saved.append(path)
             self._emit(CheckpointSaved(self.steps_done, self.epoch, path, path.name == self._last_ckpt_name))
             # a Stop asked for here takes effect at the next safe point, after sd-scripts' bookkeeping

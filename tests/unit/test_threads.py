@@ -9,9 +9,9 @@ import warnings
 import pytest
 
 from spyke_lora import SpykeLoraError, SpykeLoraWarning
-from spyke_lora._engine import _RunSlot
 from spyke_lora._engine._host import VENDORED, host_for, imported_names
-from spyke_lora._engine._output import caller_output, engine_output
+from spyke_lora._engine._run import _RunSlot
+from spyke_lora._engine._streams import caller_output, engine_output
 
 
 def in_thread(target):
