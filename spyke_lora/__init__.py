@@ -16,10 +16,19 @@ _os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import logging as _logging  # noqa: E402
 
 from . import callbacks, events  # noqa: E402
-from ._compare import ColourHistogramScorer, Review, Scorer, contact_sheet, rank_checkpoints, review  # noqa: E402
+from ._choose import (  # noqa: E402
+    Cell,
+    ColourHistogramScorer,
+    Review,
+    SampleWarning,
+    Scorer,
+    StepSummary,
+    contact_sheet,
+    rank_checkpoints,
+    review,
+)
 from ._config import TrainConfig  # noqa: E402
 from ._deploy import DeployResult, deploy  # noqa: E402
-from ._device import SpykeLoraWarning  # noqa: E402
 from ._doctor import DeviceReport, doctor  # noqa: E402
 from ._engine import sd_scripts_argv  # noqa: E402
 from ._errors import (  # noqa: E402
@@ -30,6 +39,7 @@ from ._errors import (  # noqa: E402
     NonFiniteLoss,
     OutputInUse,
     SpykeLoraError,
+    SpykeLoraWarning,
     TrainingError,
 )
 from ._pipeline import diffusers_pipeline  # noqa: E402
@@ -44,6 +54,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Callback",
+    "Cell",
     "CheckpointSaved",
     "ColourHistogramScorer",
     "ConfigError",
@@ -60,10 +71,12 @@ __all__ = [
     "Review",
     "RunRecord",
     "SampleSaved",
+    "SampleWarning",
     "Scorer",
     "SpykeLoraError",
     "SpykeLoraWarning",
     "StepEnded",
+    "StepSummary",
     "Stop",
     "SubsetPlan",
     "TrainConfig",
@@ -88,5 +101,13 @@ __all__ = [
     "sd_scripts_argv",
     "train",
 ]
+
+# Public classes show their public path in reprs, tracebacks and docs (spyke_lora.TrainConfig, not
+# spyke_lora._config.TrainConfig), as httpx does; pickle finds them there too.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and _obj.__module__.startswith("spyke_lora._"):
+        _obj.__module__ = "spyke_lora"
+del _name, _obj
 
 _logging.getLogger("spyke_lora").addHandler(_logging.NullHandler())

@@ -1,8 +1,11 @@
-"""The ``spyke-lora`` command: ``train``, ``argv`` and ``demo``."""
+"""The ``spyke-lora`` command, every subcommand in one table (:func:`main`): ``train``, ``plan``, ``sample``,
+``argv``, ``runs``, ``diff``, ``doctor``, ``compare``, ``deploy`` and ``demo``. Exit codes: 0 done, 1 a run started
+and failed, 2 refused before anything ran, 130 interrupted."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -66,7 +69,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _argv(args: argparse.Namespace) -> int:
-    from ._engine import command_line, device_plan, sd_scripts_argv, write_dataset_toml, write_sample_prompts
+    from ._engine import command_line, device_choice, sd_scripts_argv, write_dataset_toml, write_sample_prompts
 
     cfg = TrainConfig.from_toml(args.config)
     sd_scripts_argv(cfg, device=args.device)  # checked by sd-scripts' parser; corrections warned about
@@ -74,7 +77,7 @@ def _argv(args: argparse.Namespace) -> int:
     for what, path in (("the dataset TOML", written), ("the sample prompts", write_sample_prompts(cfg))):
         if path:
             print(f"# wrote {what} it reads: {path}", file=sys.stderr)
-    print(command_line(cfg, device_plan(cfg, args.device)))
+    print(command_line(cfg, device_choice(cfg, args.device)))
     return 0
 
 
@@ -124,6 +127,36 @@ def _demo(args: argparse.Namespace) -> int:
     print("checkpoints:")
     for saved in result.checkpoints:
         print(f"  step {saved.step}: {saved.path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Write the sheet, print its path, every warning and the ranking. Exit status 0 even with warnings: they are for
+    a person to look at (errors, such as no samples, exit 2)."""
+    from ._choose import ColourHistogramScorer, review, sheet_layout, write_sheet
+
+    sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
+    scorer = ColourHistogramScorer() if args.rank else None
+    rv = review(args.run_dir, args.name, train_images=args.train_images, scorer=scorer)
+    path = write_sheet(rv, args.out, args.cell)
+    print(f"contact sheet: {path}")
+    images = sum(s.images for s in rv.steps)
+    print(f"{len(rv.steps)} steps x {len(rv.columns)} prompt/CFG columns, {images} images, "
+          f"{len(rv.train_images)} training images checked for copies")  # fmt: skip
+    for line in rv.warnings:
+        print(f"warning: {line}")
+    if rv.ranking is not None:
+        print(f"ranking by {rv.scorer} (best first; broken steps last):")
+        broken = {s.step for s in rv.steps if s.broken}
+        for step, score in rv.ranking:
+            print(f"  step {step}: {score:.3f}{'  (broken samples)' if step in broken else ''}")
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from ._deploy import deploy
+
+    print(deploy(args.checkpoint, args.comfyui, args.name, overwrite=args.overwrite, config=args.config))
     return 0
 
 
@@ -183,11 +216,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("config", type=Path, nargs="?", help="check for this config (default: the recipe's settings)")
     p.set_defaults(run=_doctor)
 
-    from ._compare import add_parser as _add_compare
-    from ._deploy import add_parser as _add_deploy
+    p = sub.add_parser(
+        "compare", help="draw a run's samples as a contact sheet (a row per checkpoint) and warn about broken ones"
+    )
+    p.add_argument("run_dir", type=Path, help="the run's output_dir (or its NAME.samples.jsonl)")
+    p.add_argument("--name", help="the run's output_name, when the folder holds several runs")
+    p.add_argument("--out", type=Path, help="where to write the PNG (default: RUN_DIR/NAME.contact-sheet.png)")
+    p.add_argument("--cell", type=int, default=256, metavar="PX", help="size of one sample on the sheet (default 256)")
+    p.add_argument("--train-images", type=Path, metavar="DIR",
+                   help="training images to find copies of (default: the run's train_dir)")  # fmt: skip
+    p.add_argument("--rank", action="store_true",
+                   help="also rank the checkpoints by colour palette (a weak signal; see docs/choosing.md)")  # fmt: skip
+    p.set_defaults(run=_compare)
 
-    _add_compare(sub)  # spyke-lora compare RUN_DIR: the contact sheet and the sample warnings
-    _add_deploy(sub)  # spyke-lora deploy CHECKPOINT --comfyui DIR [--name] [--overwrite] [--config]
+    comfyui = os.environ.get("COMFYUI_DIR") or None
+    p = sub.add_parser(
+        "deploy", help="check a LoRA file and install it into ComfyUI's models/loras (atomic; backups on --overwrite)"
+    )
+    p.add_argument("checkpoint", type=Path, help="the LoRA file, e.g. runs/x/NAME-step00000600.safetensors")
+    p.add_argument("--comfyui", type=Path, default=comfyui, required=comfyui is None, metavar="DIR",
+                   help="the ComfyUI folder (holds main.py and models/); default: $COMFYUI_DIR")  # fmt: skip
+    p.add_argument("--name", help="the file name in ComfyUI, without .safetensors (default: the run's output_name)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different file of that name (kept as a backup)")
+    p.add_argument("--config", type=Path, help="the run's config TOML to record (default: NAME.config.toml beside it)")
+    p.set_defaults(run=_deploy)
 
     p = sub.add_parser("demo", help="train a few steps on a tiny, locally generated model and dataset")
     p.add_argument("--dir", help="where to build the demo (default: a new temporary folder)")

@@ -12,31 +12,28 @@ torch and safetensors are imported only when a file is checked: importing spyke_
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as _dt
 import hashlib
 import json
 import os
 import re
-import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ._config import TrainConfig, tomllib
-from ._device import SpykeLoraWarning
-from ._errors import ConfigError, DeployError
+from ._errors import ConfigError, DeployError, SpykeLoraWarning
+from ._files import atomic_path
+from ._model import HeaderError, read_header
 
-__all__ = ["DeployResult", "add_parser", "deploy", "run_cli"]
+__all__ = ["DeployResult", "deploy"]
 
 # ComfyUI's folder_paths.supported_pt_extensions (the current set; older releases had a subset of it)
 COMFYUI_MODEL_EXTENSIONS = frozenset({".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"})
 BACKUP_DIR = ".spyke-lora-backup"
 SIDECAR_SUFFIX = ".spyke-lora.json"
 
-_MAX_HEADER = 100 * 2**20
 _CHUNK = 2**20
 _LORA_KEY = re.compile(
     r"^(?P<module>lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$"
@@ -139,6 +136,20 @@ def deploy(
 
 # --- the checks ---------------------------------------------------------------------------------------------------
 
+# deploy's words for what read_header finds (HeaderError.problem -> message)
+_NOT_SAFETENSORS = {
+    "pickle": "{where} must be a .safetensors file, got a pickle checkpoint (it would run code when loaded); deploy "
+    "the .safetensors file sd-scripts wrote",
+    "short": "{where} must be a .safetensors file, got {size} bytes; copy the file again",
+    "length": "{where} must be a .safetensors file, got a header length of {length} in a {size}-byte file (not "
+    "safetensors, or cut short); copy the file again",
+    "not json": "{where} must be a .safetensors file, got a header that is not JSON ({detail}); copy the file again",
+    "not object": "{where} must be a .safetensors file, got a header that is not a JSON object",
+    "no offsets": "{where} must be a .safetensors file, got a tensor entry without data_offsets; copy the file again",
+    "truncated": "{where} is truncated or corrupt: its header promises {expected} bytes, got {size}; copy the file "
+    "again, or deploy another checkpoint of the run",
+}
+
 
 def _check_lora(path: Path) -> _Checked:
     where = f"`checkpoint` {str(path)!r}"
@@ -147,38 +158,13 @@ def _check_lora(path: Path) -> _Checked:
                           f"its output_dir)")  # fmt: skip
     if not path.is_file():
         raise DeployError(f"{where} must be a LoRA .safetensors file, got a folder; pass one of the files in it")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if head.startswith((b"PK\x03\x04", b"\x80")):
-            raise DeployError(f"{where} must be a .safetensors file, got a pickle checkpoint (it would run code when "
-                              f"loaded); deploy the .safetensors file sd-scripts wrote")  # fmt: skip
-        if len(head) < 8:
-            raise DeployError(f"{where} must be a .safetensors file, got {size} bytes; copy the file again")
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER or 8 + length > size:
-            raise DeployError(f"{where} must be a .safetensors file, got a header length of {length} in a "
-                              f"{size}-byte file (not safetensors, or cut short); copy the file again")  # fmt: skip
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DeployError(f"{where} must be a .safetensors file, got a header that is not JSON ({e}); copy the "
-                              f"file again") from None  # fmt: skip
-    if not isinstance(header, dict):
-        raise DeployError(f"{where} must be a .safetensors file, got a header that is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
     try:
-        ends = [int(v["data_offsets"][1]) for v in header.values()]
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise DeployError(f"{where} must be a .safetensors file, got a tensor entry without data_offsets; copy the "
-                          f"file again") from None  # fmt: skip
-    expected = 8 + length + max(ends, default=0)
-    if size != expected:
-        raise DeployError(f"{where} is truncated or corrupt: its header promises {expected} bytes, got {size}; copy "
-                          f"the file again, or deploy another checkpoint of the run")  # fmt: skip
-    _check_keys(where, list(header))
+        header = read_header(path)
+    except HeaderError as e:
+        raise DeployError(e.worded(_NOT_SAFETENSORS, where)) from None
+    _check_keys(where, list(header.tensors))
     _check_tensors(where, path)
-    metadata = {str(k): str(v) for k, v in metadata.items()}
+    metadata = {str(k): str(v) for k, v in header.metadata.items()}
     if not any(k.startswith("ss_") for k in metadata):
         warnings.warn(
             f"{where} has no sd-scripts metadata (ss_*); its step, base model and network are unknown, and the "
@@ -186,7 +172,7 @@ def _check_lora(path: Path) -> _Checked:
             SpykeLoraWarning,
             stacklevel=3,
         )
-    return _Checked(path, size, _sha256(path), metadata, len(header))
+    return _Checked(path, header.size, _sha256(path), metadata, len(header.tensors))
 
 
 def _check_keys(where: str, keys: list[str]) -> None:
@@ -339,16 +325,12 @@ def _different_message(final: Path, installed: str, checked: _Checked, step: int
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
-    """The ``__metadata__`` of a safetensors file, or {} when it cannot be read."""
+    """The ``__metadata__`` of a safetensors file, or {} when it cannot be read (its tensors are not checked)."""
     try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > _MAX_HEADER:
-                return {}
-            meta = json.loads(f.read(length)).get("__metadata__") or {}
-            return meta if isinstance(meta, dict) else {}
-    except (OSError, ValueError, struct.error, AttributeError):
+        metadata = read_header(path, complete=False).metadata
+    except (OSError, HeaderError):
         return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
@@ -362,56 +344,32 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":  # Windows cannot open a folder; os.replace is already durable enough there
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_copy(source: Path, folder: Path, final_name: str, expected_sha256: str | None) -> Path:
-    """``source`` copied to ``folder/.FINAL_NAME.<random>.partial`` (a name ComfyUI does not list) and fsynced; the
-    copy's sha256 must be ``expected_sha256`` (the file must not change between the check and the copy)."""
-    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{final_name}.{os.getpid()}.", suffix=".partial")
-    temp = Path(name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            for chunk in iter(lambda: src.read(_CHUNK), b""):
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
-            raise DeployError(
-                f"{source} changed while it was being copied (sha256 {digest.hexdigest()[:8]}, checked "
-                f"{expected_sha256[:8]}); wait until whatever writes it has finished, then deploy again"
-            )
-        os.chmod(temp, 0o644)  # mkstemp makes it 0600; an installed model should read like any other file
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return temp
+def _copy_checked(source: Path, temp: Path, expected_sha256: str | None) -> None:
+    """``source`` copied to ``temp`` (a name ComfyUI does not list, from :func:`atomic_path`); the copy's sha256 must
+    be ``expected_sha256`` (the file must not change between the check and the copy)."""
+    digest = hashlib.sha256()
+    with temp.open("wb") as out, source.open("rb") as src:
+        for chunk in iter(lambda: src.read(_CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
+    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+        raise DeployError(
+            f"{source} changed while it was being copied (sha256 {digest.hexdigest()[:8]}, checked "
+            f"{expected_sha256[:8]}); wait until whatever writes it has finished, then deploy again"
+        )
+    os.chmod(temp, 0o644)  # an installed model reads like any other file, whatever the umask
 
 
 def _copy_atomic(source: Path, final: Path, expected_sha256: str | None) -> None:
-    temp = _temp_copy(source, final.parent, final.name, expected_sha256)
-    try:
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
+    with atomic_path(final) as temp:
+        _copy_checked(source, temp, expected_sha256)
 
 
 def _replace(checked: _Checked, final: Path, installed_sha: str, sidecar: Path) -> Path:
     """Install over a different file, never losing it: the new file is copied next to it first, the old one copied
     to the backup folder (complete and fsynced), then the new one renamed over it. ``final`` is never absent."""
-    temp = _temp_copy(checked.path, final.parent, final.name, checked.sha256)
-    try:
+    with atomic_path(final) as temp:
+        _copy_checked(checked.path, temp, checked.sha256)
         backups = final.parent / BACKUP_DIR
         backups.mkdir(exist_ok=True)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -421,29 +379,7 @@ def _replace(checked: _Checked, final: Path, installed_sha: str, sidecar: Path) 
             _copy_atomic(final, backup, installed_sha)
         if sidecar.is_file():  # the old file's provenance goes with it
             _copy_atomic(sidecar, backups / f"{stem}.{stamp}.{installed_sha[:8]}{SIDECAR_SUFFIX}", None)
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
     return backup
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".partial")
-    temp = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _write_sidecar(path: Path, record: dict[str, Any], *, keep_install_time: bool) -> None:
@@ -456,7 +392,9 @@ def _write_sidecar(path: Path, record: dict[str, Any], *, keep_install_time: boo
         record["backup"] = old.get("backup")
     if old == record:
         return
-    _write_json_atomic(path, record)
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.chmod(temp, 0o644)  # as the LoRA beside it
 
 
 def _int(value: Any) -> int | None:
@@ -528,25 +466,3 @@ def _sidecar_record(
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
-
-
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add ``spyke-lora deploy`` to ``sub`` (the subparsers of the main parser); its handler is :func:`run_cli`."""
-    default = os.environ.get("COMFYUI_DIR") or None
-    p = sub.add_parser(
-        "deploy", help="check a LoRA file and install it into ComfyUI's models/loras (atomic; backups on --overwrite)"
-    )
-    p.add_argument("checkpoint", type=Path, help="the LoRA file, e.g. runs/x/NAME-step00000600.safetensors")
-    p.add_argument("--comfyui", type=Path, default=default, required=default is None, metavar="DIR",
-                   help="the ComfyUI folder (holds main.py and models/); default: $COMFYUI_DIR")  # fmt: skip
-    p.add_argument("--name", help="the file name in ComfyUI, without .safetensors (default: the run's output_name)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different file of that name (kept as a backup)")
-    p.add_argument("--config", type=Path, help="the run's config TOML to record (default: NAME.config.toml beside it)")
-    p.set_defaults(run=run_cli)
-    return p
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    result = deploy(args.checkpoint, args.comfyui, args.name, overwrite=args.overwrite, config=args.config)
-    print(result)
-    return 0

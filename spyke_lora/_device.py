@@ -22,23 +22,18 @@ from ._errors import DeviceError
 
 __all__ = [
     "DeviceFacts",
-    "DevicePlan",
-    "SpykeLoraWarning",
+    "DeviceChoice",
     "available_devices",
     "device_facts",
     "device_name",
     "memory_reader",
-    "plan_device",
+    "choose_device",
     "resolve_device",
 ]
 
 
-class SpykeLoraWarning(UserWarning):
-    """A setting was corrected to one that works (for example fp16 on MPS became no mixed precision)."""
-
-
 @dataclasses.dataclass(frozen=True)
-class DevicePlan:
+class DeviceChoice:
     """What a run does on its device. ``corrections`` says what was changed from the request, and why."""
 
     device: str  # "cuda", "mps" or "cpu"
@@ -70,7 +65,7 @@ def _is_8bit_optimizer(optimizer_type: str) -> bool:
     return "8bit" in name or "bitsandbytes" in name
 
 
-def plan_device(device: str, *, mixed_precision: str, optimizer_type: str, xformers: bool = False) -> DevicePlan:
+def choose_device(device: str, *, mixed_precision: str, optimizer_type: str, xformers: bool = False) -> DeviceChoice:
     """The policy for one resolved device. Raises :class:`DeviceError` for what the device cannot run."""
     corrections: list[str] = []
     if device != "cuda":
@@ -85,11 +80,11 @@ def plan_device(device: str, *, mixed_precision: str, optimizer_type: str, xform
             )
     if device == "cuda":
         precision = "fp16" if mixed_precision == "auto" else mixed_precision
-        return DevicePlan("cuda", precision, False, "xformers" if xformers else "sdpa", None, ())
+        return DeviceChoice("cuda", precision, False, "xformers" if xformers else "sdpa", None, ())
     if mixed_precision in ("fp16", "bf16"):
         why = "fp16 mixed precision requires a GPU" if device == "mps" else "mixed precision gains nothing on CPU"
         corrections.append(f"mixed_precision {mixed_precision!r} changed to 'no' on {device}: {why}")
-    return DevicePlan(device, "no", device == "mps", "sdpa", 0, tuple(corrections))
+    return DeviceChoice(device, "no", device == "mps", "sdpa", 0, tuple(corrections))
 
 
 @dataclasses.dataclass(frozen=True)

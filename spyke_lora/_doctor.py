@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import _device, _engine
 from ._config import TrainConfig
-from ._device import plan_device, resolve_device
+from ._device import choose_device, resolve_device
 from ._errors import DeviceError, EngineError
 
 __all__ = ["DeviceReport", "doctor"]
@@ -92,7 +92,7 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
     try:
         device = resolve_device(requested_device, cuda_available=cuda_available, mps_available=mps_available)
         xformers = bool(cfg.extra_args.get("xformers", False)) if cfg else False
-        plan = plan_device(device, mixed_precision=requested_precision, optimizer_type=optimizer, xformers=xformers)
+        plan = choose_device(device, mixed_precision=requested_precision, optimizer_type=optimizer, xformers=xformers)
         precision = plan.mixed_precision
         warnings += plan.corrections
     except DeviceError as e:

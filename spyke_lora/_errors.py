@@ -10,6 +10,8 @@
      ├── OutputInUse          another live run is writing the same output_dir/output_name
      └── TrainingError        sd-scripts failed while training (the original exception is chained)
           └── NonFiniteLoss   the loss became NaN or infinite; the run was stopped, earlier checkpoints kept
+
+    SpykeLoraWarning (a UserWarning)  a setting was corrected, or something is worth knowing; the run goes on
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ __all__ = [
     "NonFiniteLoss",
     "OutputInUse",
     "SpykeLoraError",
+    "SpykeLoraWarning",
     "TrainingError",
 ]
+
+
+class SpykeLoraWarning(UserWarning):
+    """A setting was corrected to one that works (for example fp16 on MPS became no mixed precision), or something
+    is worth knowing before it matters (a module of yours that steps aside for sd-scripts, a final file not written)."""
 
 
 class SpykeLoraError(Exception):

@@ -8,6 +8,7 @@ leaves the old file or the new one under the final name, never half of one; a fa
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +16,18 @@ from pathlib import Path
 __all__ = ["atomic_path", "fsync_dir", "fsync_file", "temporary_name", "write_atomically"]
 
 
+_SERIAL = itertools.count(1)  # two writers of one file in one process (two threads) never share a temporary
+
+
 def temporary_name(final: Path, *, keep_suffix: bool = False) -> Path:
-    """``.NAME.PID.partial`` next to ``final``: hidden, in the same folder (so the rename is atomic), and not listed
-    by tools that look for ``final``'s extension (ComfyUI, a LoRA loader). ``keep_suffix``: end with ``final``'s
-    suffix anyway, for writers that choose the format from the extension (sd-scripts, Pillow)."""
+    """``.NAME.PID.N.partial`` next to ``final``: hidden, in the same folder (so the rename is atomic), unique to
+    this process and call, and not listed by tools that look for ``final``'s extension (ComfyUI, a LoRA loader).
+    ``keep_suffix``: end with ``final``'s suffix anyway, for writers that choose the format from the extension
+    (sd-scripts, Pillow)."""
+    unique = f"{os.getpid()}.{next(_SERIAL)}"
     if keep_suffix:
-        return final.with_name(f".{final.stem}.{os.getpid()}.partial{final.suffix}")
-    return final.with_name(f".{final.name}.{os.getpid()}.partial")
+        return final.with_name(f".{final.stem}.{unique}.partial{final.suffix}")
+    return final.with_name(f".{final.name}.{unique}.partial")
 
 
 def fsync_file(path: Path) -> None:

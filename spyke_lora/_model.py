@@ -1,8 +1,10 @@
-"""What a base-model file is, from its safetensors header alone (no tensor is read, no torch needed).
+"""Safetensors headers: the one reader of them (:func:`read_header`), and what a base-model file is from its header.
 
 The header is 8 bytes of little-endian length N, then N bytes of JSON naming every tensor with its byte range; the
 tensor data that follows is exactly as long as the largest range end. So the header tells the model family (by key
-names) and whether the file is complete, in milliseconds, for a 2 GB or a 7 GB file alike.
+names) and whether the file is complete, in milliseconds, for a 2 GB or a 7 GB file alike, with no tensor read and
+no torch needed. :func:`read_header` reports what is wrong as facts (:class:`HeaderError`); each caller words them:
+:func:`inspect_model` for a base model here, ``deploy()`` for a LoRA file.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import dataclasses
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["ModelInfo", "check_base_model", "inspect_model"]
+__all__ = ["Header", "HeaderError", "ModelInfo", "check_base_model", "inspect_model", "read_header"]
 
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 _MAX_HEADER = 100 * 2**20
@@ -34,6 +37,90 @@ _FAMILIES = (
 )  # fmt: skip
 
 
+# inspect_model's words for what read_header finds (HeaderError.problem -> message)
+_BASE_MODEL_PROBLEMS = {
+    "pickle": "{where} is a pickle checkpoint; loading one runs arbitrary code, so spyke-lora refuses it: convert it "
+    "to .safetensors with a tool you trust, or get the .safetensors release of the model",
+    "short": "{where} is not a valid .safetensors file (only {size} bytes); download it again",
+    "length": "{where} is not a valid .safetensors file (header length {length} for a {size}-byte file); download or "
+    "copy it again",
+    "not json": "{where} is not a valid .safetensors file (its header is not JSON: {detail})",
+    "not object": "{where} is not a valid .safetensors file (its header is not a JSON object)",
+    "no offsets": "{where} is not a valid .safetensors file (a tensor entry lacks data_offsets)",
+    "truncated": "{where} is truncated or corrupt: its header promises {expected} bytes, the file has {size}; download "
+    "or copy it again",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """A safetensors file's header. ``tensors``: every tensor's name -> its ``dtype``, ``shape`` and
+    ``data_offsets``; ``metadata``: the ``__metadata__`` entry as the file has it ({} when absent); ``length``: N,
+    the length of the JSON; ``size``: the file's size in bytes."""
+
+    tensors: dict[str, Any]
+    metadata: Any
+    length: int
+    size: int
+
+
+class HeaderError(ValueError):
+    """What :func:`read_header` found wrong, as facts for each caller to word (see :meth:`worded`).
+
+    ``problem``: "pickle" (a zip or pickle, not safetensors), "short" (under 8 bytes), "length" (a header length
+    over 100 MiB or past the end of the file), "not json", "not object", "no offsets" (a tensor entry without
+    ``data_offsets``) or "truncated" (the file's size is not the ``expected`` one). ``size``: the file's bytes;
+    ``length``: the header length read; ``detail``: the JSON error."""
+
+    def __init__(
+        self, problem: str, path: Path, size: int, length: int | None = None, expected: int | None = None,
+        detail: str = "",
+    ) -> None:  # fmt: skip
+        super().__init__(f"{path} is not a complete .safetensors file ({problem})")
+        self.problem, self.path, self.size = problem, path, size
+        self.length, self.expected, self.detail = length, expected, detail
+
+    def worded(self, messages: dict[str, str], where: str) -> str:
+        """``messages[problem]`` with ``{where}`` and the facts (``{size}``, ``{length}``, ``{expected}``,
+        ``{detail}``) filled in."""
+        return messages[self.problem].format(
+            where=where, size=self.size, length=self.length, expected=self.expected, detail=self.detail
+        )
+
+
+def read_header(path: str | Path, *, complete: bool = True) -> Header:
+    """The header of a safetensors file, from its first 8 + N bytes only (no tensor is read);
+    :class:`HeaderError` when the file is a pickle or not safetensors, or, with ``complete``, when a tensor entry
+    lacks its byte range or the file is not exactly as long as the header says. ``OSError`` when it cannot be read."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if head.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save) or a pickle's protocol opcode
+            raise HeaderError("pickle", path, size)
+        if len(head) < 8:
+            raise HeaderError("short", path, size)
+        (length,) = struct.unpack("<Q", head)
+        if length > _MAX_HEADER or 8 + length > size:
+            raise HeaderError("length", path, size, length)
+        try:
+            tensors = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise HeaderError("not json", path, size, length, detail=str(e)) from None
+    if not isinstance(tensors, dict):
+        raise HeaderError("not object", path, size, length)
+    metadata = tensors.pop("__metadata__", None) or {}
+    header = Header(tensors, metadata, length, size)
+    if complete:
+        try:
+            data_bytes = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise HeaderError("no offsets", path, size, length) from None
+        if size != 8 + length + data_bytes:
+            raise HeaderError("truncated", path, size, length, expected=8 + length + data_bytes)
+    return header
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     path: Path
@@ -51,44 +138,19 @@ def inspect_model(path: str | Path) -> ModelInfo:
     where = f"`base_model` {str(path)!r}"
     if not path.is_file():
         raise ConfigError(f"{where} does not exist; check the path")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if path.suffix.lower() in _PICKLE_SUFFIXES or head.startswith((b"PK\x03\x04", b"\x80")):
-            raise ConfigError(
-                f"{where} is a pickle checkpoint; loading one runs arbitrary code, so spyke-lora refuses it: "
-                f"convert it to .safetensors with a tool you trust, or get the .safetensors release of the model"
-            )
-        if len(head) < 8:
-            raise ConfigError(f"{where} is not a valid .safetensors file (only {size} bytes); download it again")
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER or 8 + length > size:
-            raise ConfigError(
-                f"{where} is not a valid .safetensors file (header length {length} for a {size}-byte file); "
-                f"download or copy it again"
-            )
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{where} is not a valid .safetensors file (its header is not JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise ConfigError(f"{where} is not a valid .safetensors file (its header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ConfigError(_BASE_MODEL_PROBLEMS["pickle"].format(where=where))
     try:
-        data_bytes = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise ConfigError(f"{where} is not a valid .safetensors file (a tensor entry lacks data_offsets)") from None
-    if size != 8 + length + data_bytes:
-        raise ConfigError(
-            f"{where} is truncated or corrupt: its header promises {8 + length + data_bytes} bytes, the file has "
-            f"{size}; download or copy it again"
-        )
+        header = read_header(path)
+    except HeaderError as e:
+        raise ConfigError(e.worded(_BASE_MODEL_PROBLEMS, where)) from None
     family, description = "unknown", "a file without text-encoder keys (cond_stage_model.*, conditioner.embedders.*)"
     for name, matches, text in _FAMILIES:
-        if any(matches(k) for k in header):
+        if any(matches(k) for k in header.tensors):
             family, description = name, text
             break
-    return ModelInfo(path, family, description, len(header), size, {str(k): str(v) for k, v in metadata.items()})
+    metadata = {str(k): str(v) for k, v in header.metadata.items()}
+    return ModelInfo(path, family, description, len(header.tensors), header.size, metadata)
 
 
 def check_base_model(path: str | Path) -> ModelInfo:

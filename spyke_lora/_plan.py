@@ -92,9 +92,9 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
     :class:`DeviceError` when the device cannot run it."""
     from ._model import check_base_model
 
-    device_plan = _engine.device_plan(cfg)  # DeviceError: the machine, not the data
+    device_choice = _engine.device_choice(cfg)  # DeviceError: the machine, not the data
     problems: list[str] = []
-    warnings: list[str] = list(device_plan.corrections)
+    warnings: list[str] = list(device_choice.corrections)
     family = "unknown"
     try:
         family = check_base_model(cfg.base_model).family
@@ -153,7 +153,7 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
     if problems:
         raise ConfigError(problems)
 
-    count = _engine.count_steps(cfg, device_plan)
+    count = _engine.count_steps(cfg, device_choice)
     if state is not None and state.step >= count.total_steps:
         raise ConfigError(
             f"cannot resume from {state.path}: it is at step {state.step} and this run ends at step "
@@ -178,12 +178,12 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
             f"or save fewer checkpoints (save_every_n_steps)"
         )
     return Plan(
-        device=device_plan.device,
-        mixed_precision=device_plan.mixed_precision,
-        corrections=device_plan.corrections,
+        device=device_choice.device,
+        mixed_precision=device_choice.mixed_precision,
+        corrections=device_choice.corrections,
         base_model=cfg.base_model,
         model_family=family,
-        argv=tuple(_engine.build_argv(cfg, device_plan, state.path if state else None)),
+        argv=tuple(_engine.build_argv(cfg, device_choice, state.path if state else None)),
         subsets=tuple(
             SubsetPlan(s.folder, s.images, captions.get(s.folder, 0), s.repeats, s.is_reg) for s in count.subsets
         ),

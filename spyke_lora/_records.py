@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ._config import TrainConfig
-from ._device import SpykeLoraWarning
-from ._errors import ConfigError
+from ._errors import ConfigError, SpykeLoraWarning
 from ._files import atomic_path, write_atomically
 from ._lock import output_in_use
 from .events import Event, StepEnded, TrainEnded, TrainStarted

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from . import _engine
 from ._config import TrainConfig
-from ._device import SpykeLoraWarning
-from ._errors import ConfigError
+from ._errors import ConfigError, SpykeLoraWarning
 from ._model import check_base_model, inspect_model
 from ._train import Callback, engine_log_path
 from .events import Event, SampleSaved
@@ -48,7 +47,7 @@ def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[Sampl
     callbacks = (callbacks,) if callable(callbacks) else tuple(callbacks)
     files = _files(checkpoints, cfg)
     check_base_model(cfg.base_model)
-    plan = _engine.device_plan(cfg)
+    plan = _engine.device_choice(cfg)
     for note in plan.corrections:
         warnings.warn(note, SpykeLoraWarning, stacklevel=3)
     made: list[SampleSaved] = []

@@ -13,7 +13,7 @@ from typing import Any, Union
 
 from . import _engine
 from ._config import TrainConfig
-from ._device import SpykeLoraWarning
+from ._errors import SpykeLoraWarning
 from ._plan import plan
 from ._records import RunRecorder
 from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted
@@ -140,17 +140,17 @@ def _train(
     started_at = time.perf_counter()
     checked = plan(cfg, resume=resume)  # every check first: a refused run loads nothing and writes nothing
     state = _engine.resolve_resume(cfg, checked.resume_from) if checked.resume_from else None
-    device_plan = _engine.device_plan(cfg)
+    device_choice = _engine.device_choice(cfg)
     root = _engine.locate_engine(cfg.sd_scripts_dir)
     recorder = RunRecorder(
         cfg,
-        _engine.command_line(cfg, device_plan, state.path if state else None),
+        _engine.command_line(cfg, device_choice, state.path if state else None),
         {"sd_scripts": str(root), "sd_scripts_commit": _engine.engine_commit(root) or "unknown"},
     )
     session = _Session((recorder, *((callbacks,) if callable(callbacks) else tuple(callbacks))), let_go)
     for note in checked.warnings:
         warnings.warn(note, SpykeLoraWarning, stacklevel=3)
-    if device_plan.device == "mps" and _mps_fallback_missing():
+    if device_choice.device == "mps" and _mps_fallback_missing():
         warnings.warn(
             "PYTORCH_ENABLE_MPS_FALLBACK=1 was not in the environment when torch was imported, so an operation MPS "
             "lacks will fail instead of running on the CPU; import spyke_lora before torch (it sets the variable) "
@@ -159,11 +159,11 @@ def _train(
             stacklevel=3,
         )
     logger.info(
-        "training %s on %s (mixed precision %s)", cfg.output_name, device_plan.device, device_plan.mixed_precision
+        "training %s on %s (mixed precision %s)", cfg.output_name, device_choice.device, device_choice.mixed_precision
     )
     try:
         outcome = _engine.run(
-            cfg, device_plan, session.emit, session.stop_requested, started_at, state, engine_log_path(engine_log, cfg)
+            cfg, device_choice, session.emit, session.stop_requested, started_at, state, engine_log_path(engine_log, cfg)
         )
     except KeyboardInterrupt:
         final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
@@ -188,8 +188,8 @@ def _train(
         final_path=outcome.final_path,
         checkpoints=tuple(session.checkpoints),
         history=tuple(session.history),
-        device=session.started.device if session.started else device_plan.device,
-        mixed_precision=session.started.mixed_precision if session.started else device_plan.mixed_precision,
+        device=session.started.device if session.started else device_choice.device,
+        mixed_precision=session.started.mixed_precision if session.started else device_choice.mixed_precision,
         stop_reason=session.stop_reason if outcome.stopped else None,
         resumed_from_step=checked.resume_step,
     )

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .._config import TrainConfig, repeats_from_folder_name
-from .._device import DevicePlan, SpykeLoraWarning, available_devices, plan_device, resolve_device
-from .._errors import ConfigError, DeviceError, EngineError
+from .._device import DeviceChoice, available_devices, choose_device, resolve_device
+from .._errors import ConfigError, DeviceError, EngineError, SpykeLoraWarning
 from .._model import inspect_model
 from ._host import host_for, locate_engine
 
@@ -116,7 +116,7 @@ def _subset(folder: Path, repeats: int | None, *, is_reg: bool) -> dict[str, Any
     return {"image_dir": str(folder), "num_repeats": repeats, "is_reg": is_reg, "class_tokens": class_tokens}
 
 
-def build_argv(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = None) -> list[str]:
+def build_argv(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = None) -> list[str]:
     """The ``train_network.py`` arguments for ``cfg`` on ``plan.device`` (continuing the state folder
     ``resume_from`` when given). Pure: no file is read or written."""
     problems = []
@@ -259,7 +259,7 @@ def parse_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
         raise EngineError(f"sd-scripts' argument parser exited (code {e.code}); check extra_args") from None
 
 
-def device_plan(cfg: TrainConfig, device: str | None = None) -> DevicePlan:
+def device_choice(cfg: TrainConfig, device: str | None = None) -> DeviceChoice:
     """The device policy for ``cfg``: on ``device`` when given (no hardware check), else on what ``cfg.device``
     resolves to on this machine."""
     if device is None:
@@ -268,7 +268,7 @@ def device_plan(cfg: TrainConfig, device: str | None = None) -> DevicePlan:
     elif device not in ("cpu", "cuda", "mps"):
         raise DeviceError(f"device must be 'cpu', 'cuda' or 'mps', got {device!r}")
     xformers = bool(cfg.extra_args.get("xformers", False))
-    return plan_device(
+    return choose_device(
         device, mixed_precision=cfg.mixed_precision, optimizer_type=cfg.optimizer_type, xformers=xformers
     )
 
@@ -278,7 +278,7 @@ def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
     own parser. ``device`` ("cpu", "cuda", "mps") applies that device's policy without needing the hardware; by
     default the device ``cfg.device`` resolves to here. Corrections (e.g. fp16 on MPS) are issued as
     :class:`SpykeLoraWarning`."""
-    plan = device_plan(cfg, device)
+    plan = device_choice(cfg, device)
     for note in plan.corrections:
         warnings.warn(note, SpykeLoraWarning, stacklevel=2)
     argv = build_argv(cfg, plan)
@@ -288,7 +288,7 @@ def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
     return argv
 
 
-def command_line(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = None) -> str:
+def command_line(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = None) -> str:
     """The shell command that runs ``cfg`` with the sd-scripts command line: environment, this Python, the engine's
     ``train_network.py`` and :func:`build_argv`'s arguments (the files they read are written by the run)."""
     env = [f"{k}={v}" for k, v in run_environment(plan).items()]
@@ -296,7 +296,7 @@ def command_line(cfg: TrainConfig, plan: DevicePlan, resume_from: Path | None = 
     return " ".join(env + [shlex.join([sys.executable, str(script), *build_argv(cfg, plan, resume_from)])])
 
 
-def run_environment(plan: DevicePlan) -> dict[str, str]:
+def run_environment(plan: DeviceChoice) -> dict[str, str]:
     """Environment variables a run on ``plan.device`` needs (set for the run in-process; print them with the
     command line): MPS's CPU fallback for missing operations; CPU forced even where a GPU exists."""
     if plan.device == "mps":

@@ -20,7 +20,7 @@ from typing import Any
 import toml
 
 from .._config import TrainConfig, repeats_from_folder_name
-from .._device import DevicePlan
+from .._device import DeviceChoice
 from .._errors import ConfigError
 from ._argv import build_argv, dataset_toml_text, parse_argv
 from ._host import host_for
@@ -106,7 +106,7 @@ class StepCount:
     final_name: str
 
 
-def count_steps(cfg: TrainConfig, plan: DevicePlan) -> StepCount:
+def count_steps(cfg: TrainConfig, plan: DeviceChoice) -> StepCount:
     """The step plan of ``cfg``, from sd-scripts' own dataset code (reads image sizes and captions, loads no
     model). Python's ``random`` is left as it was (sd-scripts draws a dataset seed from it)."""
     host = host_for(cfg.sd_scripts_dir)

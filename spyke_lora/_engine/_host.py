@@ -32,8 +32,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .._device import SpykeLoraWarning
-from .._errors import EngineError
+from .._errors import EngineError, SpykeLoraWarning
 
 PINNED_COMMIT = "ae72efb92babe89ff8e70f057e42db68440e8d61"
 PINNED_VERSION = "v0.10.1"

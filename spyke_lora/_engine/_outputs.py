@@ -11,7 +11,7 @@ from .._errors import SpykeLoraError
 from .._files import write_atomically
 from ._argv import dataset_toml_path, dataset_toml_text, sample_prompts_path, sample_prompts_text
 from ._state import find_states
-from ._trainer import SamplePlan
+from ._trainer import SampleSpec
 
 __all__ = [
     "existing_outputs",
@@ -67,7 +67,7 @@ def remove_partial_files(cfg: TrainConfig) -> None:
         return
     # the temporary names (_files.temporary_name, keep_suffix) of NAME, NAME-step00000200 and NAME-000001, and no
     # other output_name's
-    pattern = re.compile(rf"\.{re.escape(cfg.output_name)}(-step\d+|-\d+)?\.\d+\.partial\.safetensors")
+    pattern = re.compile(rf"\.{re.escape(cfg.output_name)}(-step\d+|-\d+)?\.\d+(\.\d+)?\.partial\.safetensors")
     for leftover in cfg.output_dir.iterdir():
         if pattern.fullmatch(leftover.name):
             leftover.unlink(missing_ok=True)
@@ -78,14 +78,14 @@ def samples_manifest_path(cfg: TrainConfig) -> Path:
     return cfg.output_dir / f"{cfg.output_name}.samples.jsonl"
 
 
-def prepare_samples(cfg: TrainConfig, *, fresh: bool) -> SamplePlan | None:
+def prepare_samples(cfg: TrainConfig, *, fresh: bool) -> SampleSpec | None:
     """Write sd-scripts' prompt file; start a new manifest for a fresh run (a resumed one appends to its own)."""
     if write_sample_prompts(cfg) is None:
         return None
     manifest = samples_manifest_path(cfg)
     if fresh:
         manifest.unlink(missing_ok=True)
-    return SamplePlan(
+    return SampleSpec(
         lines=tuple((prompt, float(scale)) for prompt in cfg.sample_prompts for scale in cfg.sample_cfg_scales),
         seed=cfg.sample_seed,
         output_name=cfg.output_name,

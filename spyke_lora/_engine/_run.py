@@ -17,11 +17,12 @@ from types import TracebackType
 from typing import Any
 
 from .._config import TrainConfig
-from .._device import DevicePlan, device_name, memory_reader
+from .._device import DeviceChoice, device_name, memory_reader
 from .._errors import NonFiniteLoss, SpykeLoraError, TrainingError
 from .._lock import output_lock
 from ..events import Event
 from ._argv import build_argv, parse_argv, run_environment
+from ._frames import finish_after_stop
 from ._host import EngineHost, RootLoggerSnapshot, host_for, random_untouched_by_logging
 from ._outputs import prepare_samples, remove_partial_files, write_dataset_toml
 from ._process import (
@@ -35,7 +36,7 @@ from ._process import (
 )
 from ._state import SavedState, remove_partial_states, state_record
 from ._streams import caller_output, engine_output
-from ._trainer import NonFiniteStop, Probe, StopRun, finish_after_stop, trainer_class
+from ._trainer import NonFiniteStop, Probe, StopRun, trainer_class
 
 __all__ = ["Outcome", "run", "sample"]
 
@@ -85,7 +86,7 @@ _SLOT = _RunSlot()
 @contextlib.contextmanager
 def _engine_session(
     cfg: TrainConfig,
-    plan: DevicePlan,
+    plan: DeviceChoice,
     generator: DeviceGenerator | None,
     ending: Callable[[], bool],
     log: Path | None,
@@ -122,7 +123,7 @@ def _to_caller(emit: Callable[[Event], None]) -> Callable[[Event], None]:
 
 def run(
     cfg: TrainConfig,
-    plan: DevicePlan,
+    plan: DeviceChoice,
     emit: Callable[[Event], None],
     stop_requested: Callable[[], bool],
     started_at: float,
@@ -153,7 +154,7 @@ def run(
 
 def sample(
     cfg: TrainConfig,
-    plan: DevicePlan,
+    plan: DeviceChoice,
     files: list[tuple[int, Path]],
     emit: Callable[[Event], None],
     started_at: float,

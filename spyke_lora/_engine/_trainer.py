@@ -11,15 +11,15 @@ Where each event comes from (sd-scripts v0.10.1, ``train_network.py``):
   file sd-scripts saves is seen after it is written.
 
 A stop is a private ``BaseException`` raised at a safe point (right after a step, or before the next batch or
-epoch); ``finish_after_stop`` then runs the end of sd-scripts' ``train()`` itself, with the ``save_model`` closure
-and metadata of the interrupted ``train()`` frame, so the final file is written by sd-scripts' own saving code.
+epoch); :func:`._frames.finish_after_stop` then runs the end of sd-scripts' ``train()`` itself, with the
+``save_model`` closure and metadata of the interrupted ``train()`` frame, so the final file is written by sd-scripts'
+own saving code.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import dataclasses
 import json
 import math
@@ -29,12 +29,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType, ModuleType, TracebackType
+from types import FrameType, ModuleType
 from typing import Any
 
 from .._errors import EngineError, TrainingError
 from .._files import atomic_path
 from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarted
+from ._frames import set_frame_local
 from ._process import DeviceGenerator, generators_preserved
 from ._state import DEVICE_RNG_NAME, RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
 
@@ -48,7 +49,7 @@ class NonFiniteStop(BaseException):
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplePlan:
+class SampleSpec:
     """What sd-scripts' prompt file asks for, line by line, and where the images and their manifest go."""
 
     lines: tuple[tuple[str, float], ...]  # (prompt, CFG scale) of each line of the prompt file
@@ -70,7 +71,7 @@ class Probe:
         max_nonfinite_steps: int = 1,
         resume: SavedState | None = None,
         state_record: dict[str, Any] | None = None,
-        samples: SamplePlan | None = None,
+        samples: SampleSpec | None = None,
         generator: DeviceGenerator | None = None,
         memory: Callable[[], int | None] = lambda: None,
         device_name: str = "",
@@ -288,7 +289,7 @@ class Probe:
         #1999, #1406), so step numbers, checkpoint names and the end of the run would be wrong after an epoch
         boundary. The first ``on_epoch_start`` of a resumed run runs after that line and before the first step:
         the right value is put into train()'s local there."""
-        _set_frame_local(frame, "global_step", self.first_step)
+        set_frame_local(frame, "global_step", self.first_step)
         if int(frame.f_locals["global_step"]) != self.first_step:
             raise EngineError(
                 f"could not continue the step count at {self.first_step} on Python {sys.version.split()[0]}; "
@@ -392,49 +393,3 @@ def trainer_class(train_network: ModuleType) -> type:
 
     _TRAINER_CLASSES[key] = SpykeTrainer
     return SpykeTrainer
-
-
-def _train_frame(tb: TracebackType | None, train_code: Any) -> FrameType | None:
-    found = None
-    while tb is not None:
-        if tb.tb_frame.f_code is train_code:
-            found = tb.tb_frame
-        tb = tb.tb_next
-    return found
-
-
-def finish_after_stop(stop: BaseException, train_network: ModuleType, probe: Probe) -> Path | None:
-    """End the run the way the end of sd-scripts' ``train()`` does, for the step reached; returns the final file
-    (None when no step was taken, so there is nothing worth saving)."""
-    if probe.steps_done == probe.first_step:
-        return None
-    frame = _train_frame(stop.__traceback__, train_network.NetworkTrainer.train.__code__)
-    needed = ("accelerator", "args", "network", "optimizer_eval_fn", "save_model", "global_step")
-    local = frame.f_locals if frame is not None else {}
-    if any(name not in local for name in needed):
-        raise EngineError(
-            "could not save the final LoRA after the stop: this sd-scripts' NetworkTrainer.train() does not have "
-            f"the locals {needed}; the step checkpoints already written are intact"
-        )
-    accelerator, args = local["accelerator"], local["args"]
-    network = accelerator.unwrap_model(local["network"])
-    accelerator.end_training()
-    local["optimizer_eval_fn"]()
-    if args.save_state:  # the state of the step reached, under the step-state name, unless that step saved one
-        step = local["global_step"]
-        state_name = train_network.train_util.STEP_STATE_NAME.format(args.output_name, step)
-        if not os.path.isdir(os.path.join(args.output_dir, state_name)) and "current_step" in local:
-            local["current_step"].value = step - 1  # what train_state.json records: this value + 1
-            train_network.train_util.save_and_remove_state_stepwise(args, accelerator, step)
-    name = train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
-    local["save_model"](name, network, local["global_step"], probe.epoch, force_sync_upload=True)
-    return probe.written(Path(os.path.join(args.output_dir, name)))
-
-
-def _set_frame_local(frame: FrameType, name: str, value: Any) -> None:
-    """Assign a local variable of a running frame: write-through ``f_locals`` on Python >= 3.13 (PEP 667); before,
-    ``f_locals`` is a snapshot that ``PyFrame_LocalsToFast`` copies back (what debuggers do)."""
-    local = frame.f_locals
-    local[name] = value
-    if sys.version_info < (3, 13):
-        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))

@@ -1,23 +1,21 @@
 """Contact sheets, sample checks and checkpoint ranking, on a fake run folder of generated images (no engine)."""
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from spyke_lora._compare import (
-    MISSING,
+from spyke_lora._choose import (
     ColourHistogramScorer,
-    add_parser,
     check_sample,
     contact_sheet,
     rank_checkpoints,
     review,
-    run_cli,
     sheet_layout,
 )
+from spyke_lora._choose._sheet import MISSING
+from spyke_lora._cli import main
 from spyke_lora._errors import ConfigError
 
 NAME = "spyke_plasma_v1"
@@ -298,13 +296,10 @@ def test_a_folder_without_samples_is_refused_with_the_way_to_make_them(tmp_path)
 def test_the_compare_command_writes_the_sheet_and_prints_the_warnings(tmp_path, capsys):
     run = fake_run(tmp_path / "run", image=lambda s, p, c: Image.new("RGB", (64, 64)) if s == 400 and c == 7
                    else noise_image(s + int(c) + len(p)))  # fmt: skip
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["compare", str(run), "--cell", "96", "--out", str(tmp_path / "sheet.png")])
-    assert args.run(args) == 0
+    assert main(["compare", str(run), "--cell", "96", "--out", str(tmp_path / "sheet.png")]) == 0
     out = capsys.readouterr().out
     assert f"contact sheet: {tmp_path / 'sheet.png'}" in out
     assert out.count("warning: step 400, CFG 7") == 2 and "all black (NaN weights?)" in out
     assert Image.open(tmp_path / "sheet.png").size == (sheet_layout(2, 4, 96).width, sheet_layout(2, 4, 96).height)
-    assert run_cli(parser.parse_args(["compare", str(run), "--name", NAME])) == 0
+    assert main(["compare", str(run), "--name", NAME]) == 0
     assert (run / f"{NAME}.contact-sheet.png").is_file()

@@ -1,6 +1,5 @@
 """deploy(): checks a LoRA file, installs it into a fake ComfyUI folder atomically, never loses the file it replaces."""
 
-import argparse
 import json
 import os
 import re
@@ -12,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from spyke_lora import SpykeLoraError, SpykeLoraWarning, TrainConfig
-from spyke_lora._deploy import BACKUP_DIR, DeployResult, add_parser, deploy, run_cli
+from spyke_lora import SpykeLoraWarning, TrainConfig
+from spyke_lora._cli import main
+from spyke_lora._deploy import BACKUP_DIR, DeployResult, deploy
 from spyke_lora._errors import DeployError
 
 MODULE = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -325,31 +325,23 @@ def test_an_explicit_config(comfy, lora, tmp_path):
 
 
 def test_cli(comfy, lora, tmp_path, capsys, monkeypatch):
-    parser = argparse.ArgumentParser(prog="spyke-lora")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["deploy", str(lora), "--comfyui", str(comfy), "--name", "spyke_plasma_v1"])
-    assert args.run(args) == 0
+    assert main(["deploy", str(lora), "--comfyui", str(comfy), "--name", "spyke_plasma_v1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("installed spyke_plasma_v1.safetensors (step 600, sha256 ")
 
     other = write_lora(tmp_path / "o.safetensors", scale=5.0)
-    args = parser.parse_args(["deploy", str(other), "--comfyui", str(comfy)])
-    with pytest.raises(SpykeLoraError, match="--overwrite"):
-        run_cli(args)
-    monkeypatch.setenv("COMFYUI_DIR", str(comfy))
-    parser = argparse.ArgumentParser(prog="spyke-lora")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["deploy", str(other), "--overwrite"])
-    assert args.comfyui == comfy and run_cli(args) == 0
+    assert main(["deploy", str(other), "--comfyui", str(comfy)]) == 2  # refused: nothing was installed
+    err = capsys.readouterr().err
+    assert err.startswith("spyke-lora: error: ") and "--overwrite" in err
+    monkeypatch.setenv("COMFYUI_DIR", str(comfy))  # the default folder
+    assert main(["deploy", str(other), "--overwrite"]) == 0
     assert capsys.readouterr().out.startswith("replaced spyke_plasma_v1.safetensors")
 
 
 def test_cli_needs_comfyui_without_the_environment(monkeypatch, lora, capsys):
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
-    parser = argparse.ArgumentParser(prog="spyke-lora")
-    add_parser(parser.add_subparsers(dest="command", required=True))
     with pytest.raises(SystemExit):
-        parser.parse_args(["deploy", str(lora)])
+        main(["deploy", str(lora)])
     assert "--comfyui" in capsys.readouterr().err
 
 

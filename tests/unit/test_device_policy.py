@@ -8,7 +8,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from spyke_lora import ConfigError, DeviceError, SpykeLoraWarning, TrainConfig, sd_scripts_argv
-from spyke_lora._device import plan_device, resolve_device
+from spyke_lora._device import choose_device, resolve_device
 
 
 @pytest.fixture
@@ -42,28 +42,28 @@ def test_an_unavailable_device_is_an_error():
 
 
 def test_mps_plan():
-    plan = plan_device("mps", mixed_precision="fp16", optimizer_type="AdamW")
+    plan = choose_device("mps", mixed_precision="fp16", optimizer_type="AdamW")
     assert (plan.mixed_precision, plan.full_precision_vae, plan.attention, plan.data_loader_workers) == (
         "no", True, "sdpa", 0,
     )  # fmt: skip
     assert plan.corrections == (
         "mixed_precision 'fp16' changed to 'no' on mps: fp16 mixed precision requires a GPU",
     )
-    assert plan_device("mps", mixed_precision="auto", optimizer_type="AdamW").corrections == ()
+    assert choose_device("mps", mixed_precision="auto", optimizer_type="AdamW").corrections == ()
 
 
 @pytest.mark.parametrize("optimizer", ["AdamW8bit", "PagedAdamW8bit", "Lion8bit", "bitsandbytes.optim.AdEMAMix8bit"])
 def test_8bit_optimizers_are_refused_off_cuda(optimizer):
     with pytest.raises(DeviceError, match=f"`optimizer_type` '{optimizer}' needs bitsandbytes.*use optimizer_type = 'AdamW'"):
-        plan_device("mps", mixed_precision="auto", optimizer_type=optimizer)
-    assert plan_device("cuda", mixed_precision="auto", optimizer_type=optimizer).mixed_precision == "fp16"
+        choose_device("mps", mixed_precision="auto", optimizer_type=optimizer)
+    assert choose_device("cuda", mixed_precision="auto", optimizer_type=optimizer).mixed_precision == "fp16"
 
 
 def test_cuda_honours_the_requested_precision():
-    assert plan_device("cuda", mixed_precision="auto", optimizer_type="AdamW").mixed_precision == "fp16"
-    assert plan_device("cuda", mixed_precision="bf16", optimizer_type="AdamW").mixed_precision == "bf16"
-    assert plan_device("cuda", mixed_precision="no", optimizer_type="AdamW").mixed_precision == "no"
-    plan = plan_device("cuda", mixed_precision="fp16", optimizer_type="AdamW", xformers=True)
+    assert choose_device("cuda", mixed_precision="auto", optimizer_type="AdamW").mixed_precision == "fp16"
+    assert choose_device("cuda", mixed_precision="bf16", optimizer_type="AdamW").mixed_precision == "bf16"
+    assert choose_device("cuda", mixed_precision="no", optimizer_type="AdamW").mixed_precision == "no"
+    plan = choose_device("cuda", mixed_precision="fp16", optimizer_type="AdamW", xformers=True)
     assert plan.attention == "xformers" and plan.corrections == () and not plan.full_precision_vae
 
 

@@ -18,7 +18,7 @@ from spyke_lora._engine._process import (
     preserved_random_state,
 )
 from spyke_lora._engine._state import DEVICE_RNG_NAME, partial_state_dir
-from spyke_lora._engine._trainer import Probe, SamplePlan
+from spyke_lora._engine._trainer import Probe, SampleSpec
 
 
 class StandIn:
@@ -40,7 +40,7 @@ class StandIn:
 
 def probe_for(tmp_path, generator, sampler_effect):
     folder = tmp_path / "sample"
-    plan = SamplePlan(lines=(("spyke_plasma_v1", 7.0),), seed=1, output_name="spyke", folder=folder,
+    plan = SampleSpec(lines=(("spyke_plasma_v1", 7.0),), seed=1, output_name="spyke", folder=folder,
                       manifest=tmp_path / "spyke.samples.jsonl")  # fmt: skip
     events = []
     probe = Probe(events.append, lambda: False, 0.0, lambda: None, samples=plan, generator=generator)

@@ -97,6 +97,22 @@ def test_public_names_are_exactly_all():
     assert spyke_lora.__all__ == sorted(spyke_lora.__all__)
 
 
+def test_public_classes_show_their_public_path_and_pickle():
+    import pickle
+
+    for name in spyke_lora.__all__:
+        obj = getattr(spyke_lora, name)
+        if isinstance(obj, type):
+            assert "._" not in obj.__module__, f"{name} shows the private module {obj.__module__}"
+            assert getattr(sys.modules[obj.__module__], name) is obj  # where the repr says it is
+    assert repr(spyke_lora.Stop("x")).startswith("Stop(")
+    assert spyke_lora.TrainConfig.__module__ == "spyke_lora"
+    error = spyke_lora.ConfigError("`resolution` must be a multiple of 64, got 500; try 512.")
+    assert type(pickle.loads(pickle.dumps(error))) is spyke_lora.ConfigError
+    result = spyke_lora.TrainResult("completed", 1, None, (), (), "cpu", "no")
+    assert pickle.loads(pickle.dumps(result)) == result
+
+
 def test_every_error_derives_from_the_root():
     for name in ("ConfigError", "DeviceError", "EngineError", "TrainingError"):
         assert issubclass(getattr(spyke_lora, name), spyke_lora.SpykeLoraError)

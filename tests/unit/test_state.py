@@ -8,6 +8,7 @@ import pytest
 
 from spyke_lora import ConfigError, plan
 from spyke_lora._engine import existing_outputs
+from spyke_lora._engine._frames import set_frame_local
 from spyke_lora._engine._state import (
     RECORD_NAME,
     find_states,
@@ -15,7 +16,6 @@ from spyke_lora._engine._state import (
     resolve_resume,
     state_record,
 )
-from spyke_lora._engine._trainer import _set_frame_local
 
 NAME = "spyke_plasma_v1"
 
@@ -151,7 +151,7 @@ def test_a_running_frames_local_can_be_corrected():
         return value
 
     def callee():
-        _set_frame_local(sys._getframe(1), "value", 7)
+        set_frame_local(sys._getframe(1), "value", 7)
 
     assert caller() == 7
 

@@ -1,0 +1,267 @@
+"""The review of a run's samples: reading ``NAME.samples.jsonl``, checking every sample, one row per checkpoint.
+
+A run's ``NAME.samples.jsonl`` lists every sample image (step, prompt, CFG scale, seed, path, checkpoint).
+:func:`review` reads it, finds the training images, runs :func:`~spyke_lora._choose._checks.check_sample` on each
+sample and, with a scorer, ranks the steps; its :class:`Review` is what the contact sheet draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._config import tomllib
+from .._errors import ConfigError
+from ._checks import _BROKEN, PathLike, SampleWarning, _References, check_sample
+from ._rank import _order, _scores
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._scorers import Scorer
+
+__all__ = ["Cell", "Review", "StepSummary", "review"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One sample of the sheet: a step x (prompt, CFG scale). ``path`` is None when no image was made."""
+
+    step: int
+    prompt: str
+    cfg_scale: float
+    seed: int | None
+    path: Path | None
+    checkpoint: str | None  # the LoRA file's name; None for the base model (step 0) or an unknown file
+    warnings: tuple[SampleWarning, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.warnings
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSummary:
+    """One row: a checkpoint. ``broken``: one of its samples is black, flat or NaN (do not use the file)."""
+
+    step: int
+    checkpoint: str | None
+    images: int  # samples found on disk
+    missing: int  # cells without an image
+    warnings: int
+    broken: bool
+    score: float | None = None  # the scorer's, when one was given
+
+
+@dataclasses.dataclass(frozen=True)
+class Review:
+    """What :func:`review` found in one run's samples. ``warnings``: one line per problem, as the CLI prints them;
+    ``ranking``: ``(step, score)`` best first when a scorer was given (broken steps last; the base model, step 0,
+    is not ranked), else None."""
+
+    name: str
+    run_dir: Path
+    manifest: Path
+    columns: tuple[tuple[str, float], ...]  # (prompt, cfg_scale), in sheet order
+    cells: tuple[Cell, ...]  # every step x column, rows in step order
+    steps: tuple[StepSummary, ...]
+    train_images: tuple[Path, ...]
+    warnings: tuple[str, ...]
+    ranking: tuple[tuple[int, float], ...] | None = None
+    scorer: str | None = None
+
+    def cell(self, step: int, prompt: str, cfg_scale: float) -> Cell:
+        for c in self.cells:
+            if c.step == step and c.prompt == prompt and c.cfg_scale == float(cfg_scale):
+                return c
+        raise KeyError((step, prompt, cfg_scale))
+
+    def row(self, step: int) -> tuple[Cell, ...]:
+        return tuple(c for c in self.cells if c.step == step)
+
+
+def _manifest(run_dir: PathLike, name: str | None) -> tuple[Path, str]:
+    path = Path(run_dir).expanduser()
+    if path.is_file() and path.name.endswith(".samples.jsonl"):
+        return path, path.name[: -len(".samples.jsonl")]
+    if not path.is_dir():
+        raise ConfigError(f"{str(path)!r} is not a folder; give the output_dir of a run")
+    if name is not None:
+        manifest = path / f"{name}.samples.jsonl"
+        if not manifest.is_file():
+            others = sorted(p.name[: -len(".samples.jsonl")] for p in path.glob("*.samples.jsonl"))
+            hint = f" (it has the samples of {', '.join(others)})" if others else ""
+            raise ConfigError(f"{path} has no {name}.samples.jsonl{hint}; check the name, or make samples with "
+                              "`sample_prompts` in training or `spyke-lora sample`")  # fmt: skip
+        return manifest, name
+    found = sorted(path.glob("*.samples.jsonl"))
+    if not found:
+        raise ConfigError(f"{path} has no NAME.samples.jsonl, so there are no samples to compare; train with "
+                          "`sample_prompts` set, or sample the saved files with `spyke-lora sample`")  # fmt: skip
+    if len(found) > 1:
+        names = ", ".join(p.name[: -len(".samples.jsonl")] for p in found)
+        raise ConfigError(f"{path} holds the samples of several runs ({names}); pick one with name= (--name)")
+    return found[0], found[0].name[: -len(".samples.jsonl")]
+
+
+def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
+    """The manifest's entries, the newest for each (step, prompt, CFG scale), in first-appearance order."""
+    entries: dict[tuple[int, str, float], dict[str, Any]] = {}
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        try:
+            item = json.loads(line)
+            key = (int(item["step"]), str(item["prompt"]), float(item["cfg_scale"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+        entries[key] = {**entries.get(key, {}), **item}  # keeps the first position, takes the newest values
+    if not entries:
+        raise ConfigError(f"{manifest} lists no samples yet; sample the run's files with `spyke-lora sample`")
+    return [{**item, "_key": key} for key, item in entries.items()]
+
+
+def _sample_path(text: Any, run_dir: Path) -> Path | None:
+    if not text:
+        return None
+    path = Path(str(text)).expanduser()
+    if not path.is_absolute():
+        return run_dir / path
+    if not path.exists() and (run_dir / "sample" / path.name).exists():  # the run folder was moved
+        return run_dir / "sample" / path.name
+    return path
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # fmt: skip
+
+
+def _training_images(run_dir: Path, name: str, given: PathLike | Sequence[PathLike] | None) -> list[Path]:
+    """``given`` (image files and folders), else the ``train_dir`` (or non-regularisation dataset folders) of the
+    run's NAME.config.toml, else none."""
+    if given is not None:
+        items = [given] if isinstance(given, (str, os.PathLike)) else list(given)
+        out: list[Path] = []
+        for item in items:
+            path = Path(item).expanduser()
+            if path.is_dir():
+                out += _images_in(path)
+            elif path.is_file():
+                out.append(path)
+            else:
+                raise ConfigError(f"training image {str(path)!r} does not exist; check the path")
+        return out
+    config = run_dir / f"{name}.config.toml"
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    folders = []
+    if isinstance(data.get("train_dir"), str) and data["train_dir"].lower() != "none":
+        folders.append(_join(config.parent, data["train_dir"]))
+    elif isinstance(data.get("dataset_config"), str):
+        dataset = _join(config.parent, data["dataset_config"])
+        try:
+            spec = tomllib.loads(dataset.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            spec = {}
+        for ds in spec.get("datasets", []):
+            for subset in ds.get("subsets", []):
+                if isinstance(subset.get("image_dir"), str) and not subset.get("is_reg", False):
+                    folders.append(_join(dataset.parent, subset["image_dir"]))
+    return [p for folder in folders if folder.is_dir() for p in _images_in(folder)]
+
+
+def _join(base: Path, text: str) -> Path:
+    return Path(os.path.normpath(base / Path(text).expanduser()))
+
+
+def _shown(path: Path, run_dir: Path) -> str:
+    try:
+        return str(path.relative_to(run_dir))
+    except ValueError:
+        return str(path)
+
+
+def _prompt_text(prompt: str, width: int = 40) -> str:
+    return prompt if len(prompt) <= width else prompt[: width - 3].rstrip() + "..."
+
+
+def _step_text(step: int) -> str:
+    return "step 0 (base model)" if step == 0 else f"step {step}"
+
+
+def review(
+    run_dir: PathLike,
+    name: str | None = None,
+    *,
+    train_images: PathLike | Sequence[PathLike] | None = None,
+    scorer: Scorer | None = None,
+) -> Review:
+    """Check every sample of a run: reads ``RUN_DIR/NAME.samples.jsonl`` (``name`` picks the run when the folder
+    holds several; ``run_dir`` may also be the manifest itself), runs :func:`check_sample` on each image, and,
+    with a ``scorer``, ranks the steps (:func:`rank_checkpoints`).
+
+    ``train_images``: image files or folders to look for near-duplicates in; None: the ``train_dir`` of the run's
+    ``NAME.config.toml`` when it still exists; ``()``: no near-duplicate check."""
+    manifest, name = _manifest(run_dir, name)
+    folder = manifest.parent
+    entries = _read_manifest(manifest)
+    prompts: list[str] = []
+    for item in entries:
+        if item["_key"][1] not in prompts:
+            prompts.append(item["_key"][1])
+    columns = sorted({item["_key"][1:] for item in entries}, key=lambda pc: (prompts.index(pc[0]), pc[1]))
+    by_key = {item["_key"]: item for item in entries}
+    steps = sorted({item["_key"][0] for item in entries})
+    train = _training_images(folder, name, train_images)
+    references = _References(train)
+
+    cells, lines = [], []
+    for step in steps:
+        for prompt, cfg in columns:
+            item = by_key.get((step, prompt, cfg))
+            where = f'{_step_text(step)}, CFG {cfg:g}, "{_prompt_text(prompt)}"'
+            if item is None:
+                found = (SampleWarning("missing", "no sample in the manifest", "missing"),)
+                cells.append(Cell(step, prompt, cfg, None, None, None, found))
+                lines.append(f"{where}: no sample in the manifest")
+                continue
+            path = _sample_path(item.get("path"), folder)
+            checkpoint = Path(str(item["checkpoint"])).name if item.get("checkpoint") else None
+            seed = item.get("seed") if isinstance(item.get("seed"), int) else None
+            if path is None or not path.is_file():
+                shown = _shown(path, folder) if path else "(no path)"
+                found = (SampleWarning("missing", f"image missing: {shown}", "missing"),)
+            else:
+                try:
+                    found = tuple(check_sample(path, references))
+                except (OSError, ValueError) as e:
+                    found = (SampleWarning("unreadable", f"image cannot be read ({e})", "unreadable"),)
+            cells.append(Cell(step, prompt, cfg, seed, path, checkpoint, found))
+            suffix = f" — {_shown(path, folder)}" if path is not None and path.is_file() else ""
+            lines += [f"{where}: {w.message}{suffix}" for w in found]
+
+    summaries = []
+    for step in steps:
+        row = [c for c in cells if c.step == step]
+        images = [c for c in row if c.path is not None and not any(w.kind in ("missing", "unreadable")
+                                                                   for w in c.warnings)]  # fmt: skip
+        broken = [c for c in images if any(w.kind in _BROKEN for w in c.warnings)]
+        checkpoint = next((c.checkpoint for c in row if c.checkpoint), None)
+        summaries.append(StepSummary(step, checkpoint, len(images), len(row) - len(images),
+                                     sum(len(c.warnings) for c in row), bool(broken)))  # fmt: skip
+        if images and len(broken) == len(images):
+            lines.append(f"{_step_text(step)}: every sample is black, flat or NaN: the weights are broken; do not "
+                         "use this file")  # fmt: skip
+
+    ranking = None
+    if scorer is not None:
+        scores = _scores(cells, summaries, scorer, train)
+        ranking = _order(scores, {s.step for s in summaries if s.broken})
+        summaries = [dataclasses.replace(s, score=scores.get(s.step)) for s in summaries]
+    return Review(name, folder, manifest, tuple(columns), tuple(cells), tuple(summaries), tuple(train),
+                  tuple(lines), ranking, getattr(scorer, "name", type(scorer).__name__) if scorer else None)  # fmt: skip

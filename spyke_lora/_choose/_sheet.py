@@ -1,0 +1,262 @@
+"""The contact sheet: every checkpoint's samples drawn as one PNG, a row per step and a column per prompt and CFG
+scale, with a warning mark on every sample that looks broken or copies a training image (:func:`contact_sheet`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._errors import ConfigError
+from .._files import atomic_path
+from ._checks import PathLike, _open, _to_array
+from ._review import Cell, Review, review
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._scorers import Scorer
+
+__all__ = ["SheetLayout", "contact_sheet", "sheet_layout", "write_sheet"]
+
+BACKGROUND = (255, 255, 255)
+LETTERBOX = (40, 40, 40)
+MISSING = (160, 160, 160)
+TEXT = (20, 20, 20)
+SMALL_TEXT = (90, 90, 90)
+BROKEN_COLOUR = (214, 39, 40)  # black, uniform, NaN, unreadable
+DUPLICATE_COLOUR = (255, 127, 14)  # near-duplicate
+PROMPT_LINES = 4  # header lines for the prompt (then one for the CFG scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class SheetLayout:
+    """Where everything goes on a sheet of ``rows`` steps x ``cols`` (prompt, CFG) columns of ``cell`` px.
+
+    ``width = label_width + cols * (cell + gap) + gap``; ``height = header_height + rows * (cell + gap) + gap``."""
+
+    rows: int
+    cols: int
+    cell: int
+    gap: int
+    label_width: int
+    header_height: int
+    font_size: int
+    small_font_size: int
+    line_height: int
+
+    @property
+    def width(self) -> int:
+        return self.label_width + self.cols * (self.cell + self.gap) + self.gap
+
+    @property
+    def height(self) -> int:
+        return self.header_height + self.rows * (self.cell + self.gap) + self.gap
+
+    def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a cell, right and bottom exclusive."""
+        x = self.label_width + self.gap + col * (self.cell + self.gap)
+        y = self.header_height + self.gap + row * (self.cell + self.gap)
+        return x, y, x + self.cell, y + self.cell
+
+    def label_box(self, row: int) -> tuple[int, int, int, int]:
+        _, y0, _, y1 = self.cell_box(row, 0)
+        return 0, y0, self.label_width, y1
+
+    def header_box(self, col: int) -> tuple[int, int, int, int]:
+        x0, _, x1, _ = self.cell_box(0, col)
+        return x0, 0, x1, self.header_height
+
+
+def sheet_layout(rows: int, cols: int, cell: int = 256) -> SheetLayout:
+    """The layout of a sheet; the font is about 15 px at ``cell`` 256 and scales with it (11 px at least)."""
+    if cell < 64:
+        raise ConfigError(f"the cell size must be at least 64 px, got {cell}")
+    font = max(11, round(cell * 15 / 256))
+    small = max(9, round(font * 0.75))
+    line = round(font * 1.3)
+    gap = max(4, cell // 32)
+    return SheetLayout(rows=rows, cols=cols, cell=cell, gap=gap, label_width=11 * font,
+                       header_height=(PROMPT_LINES + 1) * line + 2 * gap, font_size=font, small_font_size=small,
+                       line_height=line)  # fmt: skip
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # an old Pillow, or one without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` px (words, else characters), at most ``max_lines`` (the last
+    ending in "..." when cut)."""
+    fits = lambda s: draw.textlength(s, font=font) <= width  # noqa: E731
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and fits(candidate):
+            lines[-1] = candidate
+            continue
+        while not fits(word) and len(word) > 1:  # too long for a line of its own: break it
+            cut = len(word) - 1
+            while cut > 1 and not fits(word[:cut]):
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and not fits(last + "..."):
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last.rstrip() + "..."]
+    return lines
+
+
+def _draw_lines(draw, xy: tuple[int, int], lines: Sequence[str], font, fill, line_height: int, centre: int = 0):
+    x, y = xy
+    for line in lines:
+        left = x + (centre - draw.textlength(line, font=font)) / 2 if centre else x
+        draw.text((left, y), line, font=font, fill=fill)
+        y += line_height
+    return y
+
+
+def _paste(sheet, path: Path, box: tuple[int, int, int, int]) -> bool:
+    from PIL import Image
+
+    try:
+        image = _open(path)
+        if image.mode not in ("RGB", "L"):
+            array = np.nan_to_num(np.clip(_to_array(image), 0, 1))
+            image = Image.fromarray((array * 255 + 0.5).astype(np.uint8), "RGB")
+        image = image.convert("RGB")
+    except (OSError, ValueError):
+        return False
+    size = box[2] - box[0]
+    if max(image.size) > size:
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    elif max(image.size) < size:  # small samples are enlarged to the cell, keeping the aspect
+        scale = size / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.LANCZOS)  # fmt: skip
+    sheet.paste(LETTERBOX, box)
+    sheet.paste(image, (box[0] + (size - image.width) // 2, box[1] + (size - image.height) // 2))
+    return True
+
+
+def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
+    from PIL import Image, ImageDraw
+
+    steps = [s.step for s in rv.steps]
+    layout = sheet_layout(len(steps), len(rv.columns), cell)
+    font, small = _font(layout.font_size), _font(layout.small_font_size)
+    line, gap = layout.line_height, layout.gap
+    small_line = round(layout.small_font_size * 1.3)
+    sheet = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+
+    # top-left corner: the run
+    corner = _wrap(draw, rv.name, font, layout.label_width - 2 * gap, 2)
+    y = _draw_lines(draw, (gap, gap), corner, font, TEXT, line)
+    notes = [f"{len(rv.warnings)} warning{'s' if len(rv.warnings) != 1 else ''}"]
+    if rv.ranking:
+        notes.append(f"ranked by {rv.scorer}")
+    _draw_lines(draw, (gap, y), notes, small, SMALL_TEXT, small_line)
+
+    # column headers: each prompt over its columns, then the CFG scale of each
+    col = 0
+    while col < len(rv.columns):
+        prompt = rv.columns[col][0]
+        span = 1
+        while col + span < len(rv.columns) and rv.columns[col + span][0] == prompt:
+            span += 1
+        x0 = layout.header_box(col)[0]
+        x1 = layout.header_box(col + span - 1)[2]
+        lines = _wrap(draw, prompt, font, x1 - x0 - 4, PROMPT_LINES)
+        _draw_lines(draw, (x0 + 2, gap + (PROMPT_LINES - len(lines)) * line), lines, font, TEXT, line)
+        if span > 1:
+            draw.line([x0, layout.header_height - line - 3, x1 - 1, layout.header_height - line - 3], fill=SMALL_TEXT)
+        for c in range(col, col + span):
+            hx0, _, hx1, _ = layout.header_box(c)
+            _draw_lines(draw, (hx0, layout.header_height - line - 1), [f"CFG {rv.columns[c][1]:g}"], font, TEXT,
+                        line, centre=hx1 - hx0)  # fmt: skip
+        col += span
+
+    # rows: the step, its file, its score; then the cells
+    rank = {step: i for i, (step, _) in enumerate(rv.ranking or (), 1)}
+    by_key = {(c.step, c.prompt, c.cfg_scale): c for c in rv.cells}
+    for r, summary in enumerate(rv.steps):
+        x0, y0, x1, _ = layout.label_box(r)
+        title = "base" if summary.step == 0 else f"step {summary.step}"
+        y = _draw_lines(draw, (x0 + gap, y0 + 2), [title], font, TEXT, line)
+        name = "base model" if summary.step == 0 else (summary.checkpoint or "")
+        y = _draw_lines(draw, (x0 + gap, y), _wrap(draw, name, small, x1 - x0 - 2 * gap, 4), small, SMALL_TEXT,
+                        small_line)  # fmt: skip
+        if summary.score is not None:
+            text = f"score {summary.score:.3f}" + (f" (#{rank[summary.step]})" if summary.step in rank else "")
+            y = _draw_lines(draw, (x0 + gap, y + 4), [text], small, TEXT, small_line)
+        if summary.broken:
+            _draw_lines(draw, (x0 + gap, y + 4), ["broken samples"], small, BROKEN_COLOUR, small_line)
+        for c, (prompt, cfg) in enumerate(rv.columns):
+            _draw_cell(draw, sheet, layout, by_key[(summary.step, prompt, cfg)], layout.cell_box(r, c), font, small)
+
+    with atomic_path(out, keep_suffix=True) as temp:
+        sheet.save(temp, format="PNG")
+    return out
+
+
+def _draw_cell(draw, sheet, layout: SheetLayout, cell: Cell, box, font, small) -> None:
+    pasted = cell.path is not None and not any(w.kind == "missing" for w in cell.warnings)
+    pasted = pasted and _paste(sheet, cell.path, box)
+    x0, y0, x1, y1 = box
+    if not pasted:
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=MISSING)
+        word = "unreadable" if any(w.kind == "unreadable" for w in cell.warnings) else "missing"
+        _draw_lines(draw, (x0, (y0 + y1) // 2 - layout.line_height // 2), [word], font, TEXT, layout.line_height,
+                    centre=x1 - x0)  # fmt: skip
+        if word == "missing":
+            return
+    marks = [w for w in cell.warnings if w.kind not in ("missing",)]
+    if not marks:
+        return
+    colour = BROKEN_COLOUR if any(w.kind != "near-duplicate" for w in marks) else DUPLICATE_COLOUR
+    border = max(3, layout.cell // 48)
+    for i in range(border):
+        draw.rectangle([x0 + i, y0 + i, x1 - 1 - i, y1 - 1 - i], outline=colour)
+    lines = [text for w in marks for text in _wrap(draw, w.short, font, x1 - x0 - 2 * border - 8, 2)]
+    top = y1 - border - len(lines) * layout.line_height - 4
+    draw.rectangle([x0 + border, top, x1 - 1 - border, y1 - 1 - border], fill=colour)
+    _draw_lines(draw, (x0 + border + 4, top + 2), lines, font, (255, 255, 255), layout.line_height)
+
+
+def contact_sheet(
+    run_dir: PathLike,
+    name: str | None = None,
+    *,
+    out: PathLike | None = None,
+    cell: int = 256,
+    train_images: PathLike | Sequence[PathLike] | None = None,
+    scorer: Scorer | None = None,
+) -> Path:
+    """Draw a run's samples as one PNG and return its path (default ``RUN_DIR/NAME.contact-sheet.png``, written
+    atomically): a row per step ("base" for step 0) with its LoRA file's name, a column per prompt and CFG scale,
+    each sample fitted into a ``cell`` px square. Samples with a warning get a coloured border and the warning
+    (red: black, flat, NaN; orange: near-duplicate of a training image); cells without an image are grey,
+    "missing". With a ``scorer``, each row also shows its score and rank. :func:`review` gives the same findings
+    as data (``review(...).warnings`` are the lines ``spyke-lora compare`` prints)."""
+    sheet_layout(1, 1, cell)  # refuses a bad cell size before any work
+    rv = review(run_dir, name, train_images=train_images, scorer=scorer)
+    return write_sheet(rv, out, cell)
+
+
+def write_sheet(rv: Review, out: PathLike | None, cell: int) -> Path:
+    path = Path(out).expanduser() if out is not None else rv.run_dir / f"{rv.name}.contact-sheet.png"
+    if path.is_dir():
+        path = path / f"{rv.name}.contact-sheet.png"
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write the contact sheet to {str(path)!r}: its folder does not exist")
+    return _draw_sheet(rv, path.absolute(), cell)
