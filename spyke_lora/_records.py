@@ -25,13 +25,16 @@ import warnings
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ._config import TrainConfig
 from ._errors import ConfigError, SpykeLoraWarning
 from ._files import atomic_path, write_atomically
 from ._lock import output_in_use
 from .events import Event, StepEnded, TrainEnded, TrainStarted
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["RunRecord", "config_diff", "loss_chart", "read_run", "runs"]
 
@@ -241,55 +244,52 @@ def _show(value: Any) -> str:
 # --- the loss chart -----------------------------------------------------------------------------------------------
 
 
+_DPI = 100  # `size` is in pixels: the figure is size / 100 inches at 100 dots per inch
+_GREY, _BLUE, _RED = "#aaaaaa", "#1f5fbf", "#d62728"
+
+
 def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.PathLike[str] | IO[bytes], *,
                title: str = "", size: tuple[int, int] = (800, 400)) -> Path | None:  # fmt: skip
-    """A PNG line chart of the loss per step (grey) and its running average (blue); NaN/Inf steps marked in red.
-    Pillow only, no plotting library. ``path`` may be a binary file object (then None is returned)."""
-    from PIL import Image, ImageDraw, ImageFont
+    """A PNG line chart, ``size`` pixels: the loss per step (grey), its running average (blue), a red line at each
+    step whose loss was NaN or infinite. Drawn with matplotlib's object API and Agg canvas (the caller's pyplot and
+    backend are left alone). ``path`` may be a binary file object (then None is returned)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = _loss_figure(history, title=title, size=size)
+    FigureCanvasAgg(figure)  # the figure's canvas: Agg, whatever backend the caller's pyplot uses
+    if hasattr(path, "write"):
+        figure.savefig(path, format="png", dpi=_DPI)
+        return None
+    out = Path(path)
+    with atomic_path(out, keep_suffix=True) as tmp:
+        figure.savefig(tmp, format="png", dpi=_DPI)
+    return out
+
+
+def _loss_figure(history: Sequence[StepEnded | dict[str, Any]], *, title: str, size: tuple[int, int]) -> Figure:
+    """The chart as a matplotlib figure, not drawn yet (what :func:`loss_chart` saves; the tests look into it)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     points = [(h["step"], _number(h["loss"]), _number(h["avg_loss"])) if isinstance(h, dict)
               else (h.step, h.loss, h.avg_loss) for h in history]  # fmt: skip
+    steps = [step for step, _, _ in points]
     width, height = size
-    left, right, top, bottom = 64, 16, 32, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    finite = [v for _, loss, avg in points for v in (loss, avg) if math.isfinite(v)]
-    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    if high - low < 1e-12:
-        low, high = low - 0.5, high + 0.5
-    first, last = (points[0][0], points[-1][0]) if points else (0, 1)
-    span = max(1, last - first)
-
-    def xy(step: int, value: float) -> tuple[float, float]:
-        x = left + (step - first) / span * (width - left - right)
-        y = top + (high - value) / (high - low) * (height - top - bottom)
-        return x, y
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="#888888")
-    for value in (low, (low + high) / 2, high):
-        _, y = xy(first, value)
-        draw.line([left - 4, y, left, y], fill="#888888")
-        draw.text((4, y - 6), f"{value:.4g}", fill="black", font=font)
-    for step in sorted({first, (first + last) // 2, last}):
-        x, _ = xy(step, low)
-        draw.line([x, height - bottom, x, height - bottom + 4], fill="#888888")
-        draw.text((x - 10, height - bottom + 8), str(step), fill="black", font=font)
-    draw.text((left, 8), f"{title}  loss per step (grey), running average (blue)".strip(), fill="black", font=font)
-    for index, colour in ((1, "#aaaaaa"), (2, "#1f5fbf")):
-        line = [xy(p[0], p[index]) for p in points if math.isfinite(p[index])]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        elif line:
-            draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=colour)
-    for step, loss, _ in points:
-        if not math.isfinite(loss):
-            x, _ = xy(step, low)
-            draw.line([x, top, x, height - bottom], fill="#d62728")
-    if hasattr(path, "write"):
-        image.save(path, format="PNG")
-        return None
-    out = Path(path)
-    with atomic_path(out, keep_suffix=True) as tmp:  # Pillow picks the format from the extension
-        image.save(tmp)
-    return out
+    # a hair over the size, so that the canvas' int() of inches x dpi never loses a pixel to floating point
+    # (2.01 x 100 is 200.99999999999997)
+    figure = Figure(figsize=((width + 1e-3) / _DPI, (height + 1e-3) / _DPI), dpi=_DPI, layout="constrained")
+    axes = figure.add_subplot()
+    marker = "o" if len(points) == 1 else None  # a single step is a dot, not an invisible line
+    for index, colour, width_pt, label in ((1, _GREY, 1.0, "loss per step"), (2, _BLUE, 2.0, "running average")):
+        values = [p[index] if math.isfinite(p[index]) else math.nan for p in points]  # a gap at NaN/Inf
+        axes.plot(steps, values, color=colour, linewidth=width_pt, marker=marker, markersize=4, label=label)
+    for n, (step, loss, _) in enumerate(s for s in points if not math.isfinite(s[1])):
+        axes.axvline(step, color=_RED, linewidth=1.5, label="non-finite loss" if n == 0 else "_nolegend_")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    if title:
+        axes.set_title(title)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper right")
+    return figure

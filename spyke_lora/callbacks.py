@@ -2,7 +2,7 @@
 to ``train(cfg, callbacks=[...])``. A callback that returns :class:`~spyke_lora.Stop` ends the run after the
 current step.
 
-* :class:`Progress`: a progress bar: an HTML bar in Jupyter, a bar rewritten in place in a terminal, one line per
+* :class:`Progress`: tqdm's progress bar: the ipywidgets bar in Jupyter, the text bar in a terminal, one line per
   event elsewhere (a log file, CI).
 * :class:`LiveLossChart`: the loss chart, redrawn in place in Jupyter as the run goes.
 * :class:`LossHistory`: the steps, losses and learning rates, as lists.
@@ -12,7 +12,6 @@ current step.
 
 from __future__ import annotations
 
-import html
 import io
 import math
 import sys
@@ -56,65 +55,79 @@ def in_notebook() -> bool:
 
 
 class Progress:
-    """A progress bar with the loss and an ETA. In Jupyter: an HTML bar updated in place (plus a line for each
-    checkpoint and the end); in a terminal: one line rewritten after every step; elsewhere (a log file, CI, a
-    notebook's plain output): one line per event. ``stream`` defaults to stdout; ``notebook`` forces a mode."""
+    """tqdm's progress bar (``tqdm.auto``): the steps done, the rate and the ETA, with the step's loss, average
+    loss, learning rate and memory in use as its postfix.
+
+    * A terminal (``stream`` is a tty): tqdm's text bar on ``stream``, with a line (:func:`describe`) for the start,
+      each checkpoint and sample written above it, and one for the end under the finished bar.
+    * Jupyter: tqdm's ipywidgets bar, plus a line for the start, each checkpoint and the end. Without ipywidgets
+      (``pip install 'spyke-lora[notebook]'`` installs it), one line per event, as in a log.
+    * Elsewhere (a log file, CI): one line per event, no bar.
+
+    ``stream`` defaults to stdout; ``notebook`` forces the Jupyter mode (True) or rules it out (False)."""
 
     def __init__(self, stream: IO[str] | None = None, *, notebook: bool | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
         self.notebook = in_notebook() if notebook is None else notebook
-        self.live = not self.notebook and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._first: tuple[int, float] | None = None  # (step, elapsed) of the first step seen: the ETA's origin
-        self._open_line = False
-        self._handle: Any = None
+        terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._tqdm = _tqdm_auto(self.notebook) if self.notebook or terminal else None  # None: lines only
+        self._bar: Any = None
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, StepEnded):
-            if self._first is None:
-                self._first = (event.step, event.elapsed_s)
-            if self.notebook:
-                return self._show_html(event)
-            if self.live:
-                return self._rewrite(event)
-        if self.notebook and isinstance(event, (StepEnded, SampleSaved)):
-            return  # the bar says it; a line per sample image would flood the cell
-        if self._open_line:
-            self.stream.write("\n")
-            self._open_line = False
-        print(describe(event), file=self.stream, flush=True)
+        if self._tqdm is None:
+            print(describe(event), file=self.stream, flush=True)
+        elif isinstance(event, TrainStarted):
+            self._close()
+            self._say(event)
+            self._open(event.total_steps, event.resumed_from_step)
+        elif isinstance(event, StepEnded):
+            if self._bar is None:  # no TrainStarted seen: the bar starts at this step
+                self._open(event.total_steps, event.step - 1)
+            self._bar.set_postfix(_postfix(event), refresh=False)
+            self._bar.update(event.step - self._bar.n)  # redraws (mininterval 0): the step's numbers, every step
+        elif isinstance(event, TrainEnded):
+            self._close()
+            self._say(event)
+        elif not (self.notebook and isinstance(event, SampleSaved)):  # a line per image would flood the cell
+            self._say(event)
 
-    def eta(self, event: StepEnded) -> str:
-        if self._first is None or event.step <= self._first[0]:
-            return ""
-        per_step = (event.elapsed_s - self._first[1]) / (event.step - self._first[0])
-        return _clock(per_step * (event.total_steps - event.step))
+    def _open(self, total: int, initial: int) -> None:
+        self._bar = self._tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True,
+                               mininterval=0, miniters=1)  # fmt: skip
 
-    def _rewrite(self, event: StepEnded) -> None:
-        done = event.step / event.total_steps
-        bar = "#" * int(done * 24) + "-" * (24 - int(done * 24))
-        eta = self.eta(event)
-        self.stream.write(f"\r[{bar}] {describe(event)}{f'  eta {eta}' if eta else ''}\033[K")
-        self.stream.flush()
-        self._open_line = True
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
-    def _show_html(self, event: StepEnded) -> None:
-        from IPython.display import HTML, display
-
-        eta = self.eta(event)
-        text = html.escape(describe(event) + (f"  eta {eta}" if eta else ""))
-        markup = HTML(
-            f'<progress value="{event.step}" max="{event.total_steps}" style="width:40em"></progress>'
-            f"<pre style='margin:0'>{text}</pre>"
-        )
-        if self._handle is None:
-            self._handle = display(markup, display_id=True)
+    def _say(self, event: Event) -> None:
+        if self._bar is None:
+            print(describe(event), file=self.stream, flush=True)
         else:
-            self._handle.update(markup)
+            self._tqdm.write(describe(event), file=self.stream)  # above the bar, which is drawn again below it
+            self.stream.flush()
 
 
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+def _tqdm_auto(notebook: bool) -> Any:
+    """``tqdm.auto.tqdm``: the ipywidgets bar in Jupyter, the text bar elsewhere. None (lines, no bar) in Jupyter
+    without ipywidgets, where tqdm.auto would warn "IProgress not found" and fall back to its text bar, drawn with
+    carriage returns, which a cell's saved output keeps. Imported here, not with this module: in Jupyter without
+    ipywidgets, importing tqdm.auto is what warns."""
+    if notebook:
+        from tqdm import notebook as tqdm_notebook
+
+        if tqdm_notebook.IProgress is None:
+            return None
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
+def _postfix(event: StepEnded) -> dict[str, str]:
+    postfix = {"loss": f"{event.loss:.4f}", "avg": f"{event.avg_loss:.4f}", "lr": f"{event.lr:.2e}"}
+    if event.memory_bytes is not None:
+        postfix["mem"] = f"{event.memory_bytes / 2**30:.2f} GiB"
+    return postfix
 
 
 class LossHistory:
@@ -141,8 +154,9 @@ class LossHistory:
 
 class LiveLossChart:
     """The loss per step and its running average, redrawn in place in Jupyter every ``every`` steps and at the
-    end (the same chart as the run's ``NAME.loss.png``). Outside Jupyter it only collects, and :meth:`save` writes
-    the chart to a file."""
+    end: the same matplotlib chart as the run's ``NAME.loss.png``, shown as one PNG output updated in place
+    (``IPython.display`` with a display id). Outside Jupyter it only collects, and :meth:`save` writes the chart to
+    a file."""
 
     def __init__(self, every: int = 10, *, size: tuple[int, int] = (800, 400), notebook: bool | None = None) -> None:
         if every < 1:

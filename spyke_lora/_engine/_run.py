@@ -35,7 +35,7 @@ from ._process import (
     module_values_restored,
 )
 from ._state import SavedState, remove_partial_states, state_record
-from ._streams import caller_output, engine_output
+from ._streams import caller_output, engine_output, text_progress_bars
 from ._trainer import NonFiniteStop, Probe, StopRun, trainer_class
 
 __all__ = ["Outcome", "run", "sample"]
@@ -102,7 +102,9 @@ def _engine_session(
             modules = host.engine_modules(cfg.network_module)
             with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
                 host.logger_names()
-            ), class_attributes_restored(modules), module_values_restored(modules), cuda_rng_calls_reach(generator):
+            ), class_attributes_restored(modules), module_values_restored(modules), cuda_rng_calls_reach(
+                generator
+            ), text_progress_bars():
                 yield host, train_network, logging
     finally:
         free_memory()

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["caller_output", "engine_output"]
+__all__ = ["caller_output", "engine_output", "text_progress_bars"]
 
 _local = threading.local()  # .to_caller: this thread is running the caller's code (a callback)
 
@@ -88,3 +88,28 @@ def caller_output() -> Iterator[None]:
         yield
     finally:
         _local.to_caller = before
+
+
+@contextlib.contextmanager
+def text_progress_bars() -> Iterator[None]:
+    """For the block, the progress bars of sd-scripts' sampler are text bars that go where sd-scripts' output goes.
+
+    sd-scripts draws its own bars with ``tqdm.tqdm`` (text), but its sampler runs a diffusers pipeline, whose
+    ``progress_bar`` uses ``tqdm.auto``: in a Jupyter kernel with ipywidgets that is a widget, displayed in the cell
+    (one per sample image) whatever the engine log says. The ``tqdm`` names diffusers bound from ``tqdm.auto`` are
+    swapped for the text class for the run and put back after it; the caller's own modules are not touched."""
+    import tqdm.auto
+    import tqdm.std
+
+    auto, text = tqdm.auto.tqdm, tqdm.std.tqdm
+    swapped = []
+    if auto is not text:
+        for name, module in list(sys.modules.items()):
+            if name.split(".", 1)[0] == "diffusers" and getattr(module, "tqdm", None) is auto:
+                swapped.append(module)
+                module.tqdm = text
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.tqdm = auto

@@ -1,5 +1,6 @@
 """examples/train_spyke.ipynb, executed headless as a new user would run it, on the tiny model."""
 
+import html
 import re
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import nbformat
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).parents[2] / "examples" / "train_spyke.ipynb"
+WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 def texts(cell, kind):
@@ -17,6 +19,20 @@ def texts(cell, kind):
         elif output.output_type in ("display_data", "execute_result"):
             out += [(mime, value) for mime, value in output.data.items()]
     return [value for mime, value in out if mime == kind]
+
+
+def widgets(cell):
+    return [o for o in cell.outputs if o.output_type == "display_data" and WIDGET in o.data]
+
+
+def tqdm_bar(nb, output):
+    """tqdm's notebook bar (a box of a description, a progress and a text widget) as the kernel left it: the cell
+    holds only a reference to the widget; nbclient saves every widget's last state in the notebook's metadata."""
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    box = state[output.data[WIDGET]["model_id"]]["state"]
+    left, progress, right = (state[child.removeprefix("IPY_MODEL_")]["state"] for child in box["children"])
+    text = html.unescape(f"{left['value']}|{right['value']}").replace("\u2007", " ")  # tqdm pads with figure spaces
+    return progress["value"], progress["max"], progress["bar_style"], text
 
 
 def test_the_notebook_runs_top_to_bottom(tmp_path):
@@ -33,15 +49,28 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     assert "\r" not in shown and "IProgress" not in shown
     assert "checkpoints     3, 6, final" in shown and "samples         2 prompts x CFG 5, 9" in shown
 
-    # the train cell: an HTML bar updated in place to the last step, the live loss chart, the result line, and no
-    # carriage-return progress bars from sd-scripts (they went to the run's engine log)
-    bars = texts(train_cell, "text/html")
-    assert len(bars) == 1 and 'value="6" max="6"' in bars[0]
+    # the train cell: tqdm's widget bar (Progress) at the last step, the live loss chart, a line for the start, each
+    # file and the end, the result line, and no carriage-return progress bars from sd-scripts (they went to the
+    # run's engine log)
+    bars = widgets(train_cell)
+    assert len(bars) == 1, [bar.data["text/plain"] for bar in bars]  # one bar, updated in place
+    assert bars[0].data["text/plain"] == "  0%|          | 0/6 [00:00<?, ?step/s]"  # its text when first displayed
+    value, total, style, text = tqdm_bar(nb, bars[0])
+    assert (value, total, style) == (6, 6, "success")
+    assert re.fullmatch(r"100%\| 6/6 \[\d\d:\d\d<00:00, +[\d.]+(s/step|step/s), loss=\d+\.\d{4}, "
+                        r"avg=\d+\.\d{4}, lr=\d\.\d\de-\d\d, mem=\d+\.\d\d GiB\]", text), text
+    assert not texts(train_cell, "text/html")
     assert len(texts(train_cell, "image/png")) == 1  # one chart, redrawn in place
     printed = "".join(texts(train_cell, "stream"))
-    assert "completed 6 steps on cpu" in printed and "\r" not in printed
-    assert "checkpoint (step 3)" in printed and "final (step 6)" in printed
+    assert "\r" not in printed and "IProgress" not in printed
     run = tmp_path / "notebook-output" / "run"
+    final = run.resolve() / "spyke_plasma_v1.safetensors"
+    lines = "".join(o.text for o in train_cell.outputs if o.output_type == "stream" and o.name == "stdout").splitlines()
+    assert lines[0].startswith("started: 6 steps on cpu (") and lines[0].endswith(f"writing to {run.resolve()}")
+    assert f"checkpoint (step 3): {run.resolve() / 'spyke_plasma_v1-step00000003.safetensors'}" in lines
+    assert lines[-3:] == [f"final (step 6): {final}", f"ended: completed after 6 steps; final LoRA {final}",
+                          f"completed 6 steps on cpu -> {final}"]  # fmt: skip
+    assert not [line for line in lines if line.startswith(("step ", "sample "))]  # steps are the bar's
     assert "steps:" in (run / "spyke_plasma_v1.engine.log").read_text()  # sd-scripts' own bar, kept in the log
 
     # samples: 2 prompts x 2 CFG scales for the files of steps 3 and 6 (the final file is step 6's weights)

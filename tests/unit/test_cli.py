@@ -1,11 +1,26 @@
+import io
+import re
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
+import tqdm.auto
+import tqdm.notebook
+import tqdm.std
 
-from spyke_lora import CheckpointSaved, SpykeLoraWarning, StepEnded, TrainConfig, TrainEnded, TrainStarted
+from spyke_lora import (
+    CheckpointSaved,
+    SampleSaved,
+    SpykeLoraWarning,
+    StepEnded,
+    TrainConfig,
+    TrainEnded,
+    TrainStarted,
+)
 from spyke_lora._cli import describe, main
 from spyke_lora._engine._host import VENDORED
+from spyke_lora.callbacks import Progress
 
 
 def write_config(tmp_path, **changes):
@@ -79,30 +94,109 @@ def test_event_lines_prove_the_device_lora04():
     assert describe(step) == "step   3/920  epoch 1  loss 0.1235  avg 0.2000  lr 1.00e-04  12.0s  mem 5.50 GiB"
 
 
-def test_progress_is_a_bar_in_a_terminal_and_lines_elsewhere():
-    import io
+EVENTS = [
+    TrainStarted(4, "cpu", "no", Path("/o")),
+    StepEnded(1, 4, 1, 0.5, 0.5, 1e-4, None, 4.0),
+    StepEnded(2, 4, 1, 0.4, 0.45, 1e-4, None, 8.0, memory_bytes=int(1.5 * 2**30)),
+    CheckpointSaved(2, 1, Path("/o/x-step00000002.safetensors"), False),
+    SampleSaved(2, "spyke_plasma_v1, standing", 5.0, 42, Path("/o/sample/x_000002_00.png"), None),
+    StepEnded(3, 4, 1, float("nan"), 0.45, 1e-4, None, 12.0),
+    StepEnded(4, 4, 1, 0.3, 0.4, 1e-4, None, 16.0),
+    CheckpointSaved(4, 1, Path("/o/x.safetensors"), True),
+    TrainEnded("completed", 4, Path("/o/x.safetensors")),
+]
 
-    from spyke_lora.callbacks import Progress as _Progress
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
 
-    events = [StepEnded(1, 4, 1, 0.5, 0.5, 1e-4, None, 20.0), StepEnded(2, 4, 1, 0.4, 0.45, 1e-4, None, 24.0),
-              CheckpointSaved(2, 1, Path("/o/x-step00000002.safetensors"), False)]  # fmt: skip
+
+def feed(progress, events, clock=None):
+    """Deliver ``events``, with tqdm's clock at each event's ``elapsed_s`` (the last step's for the others)."""
+    for event in events:
+        if clock is not None and isinstance(event, StepEnded):
+            clock[0] = event.elapsed_s
+        progress(event)
+
+
+def screen(text):
+    """What a terminal shows after ``text``: each line as its last carriage return left it."""
+    return [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
+
+
+def test_progress_is_a_tqdm_bar_in_a_terminal(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])  # 4 s a step, on tqdm's clock
     terminal = Terminal()
-    progress = _Progress(terminal)
-    for event in events:
-        progress(event)
+    feed(Progress(terminal), EVENTS, clock)
     text = terminal.getvalue()
-    assert text.startswith("\r[######------------------] step 1/4")
-    assert "\r[############------------] step 2/4" in text and "eta 0:00:08" in text  # 4 s a step, 2 to go
-    assert text.endswith("\ncheckpoint (step 2): /o/x-step00000002.safetensors\n")
+    # after step 2: 2 of 4 done in 8 s, 8 s to go, and the step's numbers (memory in GiB when known)
+    assert "| 2/4 [00:08<00:08,  4.00s/step, loss=0.4000, avg=0.4500, lr=1.00e-04, mem=1.50 GiB]" in text
+    assert "| 3/4 [00:12<00:04,  4.00s/step, loss=nan, avg=0.4500, lr=1.00e-04]" in text
+    assert "\rcheckpoint (step 2): /o/x-step00000002.safetensors\n" in text  # written above the bar (tqdm.write)
+    assert "step 2/4" not in text  # the bar says it, not a line per step
+    shown = screen(text)
+    assert shown[:4] == [describe(EVENTS[0]), describe(EVENTS[3]), describe(EVENTS[4]), describe(EVENTS[7])]
+    # the closed bar stays (10 columns of bar: a StringIO has no terminal width)
+    assert shown[4] == "100%|##########| 4/4 [00:16<00:00,  4.00s/step, loss=0.3000, avg=0.4000, lr=1.00e-04]"
+    assert shown[5:] == ["ended: completed after 4 steps; final LoRA /o/x.safetensors", ""]
+
+
+def test_progress_resumes_its_bar_at_the_step_the_run_resumes_from(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    terminal = Terminal()
+    progress = Progress(terminal)
+    progress(TrainStarted(920, "cpu", "no", Path("/o"), resumed_from_step=600))
+    clock[0] = 3.0
+    progress(StepEnded(601, 920, 2, 0.1, 0.1, 1e-4, None, 3.0))
+    clock[0] = 6.0
+    progress(StepEnded(602, 920, 2, 0.1, 0.1, 1e-4, None, 6.0))
+    # the rate counts the steps this run did (2 in 6 s), not the 600 before it: 318 steps to go take 15:54
+    assert re.search(r" 65%\|#+5? *\| 602/920 \[00:06<15:5[34],  3\.00s/step, loss=0\.1000",
+                     terminal.getvalue())  # fmt: skip
+
+
+def test_progress_is_one_line_per_event_elsewhere(capsys):
     log = io.StringIO()
-    progress = _Progress(log)
-    for event in events:
-        progress(event)
-    assert log.getvalue().splitlines() == [describe(e) for e in events]
+    feed(Progress(log), EVENTS)
+    assert log.getvalue().splitlines() == [describe(e) for e in EVENTS]
+    assert "step 3/4  epoch 1  loss nan  avg 0.4500" in log.getvalue()
+    not_a_notebook = io.StringIO()  # a terminal's stream would get a bar; notebook=False only rules out Jupyter
+    feed(Progress(not_a_notebook, notebook=False), EVENTS)
+    assert not_a_notebook.getvalue() == log.getvalue()
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_in_jupyter_is_tqdms_widget_bar_and_lines_for_files(monkeypatch, capsys):
+    """In a Jupyter kernel tqdm.auto's bar is tqdm.notebook's (ipywidgets); outside one it is the text bar, so the
+    kernel's choice is made here. The start, the files and the end are lines in the cell; steps and samples are not."""
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm.notebook.tqdm)
+    cell = io.StringIO()
+    progress = Progress(cell, notebook=True)
+    feed(progress, EVENTS[:3])
+    # displayed once, at the start (outside a kernel IPython's display prints the text a notebook keeps as well)
+    assert capsys.readouterr().out == "  0%|          | 0/4 [00:00<?, ?step/s]\n"
+    bar = progress._bar
+    left, widget, right = bar.container.children
+    assert (widget.value, widget.max) == (2, 4)
+    assert left.value.replace("\u2007", " ") == " 50%"
+    assert "2/4" in right.value and "loss=0.4000,\u2007avg=0.4500,\u2007lr=1.00e-04,\u2007mem=1.50\u2007GiB]" in right.value
+    feed(progress, EVENTS[3:])
+    assert (widget.value, widget.max, widget.bar_style) == (4, 4, "success")  # closed at TrainEnded, complete
+    assert progress._bar is None
+    assert cell.getvalue().splitlines() == [describe(e) for e in (EVENTS[0], EVENTS[3], EVENTS[7], EVENTS[8])]
+    assert capsys.readouterr().out == ""  # updated in place, never displayed again
+
+
+def test_progress_in_jupyter_without_ipywidgets_prints_lines_and_no_warning(monkeypatch):
+    monkeypatch.setattr(tqdm.notebook, "IProgress", None)  # what tqdm.notebook finds without ipywidgets
+    cell = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tqdm.auto would warn "IProgress not found" and draw a \r text bar
+        feed(Progress(cell, notebook=True), EVENTS)
+    assert cell.getvalue().splitlines() == [describe(e) for e in EVENTS]
 
 
 def test_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):

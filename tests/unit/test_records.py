@@ -1,5 +1,6 @@
 """Run records without the engine: reading runs back, comparing configs, the loss chart."""
 
+import io
 import json
 import math
 import os
@@ -91,14 +92,75 @@ def test_config_diff_names_each_changed_field(tmp_path, capsys):
     assert "learning_rate: 0.0001 -> 5e-05" in capsys.readouterr().out
 
 
+def chart_history():
+    """Steps 1 to 10: the loss 1/step, the running average 0.5, and a NaN loss at step 6."""
+    history = [StepEnded(i, 10, 1, 1.0 / i, 0.5, 1e-4, None, float(i)) for i in range(1, 11)]
+    history[5] = StepEnded(6, 10, 1, float("nan"), 0.5, 1e-4, None, 6.0)
+    return history
+
+
+def near(pixels, xy, colour, *, radius=2, tolerance=60):
+    """Whether a pixel within ``radius`` of ``xy`` (column, row) is within ``tolerance`` of ``colour`` (hex)."""
+    x, y = xy
+    rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+    patch = pixels[y - radius : y + radius + 1, x - radius : x + radius + 1]
+    return bool((np.abs(patch - rgb).sum(axis=2) <= tolerance).any())
+
+
 def test_loss_chart_draws_both_lines_and_marks_a_nan(tmp_path):
-    history = [StepEnded(i, 10, 1, 1.0 / i, 0.5, 1e-4, None, 0.0) for i in range(1, 10)]
-    history.append(StepEnded(10, 10, 1, float("nan"), 0.5, 1e-4, None, 0.0))
-    path = loss_chart(history, tmp_path / "loss.png", title="t")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from spyke_lora._records import _BLUE, _GREY, _RED, _loss_figure
+
+    history = chart_history()
+    path = loss_chart(history, tmp_path / "loss.png", title="spyke")
+    assert path == tmp_path / "loss.png" and not list(tmp_path.glob(".*"))  # written whole, no temporary left
     pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    assert pixels.shape == (400, 800, 3)
-    grey = (np.abs(pixels - [0xAA, 0xAA, 0xAA]).sum(axis=2) == 0).sum()
-    blue = (np.abs(pixels - [0x1F, 0x5F, 0xBF]).sum(axis=2) == 0).sum()
-    red = (np.abs(pixels - [0xD6, 0x27, 0x28]).sum(axis=2) == 0).sum()
-    assert grey > 300 and blue > 300 and red > 100  # the loss, the flat average, the NaN step's marker
-    assert not list(tmp_path.glob(".*"))
+    assert pixels.shape == (400, 800, 3)  # the size asked for, in pixels
+
+    # the same figure, drawn through the seam loss_chart saves from: what is on it, and where each step lands
+    figure = _loss_figure(history, title="spyke", size=(800, 400))
+    FigureCanvasAgg(figure).draw()
+    (axes,) = figure.axes
+    assert (axes.get_xlabel(), axes.get_ylabel(), axes.get_title()) == ("step", "loss", "spyke")
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "loss per step", "running average", "non-finite loss"]  # fmt: skip
+    loss, average, marker = axes.get_lines()
+    assert math.isnan(loss.get_ydata()[5]) and list(average.get_ydata()) == [0.5] * 10  # a gap at the NaN step
+    assert list(marker.get_xdata()) == [6, 6] and marker.get_color() == _RED
+
+    def pixel(step, value):
+        x, y = axes.transData.transform((step, value))
+        return round(x), round(400 - y)  # matplotlib counts rows from the bottom, the PNG from the top
+
+    assert near(pixels, pixel(3, 1 / 3), _GREY) and near(pixels, pixel(8, 0.5), _BLUE)
+    column = pixel(6, 0)[0]
+    top, bottom = pixel(6, axes.get_ylim()[1])[1], pixel(6, axes.get_ylim()[0])[1]
+    red = [near(pixels, (column, row), _RED, radius=1) for row in range(top + 2, bottom - 1)]
+    assert sum(red) / len(red) > 0.95  # the NaN step's marker runs the height of the plot
+    elsewhere = pixel(3, 0)[0]
+    assert not any(near(pixels, (elsewhere, row), _RED, radius=1) for row in range(top + 2, bottom - 1))
+
+
+def test_loss_chart_is_the_size_asked_for_and_writes_to_a_file_object():
+    buffer = io.BytesIO()
+    assert loss_chart(chart_history(), buffer, size=(333, 201)) is None  # 3.33 in x 100 dpi: not one pixel lost
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        assert (image.format, image.size) == ("PNG", (333, 201))
+    one = io.BytesIO()
+    loss_chart([StepEnded(1, 1, 1, 0.2, 0.2, 1e-4, None, 1.0)], one)  # a single step is drawn as a dot
+    pixels = np.asarray(Image.open(one).convert("RGB")).astype(int)
+    assert (np.abs(pixels - [0x1F, 0x5F, 0xBF]).sum(axis=2) <= 30).sum() > 10
+
+
+def test_loss_chart_leaves_the_callers_matplotlib_alone():
+    """A library must not pick the caller's backend or import pyplot (which would start a GUI event loop)."""
+    import sys
+
+    import matplotlib
+
+    backend = dict.__getitem__(matplotlib.rcParams, "backend")  # read without resolving it
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    loss_chart(chart_history(), io.BytesIO())
+    assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot

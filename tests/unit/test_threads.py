@@ -155,3 +155,27 @@ def test_callers_modules_of_other_names_stay_and_a_shadowed_one_is_named(monkeyp
     assert len(notes) == 1 and notes[0].startswith("your module `library` (built in) steps aside while sd-scripts runs")
     assert sys.modules["library"] is mine["library"]  # put back
     assert str(VENDORED) not in sys.path
+
+
+def test_diffusers_progress_bars_are_text_during_a_run(monkeypatch):
+    """In Jupyter with ipywidgets, tqdm.auto is the widget class, and diffusers' pipelines (sd-scripts' sampler)
+    bound it at import: one widget per sample in the cell. A run swaps in the text class, and puts it back."""
+    import tqdm.auto
+    import tqdm.std
+
+    from spyke_lora._engine._streams import text_progress_bars
+
+    class Widget(tqdm.std.tqdm):  # what tqdm.auto gives in a kernel with ipywidgets
+        pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Widget)
+    diffusers_module = types.ModuleType("diffusers.pipelines.fake_pipeline_utils")
+    diffusers_module.tqdm = Widget
+    callers = types.ModuleType("my_notebook_helpers")
+    callers.tqdm = Widget
+    monkeypatch.setitem(sys.modules, diffusers_module.__name__, diffusers_module)
+    monkeypatch.setitem(sys.modules, callers.__name__, callers)
+    with text_progress_bars():
+        assert diffusers_module.tqdm is tqdm.std.tqdm
+        assert callers.tqdm is Widget  # the caller's own bars are theirs
+    assert diffusers_module.tqdm is Widget
