@@ -12,7 +12,7 @@ from typing import Any
 
 from ._config import TrainConfig
 from ._train import TrainResult, run_training
-from .events import Event, Stop
+from .events import Event
 
 __all__ = ["EventStream", "iter_events"]
 
@@ -39,11 +39,12 @@ class _Channel:
         finally:
             self.queue.put(_DONE)
 
-    def deliver(self, event: Event) -> Stop | None:
+    def deliver(self, event: Event) -> None:
+        """Hand ``event`` to the loop and wait for its turn. The stop after a let-go comes through
+        :meth:`let_go_reason`, which the run polls (before its first event too), not through an answer here."""
         if not self.closed.is_set():
             self.queue.put(event)
             self.turn.acquire()  # until the loop has handled it, or let go
-        return Stop(_LET_GO) if self.closed.is_set() else None
 
     def let_go(self) -> None:
         """The loop wants no more events: the run stops at its next safe point (before loading anything, when it
