@@ -1,6 +1,8 @@
-"""The ``spyke-lora`` command, every subcommand in one table (:func:`main`): ``train``, ``plan``, ``sample``,
-``argv``, ``runs``, ``diff``, ``doctor``, ``compare``, ``deploy`` and ``demo``. Exit codes: 0 done, 1 a run started
-and failed, 2 refused before anything ran, 130 interrupted."""
+"""The ``spyke-lora`` command (:func:`main`), every subcommand in one table.
+
+Subcommands: ``train``, ``plan``, ``sample``, ``argv``, ``runs``, ``diff``, ``doctor``, ``compare``, ``deploy`` and
+``demo``. Exit codes: 0 done, 1 a run started and failed, 2 refused before anything ran, 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -167,6 +169,7 @@ _RESUME_HELP = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``spyke-lora`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = argparse.ArgumentParser(prog="spyke-lora", description="Train SD1.5 LoRAs with sd-scripts, in-process.")
     parser.add_argument("--version", action="version", version=f"spyke-lora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -208,6 +208,7 @@ class TrainConfig:
         return path
 
     def to_toml_string(self) -> str:
+        """The TOML text :meth:`to_toml` writes."""
         data = self.to_dict()
         extra = data.pop("extra_args", {})
         lines = ["# spyke-lora TrainConfig", *(f"{k} = {_toml_value(v)}" for k, v in data.items())]
@@ -370,6 +371,7 @@ def _coerce(name: str, hint: Any, value: Any) -> tuple[Any, str | None]:
 
 
 def _range_checked(name: str, value: float) -> tuple[Any, str | None]:
+    """(value, problem or None) against the field's minimum in ``_MINIMUM``."""
     low = _MINIMUM.get(name)
     if low is not None and value < low:
         return value, f"`{name}` must be at least {low:g}, got {value!r}"
@@ -379,6 +381,7 @@ def _range_checked(name: str, value: float) -> tuple[Any, str | None]:
 
 
 def _unknown_key_problems(keys: typing.Iterable[str]) -> list[str]:
+    """One problem per key that is not a field, with the closest field name when there is one."""
     problems = []
     for key in keys:
         if key in _HINTS:

@@ -1,5 +1,6 @@
-"""``deploy()``: check a trained LoRA file, then install it into ComfyUI's ``models/loras`` without ever leaving a
-half-written file where ComfyUI looks, and without ever losing the file it replaces.
+"""``deploy()``: check a trained LoRA file, then install it into ComfyUI's ``models/loras``.
+
+It never leaves a half-written file where ComfyUI looks, and never loses the file it replaces.
 
 What ComfyUI lists (``folder_paths.py``, ``get_filename_list("loras")``): every file under ``models/loras``, walked
 recursively into every subfolder (hidden ones too; only ``.git`` is skipped), whose last extension, lower-cased, is
@@ -152,6 +153,7 @@ _NOT_SAFETENSORS = {
 
 
 def _check_lora(path: Path) -> _Checked:
+    """``path`` checked as a complete safetensors file of finite kohya LoRA weights, or a DeployError saying why not."""
     where = f"`checkpoint` {str(path)!r}"
     if not path.exists():
         raise DeployError(f"{where} does not exist; check the path (a run writes NAME-stepNNNNNNNN.safetensors into "
@@ -176,6 +178,7 @@ def _check_lora(path: Path) -> _Checked:
 
 
 def _check_keys(where: str, keys: list[str]) -> None:
+    """Kohya LoRA keys only, every ``lora_down`` with its ``lora_up``, at least one such pair."""
     if not keys:
         raise DeployError(f"{where} must hold LoRA weights, got no tensors at all; deploy another checkpoint")
     bad = [k for k in keys if not _LORA_KEY.match(k)]
@@ -206,6 +209,7 @@ def _check_keys(where: str, keys: list[str]) -> None:
 
 
 def _check_tensors(where: str, path: Path) -> None:
+    """Every tensor readable and every floating-point one finite (reads the whole file, with torch)."""
     import torch
     from safetensors import SafetensorError, safe_open
 
@@ -237,6 +241,7 @@ def _valid_name(name: str) -> str | None:
 
 
 def _resolve_name(name: str | None, checked: _Checked) -> str:
+    """The stem in ComfyUI: ``name``, else the file's ``ss_output_name`` metadata, else the file's own stem."""
     if name is not None:
         stem = _valid_name(name)
         if stem is None:
@@ -267,6 +272,7 @@ def _comfyui_problem(root: Path) -> str | None:
 
 
 def _check_comfyui(root: Path) -> Path:
+    """``root`` when it is a ComfyUI folder; else a DeployError naming a nearby folder that is one, if any."""
     problem = _comfyui_problem(root)
     if problem is None:
         return root
@@ -282,6 +288,7 @@ def _check_comfyui(root: Path) -> Path:
 def _resolve_config(
     config: TrainConfig | str | os.PathLike[str] | None, checked: _Checked
 ) -> tuple[dict[str, Any] | None, Path | None]:
+    """The config the sidecar records, and its TOML: ``config``, else ``NAME.config.toml`` next to the checkpoint."""
     if isinstance(config, TrainConfig):
         return config.to_dict(), None
     if config is not None:
@@ -383,6 +390,8 @@ def _replace(checked: _Checked, final: Path, installed_sha: str, sidecar: Path) 
 
 
 def _write_sidecar(path: Path, record: dict[str, Any], *, keep_install_time: bool) -> None:
+    """Write ``record`` atomically, unless the file already says it; ``keep_install_time``: the same file deployed
+    again keeps its first ``installed_at`` and ``backup``."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -405,6 +414,7 @@ def _int(value: Any) -> int | None:
 
 
 def _number(value: str | None) -> int | float | None:
+    """A number from sd-scripts' string metadata; None when absent ("None") or not a number."""
     if value is None or value == "None":
         return None
     try:
@@ -417,6 +427,7 @@ def _number(value: str | None) -> int | float | None:
 
 
 def _text(value: str | None) -> str | None:
+    """A string from sd-scripts' metadata; None when empty or "None"."""
     return None if value in (None, "", "None") else value
 
 
@@ -463,6 +474,3 @@ def _sidecar_record(
         "spyke_lora_version": __version__,
         "backup": str(backup) if backup else None,
     }
-
-
-# --- the command ----------------------------------------------------------------------------------------------------

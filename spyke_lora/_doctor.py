@@ -18,8 +18,8 @@ __all__ = ["DeviceReport", "doctor"]
 
 @dataclasses.dataclass(frozen=True)
 class DeviceReport:
-    """What :func:`doctor` found. ``problems`` stop a run; ``warnings`` do not. ``ok`` is True when there are no
-    problems. ``str(report)`` is a readable summary."""
+    """What :func:`doctor` found. ``problems`` stop a run; ``warnings`` do not. ``str(report)`` is a readable
+    summary."""
 
     python: str
     platform: str
@@ -42,6 +42,7 @@ class DeviceReport:
 
     @property
     def ok(self) -> bool:
+        """True when nothing stops a run (no problems)."""
         return not self.problems
 
     def __str__(self) -> str:
@@ -157,7 +158,7 @@ def free_disk(folder: Path) -> int | None:
 
 
 def _total_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - platforms without sysconf
-        return None
+    """The machine's RAM (unified memory on a Mac), from psutil."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)

@@ -1,5 +1,7 @@
-"""One run per output: an operating-system lock on a hidden file next to the LoRA files, so two runs (two processes,
-two notebooks, two threads of one process) never write the same ``output_dir``/``output_name`` at once.
+"""One run per output: an operating-system lock on a hidden file next to the LoRA files.
+
+Two runs (two processes, two notebooks, two threads of one process) never write the same
+``output_dir``/``output_name`` at once.
 
 The lock is ``flock(2)`` on ``OUTPUT_DIR/.NAME.lock``, taken through ``filelock``, not a PID file: the kernel drops
 it when its process ends, however it ends (SIGKILL, an out-of-memory kill, a crash), so a dead run's lock is free at

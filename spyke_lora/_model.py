@@ -123,6 +123,8 @@ def read_header(path: str | Path, *, complete: bool = True) -> Header:
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
+    """What a safetensors file is, from its header alone (:func:`inspect_model`)."""
+
     path: Path
     family: str  # "sd1", "sd2", "sdxl", "sd3", "flux", "lora" or "unknown"
     description: str

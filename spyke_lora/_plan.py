@@ -23,6 +23,9 @@ _STATE_BYTES_PER_DIM = 3 * _BYTES_PER_DIM_FP32  # estimate, checked by a test: w
 
 @dataclasses.dataclass(frozen=True)
 class SubsetPlan:
+    """One dataset folder as the run reads it: its images, non-empty captions and repeats; ``is_reg`` for
+    regularisation images."""
+
     folder: Path
     images: int
     captions: int
@@ -85,8 +88,10 @@ class Plan:
 
 
 def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> Plan:
-    """Check ``cfg`` and compute what its run will do, without loading a model: the base model's header, every image
-    (fully decoded) and caption, the output folder, the device policy, and the steps as sd-scripts counts them.
+    """Check ``cfg`` and compute what its run will do, without loading a model.
+
+    Checks the base model's header, every image (fully decoded) and caption, the output folder and the device
+    policy, and counts the steps as sd-scripts does.
     ``resume`` ("latest" or a state folder) plans the continuation of a run saved with ``save_state``: the state
     must come from the same training (config and dataset). Raises :class:`ConfigError` listing every problem; a
     :class:`DeviceError` when the device cannot run it."""
@@ -203,6 +208,7 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
 
 
 def _sample_summary(cfg: TrainConfig) -> str:
+    """What sampling makes, in one line (see ``Plan.sample_summary``); "" when sampling is off."""
     if not cfg.sample_prompts:
         return ""
     scales = ", ".join(f"{s:g}" for s in cfg.sample_cfg_scales)

@@ -117,6 +117,7 @@ def check_folder(folder, cfg: TrainConfig, image_extensions: tuple[str, ...]) ->
 
 
 def config_warnings(cfg: TrainConfig, total_steps: int) -> list[str]:
+    """Settings worth a warning, not a refusal: alpha above dim, ``flip_aug``, a save interval longer than the run."""
     warnings = []
     if cfg.network_alpha > cfg.network_dim:
         warnings.append(

@@ -42,6 +42,7 @@ _PACKAGES = ("torch", "torchvision", "accelerate", "transformers", "diffusers", 
 
 
 def record_paths(cfg: TrainConfig) -> dict[str, Path]:
+    """The path of each record file of ``cfg``'s run, by kind."""
     base = cfg.output_dir / cfg.output_name
     return {
         "config": base.with_name(f"{cfg.output_name}.config.toml"),
@@ -106,6 +107,7 @@ def _version(name: str) -> str | None:
 
 
 def event_to_json(event: Event) -> dict[str, Any]:
+    """One line of ``NAME.events.jsonl``: the event's name, the time now, and its fields as JSON values."""
     data = {"event": type(event).__name__, "time": round(time.time(), 3)}
     for key, value in dataclasses.asdict(event).items():
         if isinstance(value, Path):
@@ -165,6 +167,7 @@ def _duration(seconds: float) -> str:
 
 
 def read_run(events_path: str | os.PathLike[str]) -> RunRecord:
+    """The :class:`RunRecord` of one ``NAME.events.jsonl``; ConfigError when it is not a run's record."""
     path = Path(events_path)
     name = path.name[: -len(".events.jsonl")]
     events = read_events(path)

@@ -53,6 +53,7 @@ class _Channel:
         self.turn.release()  # a worker waiting for its turn goes on, and stops
 
     def let_go_reason(self) -> str | None:
+        """The run's ``let_go``: a stop reason once the loop has let go, else None."""
         return _LET_GO if self.closed.is_set() else None
 
     def raise_error(self) -> None:
@@ -70,6 +71,7 @@ def _end(channel: _Channel, thread: threading.Thread) -> None:
 
 
 def _generate(channel: _Channel, thread: threading.Thread) -> Iterator[Event]:
+    """The loop's side: yield each event, then let the run go on to the next; raise the run's error at the end."""
     try:
         while (item := channel.queue.get()) is not _DONE:
             yield item
@@ -100,6 +102,7 @@ class EventStream:
 
     @property
     def result(self) -> TrainResult | None:
+        """The run's :class:`TrainResult`; None until it has ended (or when it raised)."""
         return self._channel.result
 
     def __iter__(self) -> EventStream:

@@ -22,6 +22,7 @@ __all__ = ["Callback", "TrainResult", "train"]
 
 logger = logging.getLogger("spyke_lora")
 
+# what train() calls with every event: any callable taking one event; returning Stop ends the run after this step
 Callback = Callable[[Event], Union[Stop, None, Any]]
 
 
@@ -41,6 +42,7 @@ class TrainResult:
 
     @property
     def losses(self) -> list[float]:
+        """The loss of every step, in order."""
         return [s.loss for s in self.history]
 
 
@@ -120,9 +122,9 @@ def run_training(
     engine_log: str | os.PathLike[str] | None,
     let_go: Callable[[], str | None] = lambda: None,
 ) -> TrainResult:
-    """:func:`train`, with ``let_go``: polled with the callbacks' answers, it gives a reason once the caller no
-    longer wants the run (an ``iter_events`` stream closed, perhaps before any event), which then stops as a
-    :class:`Stop` would, before loading anything when it comes early enough."""
+    """:func:`train` plus ``let_go``, polled with the callbacks' answers: a reason once the caller no longer wants
+    the run (an ``iter_events`` stream closed, perhaps before any event). The run then stops as on a :class:`Stop`,
+    before loading anything when that comes early enough."""
     with _engine.preserved_random_state():  # the caller's generators are theirs: a run seeds and draws from them
         try:
             return _train(cfg, callbacks, resume, engine_log, let_go)
@@ -196,8 +198,7 @@ def _train(
 
 
 def engine_log_path(engine_log: str | os.PathLike[str] | None, cfg: TrainConfig) -> Path | None:
-    """Where sd-scripts' own output (its prints, log lines and tqdm bars) goes: the file ``engine_log``; None for
-    the console; "auto": ``NAME.engine.log`` in ``output_dir`` inside a notebook, else the console."""
+    """The file sd-scripts' own output goes to, or None for the console (see ``engine_log`` in :func:`train`)."""
     from .callbacks import in_notebook
 
     if isinstance(engine_log, str) and engine_log == "auto":
@@ -206,6 +207,7 @@ def engine_log_path(engine_log: str | os.PathLike[str] | None, cfg: TrainConfig)
 
 
 def _mps_fallback_missing() -> bool:
+    """True when an op MPS lacks would fail, not run on the CPU: the fallback variable came after torch, or is not 1."""
     import spyke_lora
 
     return spyke_lora._MPS_FALLBACK_TOO_LATE or os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1"

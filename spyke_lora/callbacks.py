@@ -1,6 +1,7 @@
-"""Ready-made callbacks. Each is a plain callable taking one event (see :mod:`spyke_lora.events`); pass any number
-to ``train(cfg, callbacks=[...])``. A callback that returns :class:`~spyke_lora.Stop` ends the run after the
-current step.
+"""Ready-made callbacks: pass any number to ``train(cfg, callbacks=[...])``.
+
+Each is a plain callable taking one event (see :mod:`spyke_lora.events`); one that returns
+:class:`~spyke_lora.Stop` ends the run after the current step.
 
 * :class:`Progress`: tqdm's progress bar: the ipywidgets bar in Jupyter, the text bar in a terminal, one line per
   event elsewhere (a log file, CI).
@@ -124,6 +125,7 @@ def _tqdm_auto(notebook: bool) -> Any:
 
 
 def _postfix(event: StepEnded) -> dict[str, str]:
+    """The numbers shown after the bar: loss, average loss, learning rate and, when known, memory."""
     postfix = {"loss": f"{event.loss:.4f}", "avg": f"{event.avg_loss:.4f}", "lr": f"{event.lr:.2e}"}
     if event.memory_bytes is not None:
         postfix["mem"] = f"{event.memory_bytes / 2**30:.2f} GiB"
@@ -177,6 +179,7 @@ class LiveLossChart:
             self._draw()
 
     def png(self) -> bytes:
+        """The chart of the steps so far, as PNG bytes."""
         from ._records import loss_chart
 
         buffer = io.BytesIO()
@@ -184,6 +187,7 @@ class LiveLossChart:
         return buffer.getvalue()
 
     def save(self, path: str) -> None:
+        """Write the chart of the steps so far to ``path``."""
         from ._records import loss_chart
 
         loss_chart(self.history, path, size=self.size)

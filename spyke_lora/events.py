@@ -84,6 +84,7 @@ class TrainEnded:
     final_path: Path | None  # NAME.safetensors, or None when no final file was written
 
 
+# the type of every event above: what a callback receives
 Event = Union[TrainStarted, StepEnded, CheckpointSaved, SampleSaved, TrainEnded]
 
 

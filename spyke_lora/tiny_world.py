@@ -43,6 +43,8 @@ def cache_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class TinyWorld:
+    """The paths of a built tiny world (:func:`build_tiny_world`) and its image size; :meth:`config` trains on it."""
+
     base_model: Path
     tokenizer_cache_dir: Path
     train_dir: Path

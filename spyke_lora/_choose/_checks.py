@@ -90,6 +90,7 @@ class _References:
 
 
 def _open(path: Path) -> PILImage.Image:
+    """The image, fully loaded so its file is closed."""
     from PIL import Image
 
     with Image.open(path) as image:
@@ -124,6 +125,7 @@ def _to_array(image: Any) -> np.ndarray:
 
 
 def _thumbnail(array: np.ndarray) -> np.ndarray:
+    """A THUMB x THUMB RGB array (0..1) of the image, NaN as 0."""
     from PIL import Image
 
     clean = np.nan_to_num(np.clip(array, 0, 1), nan=0.0)
@@ -132,6 +134,7 @@ def _thumbnail(array: np.ndarray) -> np.ndarray:
 
 
 def _normalised_grey(thumb: np.ndarray) -> np.ndarray | None:
+    """Grey levels with zero mean and unit norm, so a dot product is a correlation; None for a flat image."""
     grey = thumb @ np.array([0.299, 0.587, 0.114])
     grey = grey - grey.mean()
     norm = float(np.sqrt((grey**2).sum()))

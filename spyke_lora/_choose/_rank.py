@@ -20,6 +20,7 @@ __all__ = ["rank_checkpoints"]
 
 
 def _scores(cells: Sequence[Cell], summaries: Sequence[StepSummary], scorer: Scorer, train: Sequence[Path]):
+    """``{step: score}`` for every step but 0 with a sample image on disk."""
     scores: dict[int, float] = {}
     for summary in summaries:
         if summary.step == 0:
@@ -31,6 +32,7 @@ def _scores(cells: Sequence[Cell], summaries: Sequence[StepSummary], scorer: Sco
 
 
 def _order(scores: dict[int, float], broken: set[int]) -> tuple[tuple[int, float], ...]:
+    """Best score first; broken steps and non-finite scores last."""
     def key(item: tuple[int, float]) -> tuple[int, float, int]:
         step, score = item
         return (step in broken or not math.isfinite(score), -score if math.isfinite(score) else 0.0, step)

@@ -41,6 +41,7 @@ class Cell:
 
     @property
     def ok(self) -> bool:
+        """True when the sample has no warnings."""
         return not self.warnings
 
 
@@ -75,16 +76,19 @@ class Review:
     scorer: str | None = None
 
     def cell(self, step: int, prompt: str, cfg_scale: float) -> Cell:
+        """The cell of ``step``, ``prompt`` and ``cfg_scale``; KeyError when there is none."""
         for c in self.cells:
             if c.step == step and c.prompt == prompt and c.cfg_scale == float(cfg_scale):
                 return c
         raise KeyError((step, prompt, cfg_scale))
 
     def row(self, step: int) -> tuple[Cell, ...]:
+        """Every cell of ``step``: one row of the sheet."""
         return tuple(c for c in self.cells if c.step == step)
 
 
 def _manifest(run_dir: PathLike, name: str | None) -> tuple[Path, str]:
+    """The manifest to read and its run's NAME: ``run_dir`` itself, its ``NAME.samples.jsonl``, or its only one."""
     path = Path(run_dir).expanduser()
     if path.is_file() and path.name.endswith(".samples.jsonl"):
         return path, path.name[: -len(".samples.jsonl")]
@@ -124,6 +128,7 @@ def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
 
 
 def _sample_path(text: Any, run_dir: Path) -> Path | None:
+    """A manifest's image path, relative ones against the run folder; None when there is none."""
     if not text:
         return None
     path = Path(str(text)).expanduser()
@@ -201,9 +206,10 @@ def review(
     train_images: PathLike | Sequence[PathLike] | None = None,
     scorer: Scorer | None = None,
 ) -> Review:
-    """Check every sample of a run: reads ``RUN_DIR/NAME.samples.jsonl`` (``name`` picks the run when the folder
-    holds several; ``run_dir`` may also be the manifest itself), runs :func:`check_sample` on each image, and,
-    with a ``scorer``, ranks the steps (:func:`rank_checkpoints`).
+    """Check every sample of a run and, with a ``scorer``, rank the steps (:func:`rank_checkpoints`).
+
+    Reads ``RUN_DIR/NAME.samples.jsonl`` (``name`` picks the run when the folder holds several; ``run_dir`` may also
+    be the manifest itself) and runs :func:`check_sample` on each image.
 
     ``train_images``: image files or folders to look for near-duplicates in; None: the ``train_dir`` of the run's
     ``NAME.config.toml`` when it still exists; ``()``: no near-duplicate check."""

@@ -50,6 +50,7 @@ class ColourHistogramScorer:
         return counts / max(1, counts.sum())
 
     def _palette(self, train_images: Sequence[Path]) -> np.ndarray:
+        """The training images' mean histogram, computed once per list of images."""
         key = tuple(Path(p) for p in train_images)
         if self._reference is None or self._reference[0] != key:
             hists = []

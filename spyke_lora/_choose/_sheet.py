@@ -1,5 +1,8 @@
-"""The contact sheet: every checkpoint's samples drawn as one PNG, a row per step and a column per prompt and CFG
-scale, with a warning mark on every sample that looks broken or copies a training image (:func:`contact_sheet`)."""
+"""The contact sheet (:func:`contact_sheet`): every checkpoint's samples drawn as one PNG.
+
+A row per step and a column per prompt and CFG scale, with a warning mark on every sample that looks broken or
+copies a training image.
+"""
 
 from __future__ import annotations
 
@@ -61,10 +64,12 @@ class SheetLayout:
         return x, y, x + self.cell, y + self.cell
 
     def label_box(self, row: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a row's label."""
         _, y0, _, y1 = self.cell_box(row, 0)
         return 0, y0, self.label_width, y1
 
     def header_box(self, col: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a column's header."""
         x0, _, x1, _ = self.cell_box(0, col)
         return x0, 0, x1, self.header_height
 
@@ -117,6 +122,7 @@ def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
 
 
 def _draw_lines(draw, xy: tuple[int, int], lines: Sequence[str], font, fill, line_height: int, centre: int = 0):
+    """Draw ``lines`` down from ``xy``, each centred in ``centre`` px when given; returns the y below them."""
     x, y = xy
     for line in lines:
         left = x + (centre - draw.textlength(line, font=font)) / 2 if centre else x
@@ -126,6 +132,7 @@ def _draw_lines(draw, xy: tuple[int, int], lines: Sequence[str], font, fill, lin
 
 
 def _paste(sheet, path: Path, box: tuple[int, int, int, int]) -> bool:
+    """Fit the image at ``path`` into the square ``box``, letterboxed; False when it cannot be read."""
     from PIL import Image
 
     try:
@@ -242,11 +249,12 @@ def contact_sheet(
     train_images: PathLike | Sequence[PathLike] | None = None,
     scorer: Scorer | None = None,
 ) -> Path:
-    """Draw a run's samples as one PNG and return its path (default ``RUN_DIR/NAME.contact-sheet.png``, written
-    atomically): a row per step ("base" for step 0) with its LoRA file's name, a column per prompt and CFG scale,
-    each sample fitted into a ``cell`` px square. Samples with a warning get a coloured border and the warning
-    (red: black, flat, NaN; orange: near-duplicate of a training image); cells without an image are grey,
-    "missing". With a ``scorer``, each row also shows its score and rank. :func:`review` gives the same findings
+    """Draw a run's samples as one PNG and return its path (default ``RUN_DIR/NAME.contact-sheet.png``).
+
+    A row per step ("base" for step 0) with its LoRA file's name, a column per prompt and CFG scale, each sample
+    fitted into a ``cell`` px square; the file is written atomically. Samples with a warning get a coloured border
+    and the warning (red: black, flat, NaN; orange: near-duplicate of a training image); cells without an image are
+    grey, "missing". With a ``scorer``, each row also shows its score and rank. :func:`review` gives the same findings
     as data (``review(...).warnings`` are the lines ``spyke-lora compare`` prints)."""
     sheet_layout(1, 1, cell)  # refuses a bad cell size before any work
     rv = review(run_dir, name, train_images=train_images, scorer=scorer)
@@ -254,6 +262,7 @@ def contact_sheet(
 
 
 def write_sheet(rv: Review, out: PathLike | None, cell: int) -> Path:
+    """Draw ``rv`` into ``out`` (a file, or a folder; None: ``RUN_DIR/NAME.contact-sheet.png``); returns the path."""
     path = Path(out).expanduser() if out is not None else rv.run_dir / f"{rv.name}.contact-sheet.png"
     if path.is_dir():
         path = path / f"{rv.name}.contact-sheet.png"

@@ -1,5 +1,4 @@
-"""TrainConfig + device plan -> the exact ``train_network.py`` arguments, the dataset TOML they point at, and the
-equivalent shell command.
+"""TrainConfig + device plan -> the exact ``train_network.py`` arguments, their dataset TOML and shell command.
 
 This is the only place that knows sd-scripts' option names. Building the list is pure; checking it runs sd-scripts'
 own ``setup_parser()``.

@@ -89,6 +89,8 @@ def image_extensions(cfg: TrainConfig) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class SubsetCount:
+    """One dataset folder as sd-scripts counted it."""
+
     folder: Path
     images: int
     repeats: int
@@ -97,6 +99,8 @@ class SubsetCount:
 
 @dataclasses.dataclass(frozen=True)
 class StepCount:
+    """A run's step math as sd-scripts does it: batches, steps, epochs and the files it will save."""
+
     subsets: tuple[SubsetCount, ...]
     batches_per_epoch: int
     steps_per_epoch: int  # optimizer steps: batches / gradient accumulation

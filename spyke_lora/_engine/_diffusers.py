@@ -1,6 +1,8 @@
-"""A diffusers ``StableDiffusionPipeline`` of an SD1.x single-file checkpoint, built offline with sd-scripts' own
-conversion (``library.model_util``): the same text encoder, VAE and U-Net weights the trainer loads, so a LoRA can
-be tried with ``pipe.load_lora_weights(file)``, a consumer of the file other than sd-scripts (like ComfyUI).
+"""A diffusers ``StableDiffusionPipeline`` of an SD1.x single-file checkpoint, built offline with sd-scripts' code.
+
+sd-scripts' own conversion (``library.model_util``) gives the same text encoder, VAE and U-Net weights the trainer
+loads, so a LoRA can be tried with ``pipe.load_lora_weights(file)``, a consumer of the file other than sd-scripts
+(like ComfyUI).
 
 diffusers' own ``from_single_file`` fetches model configs from the Hugging Face hub; this needs nothing but the
 checkpoint and a CLIP tokenizer folder.
@@ -26,6 +28,7 @@ TOKENIZER_FOLDER = "openai_clip-vit-large-patch14"  # its name inside sd-scripts
 
 
 def build_pipeline(host: EngineHost, base_model: Path, tokenizer_cache_dir: Path | None) -> Any:
+    """The pipeline of ``base_model``, converted with ``host``'s ``model_util``; the caller's torch generator kept."""
     import diffusers
     import torch
     from transformers import CLIPTokenizer

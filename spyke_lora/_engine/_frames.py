@@ -1,6 +1,8 @@
-"""Reaching into sd-scripts' running ``NetworkTrainer.train()`` frame, the two places nothing else works: ending a
-stopped run the way the end of ``train()`` does (its ``save_model`` closure lives only in that frame), and putting
-the right step count into a resumed run (its ``global_step`` local)."""
+"""Reaching into sd-scripts' running ``NetworkTrainer.train()`` frame, in the two places nothing else works.
+
+Ending a stopped run the way the end of ``train()`` does (its ``save_model`` closure lives only in that frame), and
+putting the right step count into a resumed run (its ``global_step`` local).
+"""
 
 from __future__ import annotations
 

@@ -104,6 +104,7 @@ class RootLoggerSnapshot:
         self.level = root.level
 
     def restore(self) -> None:
+        """Put the saved handlers and level back on the root logger."""
         root = logging.getLogger()
         for handler in list(root.handlers):
             if handler not in self.handlers:

@@ -1,5 +1,8 @@
-"""What a run writes next to its LoRA files, and what it finds there: earlier outputs of the same name, leftovers of
-a killed run, the prompt and dataset files sd-scripts reads, and the samples manifest."""
+"""What a run writes next to its LoRA files, and what it finds there.
+
+Earlier outputs of the same name, leftovers of a killed run, the prompt and dataset files sd-scripts reads, and the
+samples manifest.
+"""
 
 from __future__ import annotations
 

@@ -232,6 +232,7 @@ def free_memory() -> None:
 
 
 def _release_heap() -> None:
+    """Ask the C allocator to give freed heap pages back to the operating system (see :func:`free_memory`)."""
     import ctypes
     import ctypes.util
     import sys

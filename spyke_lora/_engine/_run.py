@@ -1,7 +1,9 @@
-"""One run, read top to bottom: take this process's run slot and the output's lock, host sd-scripts in a process
-state that is put back afterwards, drive ``NetworkTrainer.train()`` through :class:`~._trainer.Probe`, and turn how it
-ends (completed, stopped, Ctrl-C, NaN, sd-scripts' own failure) into an :class:`Outcome` or one of our errors.
-Sampling files on disk (:func:`sample`) shares the same prelude."""
+"""One run, read top to bottom (:func:`run`), and sampling files on disk (:func:`sample`), which shares its prelude.
+
+A run takes this process's run slot and the output's lock, hosts sd-scripts in a process state that is put back
+afterwards, drives ``NetworkTrainer.train()`` through :class:`~._trainer.Probe`, and turns how it ends (completed,
+stopped, Ctrl-C, NaN, sd-scripts' own failure) into an :class:`Outcome` or one of our errors.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ __all__ = ["Outcome", "run", "sample"]
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
+    """How a run ended: the step reached, its final LoRA file (None when none was written), whether it was stopped."""
+
     steps: int
     final_path: Path | None
     stopped: bool
@@ -64,6 +68,7 @@ class _RunSlot:
 
     @contextlib.contextmanager
     def taken(self, ending: Callable[[], bool]) -> Iterator[None]:
+        """Hold the slot for the block; ``ending`` tells a second caller whether this run is already stopping."""
         if not self._lock.acquire(blocking=False):
             owner, owner_ending = self._owner, self._ending
             waits = owner is not None and owner != threading.get_ident() and owner_ending()
@@ -182,6 +187,7 @@ def sample(
 
 
 def _train(train_network, host: EngineHost, argv: list[str], probe: Probe) -> Outcome:
+    """Run ``NetworkTrainer.train()`` and turn how it ends into an :class:`Outcome` or one of our errors."""
     parser = train_network.setup_parser()
     args = parse_argv(parser, argv)
     trainer = trainer_class(train_network)(probe)

@@ -128,6 +128,8 @@ class Probe:
 
     # --- called from the trainer hooks ------------------------------------------------------------------------------
     def attach(self, train_util: ModuleType, args: Any, network: Any, accelerator: Any) -> None:
+        """Wrap the network's ``save_weights``/``on_epoch_start`` and accelerate's ``save_state``/``load_state``
+        (from ``post_process_network``, once the network exists)."""
         self.restore_logging()
         self._last_ckpt_name = train_util.get_last_ckpt_name(args, "." + args.save_model_as)
         self._unet_param_ids = frozenset(
@@ -235,6 +237,7 @@ class Probe:
             self._emit(SampleSaved(step, prompt, scale, self.samples.seed, path, checkpoint))
 
     def training_starts(self, args: Any, accelerator: Any) -> None:
+        """Deliver :class:`TrainStarted` (from the ``sample_images(epoch=0)`` call before the loop)."""
         self.started = True
         self.total_steps = int(args.max_train_steps)
         self._emit(
@@ -259,6 +262,7 @@ class Probe:
         self._micro_losses.append(loss.detach())
 
     def step_ends(self, global_step: int) -> None:
+        """Deliver :class:`StepEnded`, then end the run on a NaN/Inf streak or a requested stop."""
         losses = [float(t.item()) for t in self._micro_losses]
         self._micro_losses.clear()
         self._recent_losses.extend(losses)
@@ -302,6 +306,7 @@ class Probe:
         return path if path in self.saved else None
 
     def raise_if_stopping(self) -> None:
+        """At a safe point: KeyboardInterrupt after a first Ctrl-C, :class:`StopRun` when a stop was asked for."""
         if self.interrupt_requested:
             self.interrupted_at_boundary = True
             raise KeyboardInterrupt
@@ -309,6 +314,7 @@ class Probe:
             raise StopRun
 
     def _read_lrs(self, groups: list[dict[str, Any]]) -> tuple[float, float | None]:
+        """(U-Net lr, text-encoder lr or None), the param groups told apart by the U-Net LoRA parameters' ids."""
         unet = [g["lr"] for g in groups if g["params"] and id(g["params"][0]) in self._unet_param_ids]
         text = [g["lr"] for g in groups if g["params"] and id(g["params"][0]) not in self._unet_param_ids]
         if not self._unet_param_ids:  # a network module without unet_loras: report the last group
