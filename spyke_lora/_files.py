@@ -8,12 +8,13 @@ leaves the old file or the new one under the final name, never half of one; a fa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "fsync_dir", "fsync_file", "temporary_name", "write_atomically"]
+__all__ = ["atomic_path", "fsync_dir", "fsync_file", "sha256", "temporary_name", "write_atomically"]
 
 
 _SERIAL = itertools.count(1)  # two writers of one file in one process (two threads) never share a temporary
@@ -70,3 +71,12 @@ def write_atomically(final: Path, data: str | bytes) -> Path:
         else:
             temp.write_bytes(data)
     return Path(final)
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256, hex, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -95,16 +95,19 @@ def read_header(path: str | Path, *, complete: bool = True) -> Header:
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as f:
-        head = f.read(8)
-        if head.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save) or a pickle's protocol opcode
+        head = f.read(9)  # the header's length, then its first character
+        length = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        # a header length may well start with the byte 0x80, as a pickle does: a file that reads as a safetensors
+        # header (a plausible length, then "{") is one
+        header_like = len(head) == 9 and length <= _MAX_HEADER and 8 + length <= size and head[8:] == b"{"
+        if not header_like and head.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save), a pickle's opcode
             raise HeaderError("pickle", path, size)
         if len(head) < 8:
             raise HeaderError("short", path, size)
-        (length,) = struct.unpack("<Q", head)
         if length > _MAX_HEADER or 8 + length > size:
             raise HeaderError("length", path, size, length)
         try:
-            tensors = json.loads(f.read(length))
+            tensors = json.loads((head[8:] + f.read(max(0, length - len(head[8:]))))[:length])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HeaderError("not json", path, size, length, detail=str(e)) from None
     if not isinstance(tensors, dict):

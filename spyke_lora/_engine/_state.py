@@ -11,7 +11,6 @@ run trained with and a fingerprint of its dataset, so a resume that would change
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import Any
 
 from .._config import TrainConfig
 from .._errors import ConfigError
+from .._files import sha256
 from ._dataset import dataset_folders, image_extensions
 
 __all__ = [
@@ -187,11 +187,7 @@ def dataset_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256(path)[:16]
 
 
 def _dataset_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

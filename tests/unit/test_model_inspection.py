@@ -53,6 +53,18 @@ def test_a_file_written_by_the_safetensors_library(tmp_path):
         check_base_model(path)
 
 
+def test_a_header_whose_length_starts_with_a_pickles_first_byte_is_safetensors(tmp_path):
+    """A header of 384 bytes is 0x80 0x01 0 ... in little-endian: the byte a pickle starts with. A LoRA written by
+    the sd-scripts command line had such a length and was refused as a pickle."""
+    path = tmp_path / "lora.safetensors"
+    key = "lora_unet_x.lora_down.weight"
+    body = json.dumps({key: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    header = body.ljust(384).encode()
+    path.write_bytes(struct.pack("<Q", 384) + header + b"\0" * 4)
+    assert path.read_bytes()[:1] == b"\x80"
+    assert inspect_model(path).family == "lora"
+
+
 BAD = [
     ("missing", lambda p: p, "does not exist"),
     ("short", lambda p: p.write_bytes(b"abc"), "not a valid .safetensors file (only 3 bytes)"),

@@ -1,0 +1,227 @@
+"""What ``deploy()`` checks before it writes anything: the LoRA file (complete safetensors, kohya LoRA keys in pairs,
+finite weights), its name in ComfyUI, the ComfyUI folder, and the run's config the sidecar records.
+
+torch and safetensors are imported only when a file is checked: importing spyke_lora stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .._config import TrainConfig, tomllib
+from .._errors import ConfigError, DeployError, SpykeLoraWarning
+from .._files import sha256
+from .._model import HeaderError, read_header
+
+_CHUNK = 2**20
+_LORA_KEY = re.compile(
+    r"^(?P<module>lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$"
+)
+_STEP_SUFFIX = re.compile(r"-(?:step)?\d+$")  # NAME-step00000600, NAME-000004 (an epoch): sd-scripts' file names
+# ComfyUI roots have a models/ folder and at least one of these (see _comfyui_problem)
+_COMFYUI_MARKERS = ("main.py", "comfy/", "custom_nodes/", "models/checkpoints/")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    path: Path
+    size: int
+    sha256: str
+    metadata: dict[str, str]
+    tensor_count: int
+
+
+# deploy's words for what read_header finds (HeaderError.problem -> message)
+_NOT_SAFETENSORS = {
+    "pickle": "{where} must be a .safetensors file, got a pickle checkpoint (it would run code when loaded); deploy "
+    "the .safetensors file sd-scripts wrote",
+    "short": "{where} must be a .safetensors file, got {size} bytes; copy the file again",
+    "length": "{where} must be a .safetensors file, got a header length of {length} in a {size}-byte file (not "
+    "safetensors, or cut short); copy the file again",
+    "not json": "{where} must be a .safetensors file, got a header that is not JSON ({detail}); copy the file again",
+    "not object": "{where} must be a .safetensors file, got a header that is not a JSON object",
+    "no offsets": "{where} must be a .safetensors file, got a tensor entry without data_offsets; copy the file again",
+    "truncated": "{where} is truncated or corrupt: its header promises {expected} bytes, got {size}; copy the file "
+    "again, or deploy another checkpoint of the run",
+}
+
+
+def _check_lora(path: Path) -> _Checked:
+    """``path`` checked as a complete safetensors file of finite kohya LoRA weights, or a DeployError saying why not."""
+    where = f"`checkpoint` {str(path)!r}"
+    if not path.exists():
+        raise DeployError(f"{where} does not exist; check the path (a run writes NAME-stepNNNNNNNN.safetensors into "
+                          f"its output_dir)")  # fmt: skip
+    if not path.is_file():
+        raise DeployError(f"{where} must be a LoRA .safetensors file, got a folder; pass one of the files in it")
+    try:
+        header = read_header(path)
+    except HeaderError as e:
+        raise DeployError(e.worded(_NOT_SAFETENSORS, where)) from None
+    _check_keys(where, list(header.tensors))
+    _check_tensors(where, path)
+    metadata = {str(k): str(v) for k, v in header.metadata.items()}
+    if not any(k.startswith("ss_") for k in metadata):
+        warnings.warn(
+            f"{where} has no sd-scripts metadata (ss_*); its step, base model and network are unknown, and the "
+            f"sidecar will say null for them",
+            SpykeLoraWarning,
+            stacklevel=3,
+        )
+    return _Checked(path, header.size, _sha256(path), metadata, len(header.tensors))
+
+
+def _check_keys(where: str, keys: list[str]) -> None:
+    """Kohya LoRA keys only, every ``lora_down`` with its ``lora_up``, at least one such pair."""
+    if not keys:
+        raise DeployError(f"{where} must hold LoRA weights, got no tensors at all; deploy another checkpoint")
+    bad = [k for k in keys if not _LORA_KEY.match(k)]
+    if bad:
+        shown = ", ".join(repr(k) for k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DeployError(
+            f"{where} must be a kohya-format LoRA (keys lora_unet_*/lora_te_* ending in .lora_down.weight, "
+            f".lora_up.weight or .alpha), got {len(bad)} other key(s): {shown}; a base model or a LyCORIS/diffusers "
+            f"LoRA is not what spyke-lora trains: deploy a file of its output_dir, or copy other files by hand"
+        )
+    parts: dict[str, set[str]] = {}
+    for key in keys:
+        match = _LORA_KEY.match(key)
+        assert match is not None
+        parts.setdefault(match["module"], set()).add(match["part"])
+    unpaired = sorted(m for m, p in parts.items() if ("lora_down.weight" in p) != ("lora_up.weight" in p))
+    if unpaired:
+        shown = ", ".join(unpaired[:3]) + (f" and {len(unpaired) - 3} more" if len(unpaired) > 3 else "")
+        raise DeployError(
+            f"{where} must have a lora_up.weight for every lora_down.weight and back, got {len(unpaired)} module(s) "
+            f"with only one: {shown}; the file is incomplete: deploy another checkpoint"
+        )
+    if not any({"lora_down.weight", "lora_up.weight"} <= p for p in parts.values()):
+        found = ", ".join(sorted({p for ps in parts.values() for p in ps}))
+        raise DeployError(
+            f"{where} must hold at least one lora_down/lora_up weight pair, got only {found}; deploy another checkpoint"
+        )
+
+
+def _check_tensors(where: str, path: Path) -> None:
+    """Every tensor readable and every floating-point one finite (reads the whole file, with torch)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    bad: list[str] = []
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                tensor = f.get_tensor(key)
+                if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+                    bad.append(key)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise DeployError(f"{where} must be a readable .safetensors file, got an error reading its tensors ({e}); "
+                          f"copy the file again") from e  # fmt: skip
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DeployError(f"{where} must hold finite weights, got NaN or infinite values in {len(bad)} tensor(s): "
+                          f"{shown}; the training diverged by this step: deploy an earlier checkpoint")  # fmt: skip
+
+
+def _valid_name(name: str) -> str | None:
+    """The stem, or None when ``name`` cannot be a plain file name in models/loras."""
+    if not isinstance(name, str):
+        return None
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not name.strip() or name != name.strip() or name.startswith(".") or any(c in name for c in "/\\\0:"):
+        return None
+    return name
+
+
+def _resolve_name(name: str | None, checked: _Checked) -> str:
+    """The stem in ComfyUI: ``name``, else the file's ``ss_output_name`` metadata, else the file's own stem."""
+    if name is not None:
+        stem = _valid_name(name)
+        if stem is None:
+            raise DeployError(f"`name` must be a plain file stem such as 'spyke_plasma_v1' (no '/', '\\', ':' or "
+                              f"leading '.', not empty), got {name!r}; try --name spyke_plasma_v1")  # fmt: skip
+        return stem
+    output_name = checked.metadata.get("ss_output_name")
+    if output_name and _valid_name(output_name):
+        return _valid_name(output_name)  # type: ignore[return-value]
+    stem = _valid_name(checked.path.stem)
+    if stem is None:
+        raise DeployError(f"the file name of {checked.path} cannot be used in ComfyUI as it is; pass `name` (--name)")
+    return stem
+
+
+def _comfyui_problem(root: Path) -> str | None:
+    """None when ``root`` looks like a ComfyUI installation: a folder with ``models/`` and at least one of
+    ``main.py``, ``comfy/``, ``custom_nodes/``, ``models/checkpoints/``; else what is missing."""
+    if not root.exists():
+        return "it does not exist"
+    if not root.is_dir():
+        return "it is not a folder"
+    if not (root / "models").is_dir():
+        return "it has no models/ folder"
+    if not any((root / m).is_dir() if m.endswith("/") else (root / m).is_file() for m in _COMFYUI_MARKERS):
+        return f"it has models/ but none of {', '.join(_COMFYUI_MARKERS)}"
+    return None
+
+
+def _check_comfyui(root: Path) -> Path:
+    """``root`` when it is a ComfyUI folder; else a DeployError naming a nearby folder that is one, if any."""
+    problem = _comfyui_problem(root)
+    if problem is None:
+        return root
+    hint = "pass the folder that holds ComfyUI's main.py and models/ (e.g. ~/tools/ComfyUI)"
+    candidates = [root / "ComfyUI", root.parent, root.parent.parent]  # a portable install's root; models/, models/loras
+    for candidate in candidates:
+        if candidate != root and _comfyui_problem(candidate) is None:
+            hint = f"try --comfyui {candidate}"
+            break
+    raise DeployError(f"`comfyui_dir` {str(root)!r} must be a ComfyUI folder, but {problem}; {hint}")
+
+
+def _resolve_config(
+    config: TrainConfig | str | os.PathLike[str] | None, checked: _Checked
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The config the sidecar records, and its TOML: ``config``, else ``NAME.config.toml`` next to the checkpoint."""
+    if isinstance(config, TrainConfig):
+        return config.to_dict(), None
+    if config is not None:
+        path = Path(config).expanduser().absolute()
+        if not path.is_file():
+            raise DeployError(f"`config` {str(path)!r} does not exist; pass the run's NAME.config.toml, or leave it "
+                              f"out")  # fmt: skip
+        return TrainConfig.from_toml(path).to_dict(), path  # a ConfigError names what is wrong in it
+    folder = checked.path.parent
+    stems = [checked.metadata.get("ss_output_name"), checked.path.stem, _STEP_SUFFIX.sub("", checked.path.stem)]
+    for stem in dict.fromkeys(s for s in stems if s and _valid_name(s)):
+        path = folder / f"{stem}.config.toml"
+        if path.is_file():
+            try:
+                return TrainConfig.from_toml(path).to_dict(), path
+            except ConfigError as e:  # an older or edited config: record what the file says
+                warnings.warn(f"{path} is not a valid config now ({e}); recorded as written", SpykeLoraWarning,
+                              stacklevel=3)  # fmt: skip
+                try:
+                    return tomllib.loads(path.read_text(encoding="utf-8")), path
+                except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                    return None, path
+    return None, None
+
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors file, or {} when it cannot be read (its tensors are not checked)."""
+    try:
+        metadata = read_header(path, complete=False).metadata
+    except (OSError, HeaderError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _sha256(path: Path) -> str:
+    return sha256(path)
