@@ -43,12 +43,22 @@ from ._errors import (  # noqa: E402
     TrainingError,
 )
 from ._pipeline import diffusers_pipeline  # noqa: E402
-from ._plan import Plan, SubsetPlan, plan  # noqa: E402
+from ._plan import Plan, SubsetPlan, ValidationPlan, plan  # noqa: E402
 from ._records import RunRecord, config_diff, loss_chart, runs  # noqa: E402
 from ._sampling import sample  # noqa: E402
 from ._stream import EventStream, iter_events  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
-from .events import CheckpointSaved, Event, SampleSaved, StepEnded, Stop, TrainEnded, TrainStarted  # noqa: E402
+from ._validate import HeldOutLoss, validation_loss  # noqa: E402
+from .events import (  # noqa: E402
+    CheckpointSaved,
+    Event,
+    SampleSaved,
+    StepEnded,
+    Stop,
+    TrainEnded,
+    TrainStarted,
+    ValidationEnded,
+)
 
 __version__ = "0.1.0"
 
@@ -65,6 +75,7 @@ __all__ = [
     "EngineError",
     "Event",
     "EventStream",
+    "HeldOutLoss",
     "NonFiniteLoss",
     "OutputInUse",
     "Plan",
@@ -84,6 +95,8 @@ __all__ = [
     "TrainResult",
     "TrainStarted",
     "TrainingError",
+    "ValidationEnded",
+    "ValidationPlan",
     "callbacks",
     "config_diff",
     "contact_sheet",
@@ -100,6 +113,7 @@ __all__ = [
     "sample",
     "sd_scripts_argv",
     "train",
+    "validation_loss",
 ]
 
 # Public classes show their public path in reprs, tracebacks and docs (spyke_lora.TrainConfig, not

@@ -102,6 +102,11 @@ class TrainConfig:
     sample_sampler: str = "euler_a"  # sd-scripts' sampler names: ddim, euler, euler_a, dpmsolver++, k_dpm_2, ...
     sample_negative_prompt: str = ""
     sample_at_first: bool = False  # also sample the untrained base model (a "step 0" row to compare with)
+    # --- held-out validation: sd-scripts' validation loss, measured without changing what is trained ----------------
+    validation_dir: Path | None = None  # held-out images of the character with captions, never trained on
+    validate_every_n_steps: int | None = None  # None: at every saved file; N: every N steps (and the final file)
+    validation_seed: int | None = None  # the noise of every pass; None: `seed`
+    max_validation_steps: int | None = None  # held-out batches per pass (sd-scripts' name); None: all of them
     # --- model behaviour --------------------------------------------------------------------------------------------
     mixed_precision: MixedPrecision = "auto"  # auto: fp16 on CUDA, no on MPS and CPU
     clip_skip: int | None = 2
@@ -262,6 +267,22 @@ class TrainConfig:
             )
         problems += _extra_args_problems(self.extra_args)
         problems += self._sample_problems()
+        problems += self._validation_problems()
+        return problems
+
+    def _validation_problems(self) -> list[str]:
+        if self.validation_dir is None:
+            unused = [n for n in ("validate_every_n_steps", "max_validation_steps") if getattr(self, n) is not None]
+            return [f"`{n}` is set but `validation_dir` is not; set `validation_dir` to a folder of held-out images, "
+                    f"or remove `{n}`" for n in unused]  # fmt: skip
+        problems = []
+        for name in ("train_dir", "reg_dir"):
+            folder = getattr(self, name)
+            if folder is not None and (folder == self.validation_dir or self.validation_dir in folder.parents):
+                problems.append(
+                    f"`validation_dir` {str(self.validation_dir)!r} is (or holds) `{name}`: held-out images must be "
+                    f"images the run never trains on; put them in a folder of their own"
+                )
         return problems
 
     def _sample_problems(self) -> list[str]:
@@ -297,7 +318,7 @@ _MINIMUM: dict[str, float] = {  # the smallest allowed value of numeric fields
     "network_dim": 1, "network_alpha": 0, "learning_rate": 0, "unet_lr": 0, "text_encoder_lr": 0,
     "lr_warmup_steps": 0, "max_train_epochs": 1, "max_train_steps": 1, "save_every_n_steps": 1,
     "clip_skip": 1, "prior_loss_weight": 0, "max_nonfinite_steps": 0, "sample_cfg_scales": 0, "sample_steps": 1,
-    "sample_size": 64,
+    "sample_size": 64, "validate_every_n_steps": 1, "max_validation_steps": 1,
 }  # fmt: skip
 
 

@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 
 from . import _engine
-from ._config import TrainConfig
+from ._config import TrainConfig, repeats_from_folder_name
 from ._doctor import free_disk
 from ._errors import ConfigError
-from ._preflight import check_folder, config_warnings
+from ._preflight import check_folder, config_warnings, held_out_problems
 
-__all__ = ["Plan", "SubsetPlan", "plan"]
+__all__ = ["Plan", "SubsetPlan", "ValidationPlan", "plan"]
 
 # Measured: an SD1.5 LoRA of network_dim 32 saved as fp32 is 75.6 MB (792 tensors); size scales with dim.
 _BYTES_PER_DIM_FP32 = 75_600_000 / 32
@@ -31,6 +31,16 @@ class SubsetPlan:
     captions: int
     repeats: int
     is_reg: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationPlan:
+    """The held-out images a run validates on, and the validation passes it will make."""
+
+    folder: Path
+    images: int
+    steps: tuple[int, ...]  # the steps whose weights are validated (one pass each)
+    seed: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +66,7 @@ class Plan:
     sample_summary: str = ""  # e.g. "3 prompts x CFG 5, 7, 9 (20 steps, euler_a, 512 px, seed 1234)"
     resume_from: Path | None = None  # the training state this run continues
     resume_step: int = 0  # the step it continues after (0: a fresh run)
+    validation: ValidationPlan | None = None  # held-out validation (None: no validation_dir)
 
     def __str__(self) -> str:
         lines = [
@@ -80,6 +91,11 @@ class Plan:
             "samples         " + (
                 f"{self.sample_summary} = {self.samples_per_checkpoint} images per saved file"
                 if self.samples_per_checkpoint else "none"
+            ),
+            "validation      " + (
+                f"{self.validation.images} held-out images in {self.validation.folder}, a pass at steps "
+                f"{', '.join(str(s) for s in self.validation.steps)} (seed {self.validation.seed})"
+                if self.validation else "none (set `validation_dir` to measure a held-out loss)"
             ),
             f"disk            about {self.estimated_disk_bytes / 1e6:.0f} MB",
             *(f"warning: {w}" for w in self.warnings if w not in self.corrections),
@@ -136,6 +152,13 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
                 f"{folder.source} sets {' and '.join(folder.fresh_latents)}, which change the image at every step, so "
                 f"its latents cannot be cached; set `cache_latents = false` (slower: the VAE encodes every step)"
             )
+    held_out = _held_out_folder(cfg)
+    if held_out is not None:
+        found, noted = check_folder(held_out, cfg, extensions or _engine.image_extensions(cfg))
+        problems += found
+        warnings += noted
+        if not found:
+            problems += held_out_problems(held_out, folders, extensions or _engine.image_extensions(cfg))
     state = None
     if resume is not None:
         try:
@@ -204,7 +227,29 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
         sample_summary=_sample_summary(cfg),
         resume_from=state.path if state else None,
         resume_step=done,
+        validation=_validation_plan(cfg, held_out, count.total_steps, [s for s, _ in count.checkpoints], done),
     )
+
+
+def _held_out_folder(cfg: TrainConfig):
+    """``validation_dir`` as a dataset folder (an ``_engine`` ``Folder``), or None."""
+    if cfg.validation_dir is None:
+        return None
+    parsed = repeats_from_folder_name(cfg.validation_dir)
+    tokens = parsed[1] if parsed else cfg.validation_dir.name
+    return _engine.Folder(cfg.validation_dir, 1, False, cfg.caption_extension, tokens, "`validation_dir`")
+
+
+def _validation_plan(cfg: TrainConfig, held_out, total: int, saved: list[int], done: int) -> ValidationPlan | None:
+    """Which steps get a validation pass: every saved file's, or every ``validate_every_n_steps`` and the last."""
+    if held_out is None:
+        return None
+    every = cfg.validate_every_n_steps
+    steps = {s for s in (range(every, total + 1, every) if every else saved) if s > done} | {total}
+    extensions = {e.lower() for e in _engine.image_extensions(cfg)}
+    images = sum(1 for p in held_out.folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    seed = cfg.seed if cfg.validation_seed is None else cfg.validation_seed
+    return ValidationPlan(held_out.folder, images, tuple(sorted(steps)), seed)
 
 
 def _sample_summary(cfg: TrainConfig) -> str:

@@ -9,6 +9,7 @@ import collections
 from pathlib import Path
 
 from ._config import TrainConfig, repeats_from_folder_name
+from ._files import sha256
 
 # What PIL calls each format, and the extensions that format may carry (the usual one first).
 _FORMAT_EXTENSIONS = {
@@ -114,6 +115,31 @@ def check_folder(folder, cfg: TrainConfig, image_extensions: tuple[str, ...]) ->
             f"{_names(trigger_not_first)}"
         )
     return problems, warnings
+
+
+def held_out_problems(held_out, folders, image_extensions: tuple[str, ...]) -> list[str]:
+    """A held-out image that is also a training image (the same bytes, under any name) is not held out: one problem
+    per such image, naming both files."""
+    extensions = {e.lower() for e in image_extensions}
+
+    def images(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+
+    trained: dict[str, Path] = {}
+    for folder in folders:
+        for image in images(folder.folder):
+            trained.setdefault(sha256(image), image)
+    problems = []
+    for image in images(held_out.folder):
+        twin = trained.get(sha256(image))
+        if twin is not None:
+            problems.append(
+                f"held-out image {str(image)!r} is also a training image ({str(twin)!r}): a held-out loss is only "
+                f"worth something on images the run never sees; remove it from one of the two folders"
+            )
+    return problems
 
 
 def config_warnings(cfg: TrainConfig, total_steps: int) -> list[str]:

@@ -65,6 +65,12 @@ def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[Sampl
 def _files(checkpoints, cfg: TrainConfig) -> list[tuple[int, Path]]:
     if not cfg.sample_prompts:
         raise ConfigError("`sample_prompts` is empty, so there is nothing to sample; give at least one prompt")
+    return checkpoint_files(checkpoints, cfg, "sampled", stacklevel=5)
+
+
+def checkpoint_files(checkpoints, cfg: TrainConfig, verb: str, stacklevel: int = 4) -> list[tuple[int, Path]]:
+    """LoRA files (or folders of ``cfg.output_name``'s files) as ``(step, path)`` in step order, one per step; every
+    file that is not a LoRA is reported at once."""
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [checkpoints]
     paths: list[Path] = []
@@ -90,9 +96,11 @@ def _files(checkpoints, cfg: TrainConfig) -> list[tuple[int, Path]]:
         step_text = info.metadata.get("ss_steps", "")
         step = int(step_text) if step_text.isdigit() else position
         if not step_text.isdigit():
-            warnings.warn(f"{path.name} has no ss_steps metadata: it is shown as step {step}", SpykeLoraWarning, 4)
+            warnings.warn(f"{path.name} has no ss_steps metadata: it is shown as step {step}", SpykeLoraWarning,
+                          stacklevel)  # fmt: skip
         if step in seen:  # NAME-step00000920 and NAME (the final file) of one run are the same weights
-            warnings.warn(f"{path.name} is step {step} like {seen[step].name}: sampled once", SpykeLoraWarning, 4)
+            warnings.warn(f"{path.name} is step {step} like {seen[step].name}: {verb} once", SpykeLoraWarning,
+                          stacklevel)  # fmt: skip
             continue
         seen[step] = path
         files.append((step, path))

@@ -16,7 +16,7 @@ from ._config import TrainConfig
 from ._errors import SpykeLoraWarning
 from ._plan import plan
 from ._records import RunRecorder
-from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted
+from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted, ValidationEnded
 
 __all__ = ["Callback", "TrainResult", "train"]
 
@@ -39,6 +39,7 @@ class TrainResult:
     mixed_precision: str
     stop_reason: str | None = None
     resumed_from_step: int = 0  # 0: a fresh run
+    validations: tuple[ValidationEnded, ...] = ()  # every held-out validation pass, in order (validation_dir)
 
     @property
     def losses(self) -> list[float]:
@@ -55,6 +56,7 @@ class _Session:
         self.started: TrainStarted | None = None
         self.history: list[StepEnded] = []
         self.checkpoints: list[CheckpointSaved] = []
+        self.validations: list[ValidationEnded] = []
         self.stop_reason: str | None = None
         self.ended = False
 
@@ -65,6 +67,8 @@ class _Session:
             self.history.append(event)
         elif isinstance(event, CheckpointSaved):
             self.checkpoints.append(event)
+        elif isinstance(event, ValidationEnded):
+            self.validations.append(event)
         for callback in self.callbacks:
             answer = callback(event)  # an exception here is the caller's: it propagates unchanged
             if isinstance(answer, Stop) and self.stop_reason is None and not isinstance(event, TrainEnded):
@@ -194,6 +198,7 @@ def _train(
         mixed_precision=session.started.mixed_precision if session.started else device_choice.mixed_precision,
         stop_reason=session.stop_reason if outcome.stopped else None,
         resumed_from_step=checked.resume_step,
+        validations=tuple(session.validations),
     )
 
 

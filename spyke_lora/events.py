@@ -2,8 +2,11 @@
 
 1. :class:`TrainStarted` once, when the model is loaded and the step count is known;
 2. :class:`StepEnded` after every optimizer step, and :class:`CheckpointSaved` after every LoRA file written
-   (a checkpoint of step N follows the ``StepEnded`` of step N), then one :class:`SampleSaved` per sample image of
+   (a checkpoint of step N follows the ``StepEnded`` of step N), then, with held-out images, one
+   :class:`ValidationEnded` for that checkpoint's weights, then one :class:`SampleSaved` per sample image of
    that checkpoint (every prompt x CFG scale, in the order of ``sample_prompts`` then ``sample_cfg_scales``);
+   with ``validate_every_n_steps``, the ``ValidationEnded`` of step N follows its ``StepEnded`` instead (and the
+   final file is validated too);
 3. :class:`TrainEnded` exactly once, last (only when ``TrainStarted`` was delivered).
 
 Events are small frozen dataclasses of plain data (ints, floats, strings, paths): they compare by value, print
@@ -17,7 +20,9 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Union
 
-__all__ = ["CheckpointSaved", "Event", "SampleSaved", "StepEnded", "Stop", "TrainEnded", "TrainStarted"]
+__all__ = [
+    "CheckpointSaved", "Event", "SampleSaved", "StepEnded", "Stop", "TrainEnded", "TrainStarted", "ValidationEnded",
+]
 
 Status = Literal["completed", "stopped", "failed", "interrupted"]
 
@@ -75,6 +80,21 @@ class SampleSaved:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidationEnded:
+    """A validation pass over the held-out images (``validation_dir``) finished, on the weights of ``step``.
+
+    ``loss`` is sd-scripts' validation loss of this pass: every held-out image at timesteps 200, 400, 600 and 800,
+    with a fixed seed, so passes of different steps compare the weights and nothing else. ``divergence`` is
+    ``loss`` minus the running training loss (``StepEnded.avg_loss``): it grows as the LoRA fits its training images
+    better than unseen ones."""
+
+    step: int
+    epoch: int
+    loss: float
+    divergence: float
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainEnded:
     """The run is over. ``status``: "completed"; "stopped" (a callback returned Stop); "failed" (an exception,
     which propagates after this event); "interrupted" (Ctrl-C, re-raised after this event)."""
@@ -85,7 +105,7 @@ class TrainEnded:
 
 
 # the type of every event above: what a callback receives
-Event = Union[TrainStarted, StepEnded, CheckpointSaved, SampleSaved, TrainEnded]
+Event = Union[TrainStarted, StepEnded, CheckpointSaved, ValidationEnded, SampleSaved, TrainEnded]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@
 * CLIP tokenizer files (the 256 byte-level characters, no merges) in the layout sd-scripts' ``tokenizer_cache_dir``
   expects, so nothing is fetched from the Hugging Face hub;
 * a few generated images with captions: a train folder ``2_spyke_plasma_v1`` and a regularisation folder
-  ``1_person``.
+  ``1_person``; and two held-out images of the character, never trained on, for validation (``val/1_spyke_plasma_v1``).
 
 Nothing here is downloaded.
 """
@@ -34,6 +34,7 @@ _TRAIN_CAPTIONS = (
     f"{TRIGGER}, white stripes, purple background",
 )
 _REG_CAPTIONS = ("person, grey background", "person, orange background")
+_HELD_OUT_CAPTIONS = (f"{TRIGGER}, cyan ring, black background", f"{TRIGGER}, orange cross, white background")
 
 
 def cache_dir() -> Path:
@@ -51,6 +52,7 @@ class TinyWorld:
     reg_dir: Path
     output_dir: Path
     resolution: int
+    validation_dir: Path | None = None  # held-out images (TrainConfig.validation_dir); not set by config()
 
     def config(self, **changes: Any) -> TrainConfig:
         """A config that trains on this world: the recipe, made small (64 px, no bucketing, 5 steps, a checkpoint
@@ -90,9 +92,11 @@ def build_tiny_world(
     reg_dir = root / "reg" / "1_person"
     _write_images(train_dir, _TRAIN_CAPTIONS, resolution, seed=1)
     _write_images(reg_dir, _REG_CAPTIONS, resolution, seed=2)
+    validation_dir = root / "val" / f"1_{TRIGGER}"
+    _write_images(validation_dir, _HELD_OUT_CAPTIONS, resolution, seed=7)
     output_dir = root / "output"
     output_dir.mkdir(parents=True, exist_ok=True)
-    return TinyWorld(model, tokenizers, train_dir, reg_dir, output_dir, resolution)
+    return TinyWorld(model, tokenizers, train_dir, reg_dir, output_dir, resolution, validation_dir)
 
 
 def write_tokenizer(folder: Path) -> Path:

@@ -9,6 +9,7 @@ Everything else in the package speaks in :class:`~spyke_lora.TrainConfig`, the d
 * ``_outputs``: what a run writes and finds next to its LoRA files;
 * ``_state``: saved training states and resuming;
 * ``_host``, ``_process``, ``_streams``: hosting sd-scripts in this process and leaving nothing behind;
+* ``_validation``: the held-out validation loss, during a run and of files on disk;
 * ``_dataset``: sd-scripts' own step math; ``_sample``: sampling files on disk; ``_diffusers``, ``_random_model``.
 """
 
@@ -35,7 +36,7 @@ from ._outputs import (
 )
 from ._process import free_memory, preserved_random_state
 from ._random_model import write_random_sd15_checkpoint
-from ._run import Outcome, run, sample
+from ._run import Outcome, run, sample, validate
 from ._state import SavedState, find_states, resolve_resume
 from ._streams import engine_output
 
@@ -72,6 +73,7 @@ __all__ = [
     "sample_prompts_text",
     "samples_manifest_path",
     "sd_scripts_argv",
+    "validate",
     "write_dataset_toml",
     "write_random_sd15_checkpoint",
     "write_sample_prompts",

@@ -45,6 +45,9 @@ _MANAGED: dict[str, str] = {
     "sample_prompts": "set `sample_prompts` (a list of prompts) and the other `sample_*` fields instead",
     "sample_every_n_steps": "every saved checkpoint is sampled (set `sample_prompts = []` to turn sampling off)",
     "sample_every_n_epochs": "every saved checkpoint is sampled (set `sample_prompts = []` to turn sampling off)",
+    "validation_split": "put held-out images in a folder of their own and set `validation_dir`: sd-scripts' own "
+    "held-out set changes what is trained (see docs/validation.md)",
+    "validate_every_n_epochs": "held-out images are validated at every saved file, or every `validate_every_n_steps`",
     "console_log_simple": "spyke-lora always sets it (rich log rendering draws from Python's `random`, which "
     "sd-scripts also uses for caption shuffling, so a rich log changes what is trained)",
 }

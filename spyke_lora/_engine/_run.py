@@ -39,8 +39,9 @@ from ._process import (
 from ._state import SavedState, remove_partial_states, state_record
 from ._streams import caller_output, engine_output, text_progress_bars
 from ._trainer import NonFiniteStop, Probe, StopRun, trainer_class
+from ._validation import HeldOut, validate_files, validation_spec
 
-__all__ = ["Outcome", "run", "sample"]
+__all__ = ["Outcome", "run", "sample", "validate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,14 +150,20 @@ def run(
         remove_partial_files(cfg)
         remove_partial_states(cfg)
         write_dataset_toml(cfg)
+        spec = validation_spec(cfg)
+        generators = [generator] if generator is not None else []
         probe = Probe(
             _to_caller(emit), stop_requested, started_at, logs.restore, cfg.max_nonfinite_steps,
             resume=resume, state_record=state_record(cfg) if cfg.save_state else None,
             samples=prepare_samples(cfg, fresh=resume is None), generator=generator,
             memory=memory_reader(plan.device), device_name=device_name(plan.device),
+            held_out=HeldOut(train_network, spec, generators) if spec is not None else None,
         )  # fmt: skip
-        with _ctrl_c_stops_after_the_step(probe):
-            return _train(train_network, host, argv, probe)
+        try:
+            with _ctrl_c_stops_after_the_step(probe):
+                return _train(train_network, host, argv, probe)
+        finally:
+            probe.batch_context = None  # the run's models: let them go with the run
 
 
 def sample(
@@ -183,6 +190,32 @@ def sample(
             _clear_engine_frames(e.__traceback__, host.root)
             if isinstance(e, Exception) and not isinstance(e, SpykeLoraError) and e is not probe.callback_error:
                 raise TrainingError(f"sd-scripts failed while sampling: {type(e).__name__}: {e}") from e
+            raise
+
+
+def validate(
+    cfg: TrainConfig,
+    plan: DeviceChoice,
+    files: list[Path | None],
+    folder: Path,
+    report: Callable[[Path | None, float, int], None],
+    log: Path | None = None,
+) -> None:
+    """The held-out loss of each LoRA file on disk (None: the base model) on the images in ``folder``, as a training
+    run with ``cfg`` measures it; each figure goes to ``report(file, loss, images)``."""
+    argv = build_argv(cfg, plan)
+    generator = device_generator(plan.device)
+    spec = validation_spec(cfg, folder)
+    assert spec is not None
+    with _engine_session(cfg, plan, generator, lambda: False, log, True) as (host, train_network, _):
+        args = parse_argv(train_network.setup_parser(), argv)
+        generators = [generator] if generator is not None else []
+        try:
+            validate_files(train_network, args, files, spec, generators, report)
+        except BaseException as e:
+            _clear_engine_frames(e.__traceback__, host.root)
+            if isinstance(e, Exception) and not isinstance(e, SpykeLoraError):
+                raise TrainingError(f"sd-scripts failed while validating: {type(e).__name__}: {e}") from e
             raise
 
 

@@ -34,10 +34,11 @@ from typing import Any
 
 from .._errors import EngineError, TrainingError
 from .._files import atomic_path
-from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarted
+from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarted, ValidationEnded
 from ._frames import set_frame_local
 from ._process import DeviceGenerator, generators_preserved
 from ._state import DEVICE_RNG_NAME, RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
+from ._validation import BatchContext, HeldOut
 
 
 class StopRun(BaseException):
@@ -75,6 +76,7 @@ class Probe:
         generator: DeviceGenerator | None = None,
         memory: Callable[[], int | None] = lambda: None,
         device_name: str = "",
+        held_out: HeldOut | None = None,
     ) -> None:
         self._emit_to_callbacks = emit
         # the training device's generator (MPS, CUDA): kept as it was across sampling, and saved with every state
@@ -87,6 +89,9 @@ class Probe:
         self.samples = samples  # what to sample at every saved file (None: no sampling)
         self.sampler: Callable[[int], None] | None = None  # runs sd-scripts' sampler on the current weights
         self._sampled_steps: set[int] = set()
+        self.held_out = held_out  # the held-out images to validate on (None: no validation)
+        self.batch_context: BatchContext | None = None  # the last training batch's models and strategies
+        self._validated_steps: set[int] = set()
         self.max_nonfinite_steps = max_nonfinite_steps  # 0: never stop
         self.nonfinite_streak = 0  # consecutive steps with a NaN/Inf loss: no file is saved during one
         self.last_loss = float("nan")
@@ -155,7 +160,10 @@ class Probe:
                     f"before are intact: {kept}. Free some space (each file is about {size:.0f} MB) and run again"
                 ) from e
             self.saved.append(path)
-            self._emit(CheckpointSaved(self.steps_done, self.epoch, path, path.name == self._last_ckpt_name))
+            final = path.name == self._last_ckpt_name
+            self._emit(CheckpointSaved(self.steps_done, self.epoch, path, final))
+            if self.held_out is not None and (final or self.held_out.spec.every_n_steps is None):
+                self.validate(self.steps_done)
             # a Stop asked for here takes effect at the next safe point, after sd-scripts' bookkeeping
             if self.steps_done not in self._sampled_steps and not self.interrupt_requested:
                 self.sample(self.steps_done, path)
@@ -236,6 +244,15 @@ class Probe:
                 f.write(json.dumps(record) + "\n")
             self._emit(SampleSaved(step, prompt, scale, self.samples.seed, path, checkpoint))
 
+    def validate(self, step: int) -> None:
+        """One validation pass over the current weights (once per step): :class:`ValidationEnded`."""
+        if self.held_out is None or self.batch_context is None or step in self._validated_steps:
+            return
+        self._validated_steps.add(step)
+        loss = self.held_out.loss(self.batch_context)
+        average = sum(self._recent_losses) / len(self._recent_losses) if self._recent_losses else self.last_loss
+        self._emit(ValidationEnded(step=step, epoch=self.epoch, loss=loss, divergence=loss - average))
+
     def training_starts(self, args: Any, accelerator: Any) -> None:
         """Deliver :class:`TrainStarted` (from the ``sample_images(epoch=0)`` call before the loop)."""
         self.started = True
@@ -285,6 +302,9 @@ class Probe:
         )  # delivered for the bad step too, so a notebook shows it
         if self.max_nonfinite_steps and self.nonfinite_streak >= self.max_nonfinite_steps:
             raise NonFiniteStop
+        every = self.held_out.spec.every_n_steps if self.held_out is not None else None
+        if every and global_step % every == 0 and not self.nonfinite_streak:
+            self.validate(global_step)
         self.raise_if_stopping()
 
     def _correct_resumed_step(self, frame: FrameType) -> None:
@@ -367,6 +387,10 @@ def trainer_class(train_network: ModuleType) -> type:
                           train_text_encoder=True, train_unet=True):  # fmt: skip
             if is_train:
                 self._probe.before_micro_batch(accelerator)
+                self._probe.batch_context = BatchContext(
+                    self, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype, accelerator,
+                    args, text_encoding_strategy, tokenize_strategy, train_text_encoder, train_unet,
+                )  # fmt: skip
             loss = super().process_batch(
                 batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype, accelerator,
                 args, text_encoding_strategy, tokenize_strategy, is_train=is_train,

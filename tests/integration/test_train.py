@@ -35,12 +35,14 @@ from spyke_lora import (
     TrainEnded,
     TrainingError,
     TrainStarted,
+    ValidationEnded,
     iter_events,
     plan,
     runs,
     sample,
     sd_scripts_argv,
     train,
+    validation_loss,
 )
 from spyke_lora._device import device_name
 from spyke_lora._engine._host import PINNED_COMMIT, VENDORED, host_for
@@ -54,8 +56,10 @@ NAME = "spyke_plasma_v1"
 @pytest.fixture(scope="module")
 def first_run(world, tmp_path_factory):
     """One 5-step run shared by the tests that only inspect it. The caller's logging is a rich handler at INFO,
-    which draws from Python's `random` for every styled line: the LoRA must not depend on that."""
-    cfg = world.config(output_dir=tmp_path_factory.mktemp("first") / "out")
+    which draws from Python's `random` for every styled line: the LoRA must not depend on that. It validates on
+    two held-out images at every saved file: its LoRA must not depend on that either (the command-line test below
+    reruns it with sd-scripts alone, which knows nothing of them)."""
+    cfg = world.config(output_dir=tmp_path_factory.mktemp("first") / "out", validation_dir=world.validation_dir)
     events = []
     handler = RichHandler(console=Console(stderr=True))
     root = logging.getLogger()
@@ -85,9 +89,9 @@ def test_events_arrive_in_order(first_run):
     kinds = [type(e).__name__ for e in events]
     assert kinds == [
         "TrainStarted",
-        "StepEnded", "StepEnded", "CheckpointSaved",
-        "StepEnded", "StepEnded", "CheckpointSaved",
-        "StepEnded", "CheckpointSaved",
+        "StepEnded", "StepEnded", "CheckpointSaved", "ValidationEnded",
+        "StepEnded", "StepEnded", "CheckpointSaved", "ValidationEnded",
+        "StepEnded", "CheckpointSaved", "ValidationEnded",
         "TrainEnded",
     ]  # fmt: skip
     started = events[0]
@@ -112,6 +116,35 @@ def test_events_arrive_in_order(first_run):
     # (the tiny SD1.5 in fp32: over 3 GB) and is no more than this machine has
     assert all(3 * 2**30 < s.memory_bytes < psutil.virtual_memory().total for s in steps)
     assert events[-1] == TrainEnded("completed", 5, cfg.output_dir / f"{NAME}.safetensors")
+
+
+def test_held_out_validation_follows_every_saved_file(first_run):
+    """One pass per saved file, on that file's weights: a figure per step, its divergence from the running training
+    loss, in the result, the run's records and its loss chart; the dry run announced the same steps."""
+    cfg, events, result = first_run.cfg, first_run.events, first_run.result
+    validations = [e for e in events if isinstance(e, ValidationEnded)]
+    assert [(v.step, v.epoch) for v in validations] == [(2, 1), (4, 1), (5, 1)]
+    assert plan(cfg.replace(overwrite=True)).validation.steps == (2, 4, 5)
+    assert result.validations == tuple(validations)
+    average = {e.step: e.avg_loss for e in events if isinstance(e, StepEnded)}
+    for v in validations:
+        assert math.isfinite(v.loss) and 0.5 < v.loss < 2
+        assert v.divergence == pytest.approx(v.loss - average[v.step], abs=1e-12)
+    recorded = [json.loads(line) for line in (cfg.output_dir / f"{NAME}.events.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in recorded if r["event"] == "ValidationEnded"] == [
+        (v.step, v.loss) for v in validations]
+
+
+def test_validation_loss_of_the_files_gives_the_runs_own_figures(first_run):
+    """validation_loss() of the files on disk, loaded afresh, reproduces the figures the run reported (to 1e-5;
+    on the CPU, exactly), with the base model alone as the step-0 reference."""
+    cfg, result, reference = first_run.cfg, first_run.result, first_run.reference
+    files = [reference / c.path.name for c in result.checkpoints]
+    figures = validation_loss([None, *files], cfg)
+    assert [(f.step, f.checkpoint, f.images, f.folder) for f in figures] == [
+        (0, None, 2, cfg.validation_dir), *((s, p, 2, cfg.validation_dir) for s, p in zip((2, 4, 5), files))]
+    assert [f.loss for f in figures[1:]] == pytest.approx([v.loss for v in result.validations], abs=1e-5)
+    assert math.isfinite(figures[0].loss) and figures[0].loss not in [v.loss for v in result.validations]
 
 
 def test_checkpoints_and_files(first_run):
@@ -212,6 +245,7 @@ def test_second_run_in_the_same_process_is_identical(first_run, world, tmp_path)
     assert psutil.Process().memory_info().rss - resident_before < 400 * 2**20
     assert again.status == "completed" and again.steps == 5
     assert again.losses == result.losses
+    assert again.validations == result.validations  # the held-out figures are deterministic too
     assert [c.path.name for c in again.checkpoints] == [c.path.name for c in result.checkpoints]
     for second in again.checkpoints:
         assert_same_tensors(reference / second.path.name, second.path)

@@ -1,0 +1,81 @@
+"""``validation_loss(checkpoints, cfg, folder=None)``: the held-out loss of LoRA files already on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import _engine
+from ._config import TrainConfig
+from ._errors import ConfigError, SpykeLoraWarning
+from ._model import check_base_model
+from ._preflight import check_folder
+from ._sampling import checkpoint_files
+from ._train import engine_log_path
+
+__all__ = ["HeldOutLoss", "validation_loss"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutLoss:
+    """The held-out loss of one LoRA file (``checkpoint``; None: the base model alone, as step 0) on ``folder``."""
+
+    step: int
+    checkpoint: Path | None
+    loss: float
+    folder: Path
+    images: int
+
+
+def validation_loss(
+    checkpoints: str | os.PathLike[str] | None | Sequence[str | os.PathLike[str] | None],
+    cfg: TrainConfig,
+    folder: str | os.PathLike[str] | None = None,
+    *,
+    engine_log: str | os.PathLike[str] | None = "auto",
+) -> tuple[HeldOutLoss, ...]:
+    """The validation loss of LoRA files on the held-out images, as a training run with ``cfg`` measures it
+    (:class:`~spyke_lora.events.ValidationEnded`): the same images, timesteps, seed and sd-scripts code, so a
+    file's figure here is the one its run reported.
+
+    ``checkpoints``: files, folders (their files named ``cfg.output_name``), and None for the base model alone
+    (step 0: the reference a LoRA's figures compare with). ``folder``: any folder of captioned images, by default
+    ``cfg.validation_dir``; a folder of class images ("1girl, ...") measures how far each file has pulled the class
+    away from the base model (class drift). Returns one :class:`HeldOutLoss` per file, in step order."""
+    with _engine.preserved_random_state():
+        try:
+            return _validation_loss(checkpoints, cfg, folder, engine_log)
+        finally:
+            _engine.free_memory()
+
+
+def _validation_loss(checkpoints, cfg: TrainConfig, folder, engine_log) -> tuple[HeldOutLoss, ...]:
+    where = Path(folder).expanduser().absolute() if folder is not None else cfg.validation_dir
+    if where is None:
+        raise ConfigError(
+            "no held-out images: `validation_dir` is not set; pass folder= (a folder of captioned images the "
+            "LoRA was not trained on) or set `validation_dir`"
+        )
+    held_out = _engine.Folder(where, 1, False, cfg.caption_extension, None, "held-out")
+    problems, _ = check_folder(held_out, cfg, _engine.image_extensions(cfg))
+    if problems:
+        raise ConfigError(problems)
+    items = [checkpoints] if checkpoints is None or isinstance(checkpoints, (str, os.PathLike)) else checkpoints
+    base = any(item is None for item in items)
+    files = checkpoint_files([item for item in items if item is not None], cfg, "validated") if len(items) > base else []
+    check_base_model(cfg.base_model)
+    plan = _engine.device_choice(cfg)
+    for note in plan.corrections:
+        warnings.warn(note, SpykeLoraWarning, stacklevel=3)
+    steps = {path: step for step, path in files}
+    ordered: list[Path | None] = ([None] if base else []) + [path for _, path in files]
+    results: list[HeldOutLoss] = []
+
+    def report(path: Path | None, loss: float, images: int) -> None:
+        results.append(HeldOutLoss(steps.get(path, 0) if path else 0, path, loss, where, images))
+
+    _engine.validate(cfg, plan, ordered, where, report, engine_log_path(engine_log, cfg))
+    return tuple(results)

@@ -1,0 +1,49 @@
+"""The held-out figures are sd-scripts' own validation loss: its command line, with the held-out folder as a
+dataset block of its own, logs the same numbers to TensorBoard for the same weights."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spyke_lora import sd_scripts_argv, validation_loss
+from spyke_lora._engine import dataset_toml_text
+from spyke_lora._engine._host import VENDORED
+
+
+def test_the_figures_are_sd_scripts_own_validation_loss(world, out, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # latents encoded at every step (not cached), so sd-scripts' held-out latents are drawn inside its seeded pass,
+    # as they are here; with cached latents, its held-out latents come from wherever training left torch's generator
+    cfg = world.config(output_dir=out, max_train_steps=4, cache_latents=False, tensorboard=True,
+                       validation_dir=world.validation_dir)  # fmt: skip
+    out.mkdir(parents=True)
+    toml = out / "with_held_out.toml"
+    toml.write_text(
+        dataset_toml_text(cfg) + "\n[[datasets]]\nvalidation_split = 1.0\nvalidation_seed = 42\n\n"
+        f'[[datasets.subsets]]\nimage_dir = "{world.validation_dir}"\nclass_tokens = "spyke_plasma_v1"\n'
+    )
+    argv = sd_scripts_argv(cfg)
+    argv[argv.index("--dataset_config") + 1] = str(toml)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, str(VENDORED / "train_network.py"), *argv, "--validate_every_n_steps", "2"]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (logs,) = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
+    scalars = EventAccumulator(str(logs)).Reload()
+    step_average = {s.step: s.value for s in scalars.Scalars("loss/validation/step_average")}
+    (epoch_average,) = [s.value for s in scalars.Scalars("loss/validation/epoch_average")]
+    assert sorted(step_average) == [2, 4]
+
+    step2, final = validation_loss([out / "spyke_plasma_v1-step00000002.safetensors",
+                                    out / "spyke_plasma_v1.safetensors"], cfg)  # fmt: skip
+    assert (step2.step, final.step) == (2, 4)
+    # its first pass is that pass's own mean; its end-of-epoch pass is the final weights'
+    assert step2.loss == pytest.approx(step_average[2], abs=1e-5)
+    assert final.loss == pytest.approx(epoch_average, abs=1e-5)
+    # and its later step_average is a running mean over the passes of the epoch, not the step's own figure
+    assert step_average[4] == pytest.approx((step2.loss + final.loss) / 2, abs=1e-5)
+    assert not math.isclose(step_average[4], final.loss, abs_tol=1e-5)
