@@ -104,6 +104,7 @@ class TrainConfig:
     sample_at_first: bool = False  # also sample the untrained base model (a "step 0" row to compare with)
     # --- held-out validation: sd-scripts' validation loss, measured without changing what is trained ----------------
     validation_dir: Path | None = None  # held-out images of the character with captions, never trained on
+    validation_split: float = 0.0  # or: this fraction of train_dir's images held out (sd-scripts' seeded split)
     validate_every_n_steps: int | None = None  # None: at every saved file; N: every N steps (and the final file)
     validation_seed: int | None = None  # the noise of every pass; None: `seed`
     max_validation_steps: int | None = None  # held-out batches per pass (sd-scripts' name); None: all of them
@@ -271,11 +272,25 @@ class TrainConfig:
         return problems
 
     def _validation_problems(self) -> list[str]:
-        if self.validation_dir is None:
-            unused = [n for n in ("validate_every_n_steps", "max_validation_steps") if getattr(self, n) is not None]
-            return [f"`{n}` is set but `validation_dir` is not; set `validation_dir` to a folder of held-out images, "
-                    f"or remove `{n}`" for n in unused]  # fmt: skip
         problems = []
+        if not 0 <= self.validation_split < 1:
+            problems.append(
+                f"`validation_split` is the fraction of `train_dir` held out, from 0 (none) to below 1, got "
+                f"{self.validation_split}; try 0.1"
+            )
+        if self.validation_split and self.validation_dir is not None:
+            problems.append("`validation_dir` and `validation_split` are both set; hold out one way: a folder of "
+                            "its own (`validation_dir`), or a fraction of `train_dir` (`validation_split`)")  # fmt: skip
+        if self.validation_split and self.train_dir is None:
+            problems.append("`validation_split` holds out part of `train_dir`, which is not set (with "
+                            "`dataset_config`, set `validation_dir` to a folder of held-out images)")  # fmt: skip
+        if self.validation_dir is None and not self.validation_split:
+            unused = [n for n in ("validate_every_n_steps", "max_validation_steps") if getattr(self, n) is not None]
+            return problems + [
+                f"`{n}` is set but there are no held-out images; set `validation_dir` (a folder of held-out images) "
+                f"or `validation_split`, or remove `{n}`" for n in unused]  # fmt: skip
+        if self.validation_dir is None:
+            return problems
         for name in ("train_dir", "reg_dir"):
             folder = getattr(self, name)
             if folder is not None and (folder == self.validation_dir or self.validation_dir in folder.parents):

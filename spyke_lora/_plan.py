@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class ValidationPlan:
     images: int
     steps: tuple[int, ...]  # the steps whose weights are validated (one pass each)
     seed: int
+    paths: tuple[Path, ...] = ()  # the held-out images (with validation_split: those sd-scripts' split holds out)
+    split: float = 1.0  # the fraction of ``folder`` held out: 1 for validation_dir, validation_split of train_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,11 @@ class Plan:
                 f"{', '.join(str(s) for s in self.validation.steps)} (seed {self.validation.seed})"
                 if self.validation else "none (set `validation_dir` to measure a held-out loss)"
             ),
+            *(
+                [f"  held out of train_dir by sd-scripts' split (never trained on): "
+                 f"{', '.join(p.name for p in self.validation.paths)}"]
+                if self.validation and self.validation.split < 1 else []
+            ),  # fmt: skip
             f"disk            about {self.estimated_disk_bytes / 1e6:.0f} MB",
             *(f"warning: {w}" for w in self.warnings if w not in self.corrections),
         ]
@@ -159,6 +167,7 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
         warnings += noted
         if not found:
             problems += held_out_problems(held_out, folders, extensions or _engine.image_extensions(cfg))
+    problems += _split_problems(cfg, extensions or _engine.image_extensions(cfg))
     state = None
     if resume is not None:
         try:
@@ -227,7 +236,7 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
         sample_summary=_sample_summary(cfg),
         resume_from=state.path if state else None,
         resume_step=done,
-        validation=_validation_plan(cfg, held_out, count.total_steps, [s for s, _ in count.checkpoints], done),
+        validation=_validation_plan(cfg, held_out, count, done, extensions or _engine.image_extensions(cfg)),
     )
 
 
@@ -240,16 +249,47 @@ def _held_out_folder(cfg: TrainConfig):
     return _engine.Folder(cfg.validation_dir, 1, False, cfg.caption_extension, tokens, "`validation_dir`")
 
 
-def _validation_plan(cfg: TrainConfig, held_out, total: int, saved: list[int], done: int) -> ValidationPlan | None:
+def _validation_plan(cfg: TrainConfig, held_out, count, done: int, extensions: tuple[str, ...]) -> ValidationPlan | None:
     """Which steps get a validation pass: every saved file's, or every ``validate_every_n_steps`` and the last."""
-    if held_out is None:
+    if held_out is None and not cfg.validation_split:
         return None
-    every = cfg.validate_every_n_steps
+    every, total = cfg.validate_every_n_steps, count.total_steps
+    saved = [step for step, _ in count.checkpoints]
     steps = {s for s in (range(every, total + 1, every) if every else saved) if s > done} | {total}
-    extensions = {e.lower() for e in _engine.image_extensions(cfg)}
-    images = sum(1 for p in held_out.folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
     seed = cfg.seed if cfg.validation_seed is None else cfg.validation_seed
-    return ValidationPlan(held_out.folder, images, tuple(sorted(steps)), seed)
+    if held_out is None:  # validation_split: the images sd-scripts' own split holds out of train_dir
+        paths = count.held_out
+        return ValidationPlan(cfg.train_dir, len(paths), tuple(sorted(steps)), seed, paths, cfg.validation_split)
+    paths = tuple(sorted(_images(held_out.folder, extensions)))
+    return ValidationPlan(held_out.folder, len(paths), tuple(sorted(steps)), seed, paths)
+
+
+def _images(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    wanted = {e.lower() for e in extensions}
+    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in wanted] if folder.is_dir() else []
+
+
+def _split_problems(cfg: TrainConfig, extensions: tuple[str, ...]) -> list[str]:
+    """sd-scripts' split (``split_train_val``) trains on the first ceil(n * (1 - split)) images and validates on the
+    last round(n * split): for some n and split both round up, and an image is in both; or none is held out."""
+    if not cfg.validation_split or cfg.train_dir is None:
+        return []
+    n = len(_images(cfg.train_dir, extensions))
+    if not n:
+        return []
+    trained, held = math.ceil(n * (1 - cfg.validation_split)), round(n * cfg.validation_split)
+    wanted = max(1, held)
+    better = f"{(wanted + 0.25) / n:.3g}"  # holds out exactly `wanted` images, with no overlap
+    if held == 0:
+        return [f"`validation_split` {cfg.validation_split} of the {n} images in `train_dir` holds out none; "
+                f"try {better} (1 image)"]  # fmt: skip
+    if trained + held > n:
+        return [
+            f"`validation_split` {cfg.validation_split} of the {n} images in `train_dir`: sd-scripts would train on "
+            f"{trained} and validate on {held}, so {trained + held - n} image(s) would be in both; try {better} "
+            f"({wanted} held out)"
+        ]
+    return []
 
 
 def _sample_summary(cfg: TrainConfig) -> str:

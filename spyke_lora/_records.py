@@ -31,7 +31,7 @@ from ._config import TrainConfig
 from ._errors import ConfigError, SpykeLoraWarning
 from ._files import atomic_path, write_atomically
 from ._lock import output_in_use
-from .events import Event, StepEnded, TrainEnded, TrainStarted
+from .events import Event, StepEnded, TrainEnded, TrainStarted, ValidationEnded
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -73,9 +73,11 @@ class RunRecorder:
             with self.paths["events"].open("a", encoding="utf-8") as f:
                 f.write(json.dumps(event_to_json(event)) + "\n")
             if isinstance(event, TrainEnded):
-                history = [e for e in read_events(self.paths["events"]) if e["event"] == "StepEnded"]
+                recorded = read_events(self.paths["events"])
+                history = [e for e in recorded if e["event"] == "StepEnded"]
+                validations = [e for e in recorded if e["event"] == "ValidationEnded"]
                 if history:
-                    loss_chart(history, self.paths["loss_chart"], title=self.cfg.output_name)
+                    loss_chart(history, self.paths["loss_chart"], title=self.cfg.output_name, validations=validations)
         except OSError as e:
             self.enabled = False
             warnings.warn(f"could not write the run records in {self.cfg.output_dir}: {e}; training goes on without "
@@ -248,17 +250,18 @@ def _show(value: Any) -> str:
 
 
 _DPI = 100  # `size` is in pixels: the figure is size / 100 inches at 100 dots per inch
-_GREY, _BLUE, _RED = "#aaaaaa", "#1f5fbf", "#d62728"
+_GREY, _BLUE, _RED, _ORANGE = "#aaaaaa", "#1f5fbf", "#d62728", "#ff7f0e"
 
 
 def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.PathLike[str] | IO[bytes], *,
-               title: str = "", size: tuple[int, int] = (800, 400)) -> Path | None:  # fmt: skip
-    """A PNG line chart, ``size`` pixels: the loss per step (grey), its running average (blue), a red line at each
-    step whose loss was NaN or infinite. Drawn with matplotlib's object API and Agg canvas (the caller's pyplot and
+               title: str = "", size: tuple[int, int] = (800, 400),
+               validations: Sequence[ValidationEnded | dict[str, Any]] = ()) -> Path | None:  # fmt: skip
+    """A PNG line chart, ``size`` pixels: the loss per step (grey), its running average (blue), the held-out
+    validation loss of each pass (orange dots), a red line at each step whose loss was NaN or infinite. Drawn with matplotlib's object API and Agg canvas (the caller's pyplot and
     backend are left alone). ``path`` may be a binary file object (then None is returned)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    figure = _loss_figure(history, title=title, size=size)
+    figure = _loss_figure(history, title=title, size=size, validations=validations)
     FigureCanvasAgg(figure)  # the figure's canvas: Agg, whatever backend the caller's pyplot uses
     if hasattr(path, "write"):
         figure.savefig(path, format="png", dpi=_DPI)
@@ -269,7 +272,8 @@ def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.Pat
     return out
 
 
-def _loss_figure(history: Sequence[StepEnded | dict[str, Any]], *, title: str, size: tuple[int, int]) -> Figure:
+def _loss_figure(history: Sequence[StepEnded | dict[str, Any]], *, title: str, size: tuple[int, int],
+                 validations: Sequence[ValidationEnded | dict[str, Any]] = ()) -> Figure:
     """The chart as a matplotlib figure, not drawn yet (what :func:`loss_chart` saves; the tests look into it)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -286,6 +290,10 @@ def _loss_figure(history: Sequence[StepEnded | dict[str, Any]], *, title: str, s
     for index, colour, width_pt, label in ((1, _GREY, 1.0, "loss per step"), (2, _BLUE, 2.0, "running average")):
         values = [p[index] if math.isfinite(p[index]) else math.nan for p in points]  # a gap at NaN/Inf
         axes.plot(steps, values, color=colour, linewidth=width_pt, marker=marker, markersize=4, label=label)
+    held_out = [(v["step"], _number(v["loss"])) if isinstance(v, dict) else (v.step, v.loss) for v in validations]
+    if held_out:
+        axes.plot([s for s, _ in held_out], [v if math.isfinite(v) else math.nan for _, v in held_out],
+                  color=_ORANGE, linewidth=1.5, marker="o", markersize=5, label="held-out loss")  # fmt: skip
     for n, (step, loss, _) in enumerate(s for s in points if not math.isfinite(s[1])):
         axes.axvline(step, color=_RED, linewidth=1.5, label="non-finite loss" if n == 0 else "_nolegend_")
     axes.set_xlabel("step")

@@ -53,8 +53,11 @@ def validation_loss(
 
 
 def _validation_loss(checkpoints, cfg: TrainConfig, folder, engine_log) -> tuple[HeldOutLoss, ...]:
-    where = Path(folder).expanduser().absolute() if folder is not None else cfg.validation_dir
-    if where is None:
+    if folder is not None:
+        where = Path(folder).expanduser().absolute()
+    elif cfg.validation_dir is not None or cfg.validation_split:
+        where = cfg.validation_dir or cfg.train_dir  # validation_split: train_dir's held-out part
+    else:
         raise ConfigError(
             "no held-out images: `validation_dir` is not set; pass folder= (a folder of captioned images the "
             "LoRA was not trained on) or set `validation_dir`"
@@ -74,8 +77,14 @@ def _validation_loss(checkpoints, cfg: TrainConfig, folder, engine_log) -> tuple
     ordered: list[Path | None] = ([None] if base else []) + [path for _, path in files]
     results: list[HeldOutLoss] = []
 
-    def report(path: Path | None, loss: float, images: int) -> None:
-        results.append(HeldOutLoss(steps.get(path, 0) if path else 0, path, loss, where, images))
+    manifest = _engine.validation_manifest_path(cfg)
 
-    _engine.validate(cfg, plan, ordered, where, report, engine_log_path(engine_log, cfg))
+    def report(path: Path | None, loss: float, images: int) -> None:
+        figure = HeldOutLoss(steps.get(path, 0) if path else 0, path, loss, where, images)
+        results.append(figure)
+        if manifest.parent.is_dir():  # the run's folder: review() and compare read the figures there
+            own = folder is None or where == cfg.validation_dir  # the config's held-out images, not another folder
+            _engine.append_validation(manifest, figure.step, path, where, loss, images, own)
+
+    _engine.validate(cfg, plan, ordered, None if folder is None else where, report, engine_log_path(engine_log, cfg))
     return tuple(results)

@@ -18,7 +18,7 @@ import math
 import sys
 from typing import IO, Any
 
-from .events import CheckpointSaved, Event, SampleSaved, StepEnded, Stop, TrainEnded, TrainStarted
+from .events import CheckpointSaved, Event, SampleSaved, StepEnded, Stop, TrainEnded, TrainStarted, ValidationEnded
 
 __all__ = ["LiveLossChart", "LossHistory", "Progress", "StopAfter", "StopOnPlateau", "describe", "in_notebook"]
 
@@ -41,6 +41,11 @@ def describe(event: Event) -> str:
         )
     if isinstance(event, CheckpointSaved):
         return f"{'final' if event.final else 'checkpoint'} (step {event.step}): {event.path}"
+    if isinstance(event, ValidationEnded):
+        return (
+            f"validation (step {event.step}): held-out loss {event.loss:.4f}, {event.divergence:+.4f} from the "
+            f"training average"
+        )
     if isinstance(event, SampleSaved):
         return f"sample (step {event.step}, CFG {event.cfg_scale:g}): {event.path}"
     if isinstance(event, TrainEnded):
@@ -73,8 +78,11 @@ class Progress:
         terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._tqdm = _tqdm_auto(self.notebook) if self.notebook or terminal else None  # None: lines only
         self._bar: Any = None
+        self._held_out: float | None = None  # the last held-out loss, shown in the bar's postfix
 
     def __call__(self, event: Event) -> None:
+        if isinstance(event, ValidationEnded):
+            self._held_out = event.loss
         if self._tqdm is None:
             print(describe(event), file=self.stream, flush=True)
         elif isinstance(event, TrainStarted):
@@ -84,7 +92,7 @@ class Progress:
         elif isinstance(event, StepEnded):
             if self._bar is None:  # no TrainStarted seen: the bar starts at this step
                 self._open(event.total_steps, event.step - 1)
-            self._bar.set_postfix(_postfix(event), refresh=False)
+            self._bar.set_postfix(_postfix(event, self._held_out), refresh=False)
             self._bar.update(event.step - self._bar.n)  # redraws (mininterval 0): the step's numbers, every step
         elif isinstance(event, TrainEnded):
             self._close()
@@ -124,18 +132,24 @@ def _tqdm_auto(notebook: bool) -> Any:
     return tqdm
 
 
-def _postfix(event: StepEnded) -> dict[str, str]:
-    """The numbers shown after the bar: loss, average loss, learning rate and, when known, memory."""
-    postfix = {"loss": f"{event.loss:.4f}", "avg": f"{event.avg_loss:.4f}", "lr": f"{event.lr:.2e}"}
+def _postfix(event: StepEnded, held_out: float | None = None) -> dict[str, str]:
+    """The numbers shown after the bar: loss, average loss, the last held-out loss, learning rate and memory."""
+    postfix = {"loss": f"{event.loss:.4f}", "avg": f"{event.avg_loss:.4f}"}
+    if held_out is not None:
+        postfix["val"] = f"{held_out:.4f}"
+    postfix["lr"] = f"{event.lr:.2e}"
     if event.memory_bytes is not None:
         postfix["mem"] = f"{event.memory_bytes / 2**30:.2f} GiB"
     return postfix
 
 
 class LossHistory:
-    """Collects every step: ``steps``, ``losses``, ``avg_losses``, ``lrs``, ``epochs`` (parallel lists)."""
+    """Collects every step: ``steps``, ``losses``, ``avg_losses``, ``lrs``, ``epochs`` (parallel lists), and every
+    validation pass: ``validation_steps``, ``validation_losses``."""
 
     def __init__(self) -> None:
+        self.validation_steps: list[int] = []
+        self.validation_losses: list[float] = []
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.avg_losses: list[float] = []
@@ -149,13 +163,16 @@ class LossHistory:
             self.avg_losses.append(event.avg_loss)
             self.lrs.append(event.lr)
             self.epochs.append(event.epoch)
+        elif isinstance(event, ValidationEnded):
+            self.validation_steps.append(event.step)
+            self.validation_losses.append(event.loss)
 
     def __len__(self) -> int:
         return len(self.steps)
 
 
 class LiveLossChart:
-    """The loss per step and its running average, redrawn in place in Jupyter every ``every`` steps and at the
+    """The loss per step, its running average and the held-out loss of each validation pass, redrawn in place in Jupyter every ``every`` steps and at the
     end: the same matplotlib chart as the run's ``NAME.loss.png``, shown as one PNG output updated in place
     (``IPython.display`` with a display id). Outside Jupyter it only collects, and :meth:`save` writes the chart to
     a file."""
@@ -167,6 +184,7 @@ class LiveLossChart:
         self.size = size
         self.notebook = in_notebook() if notebook is None else notebook
         self.history: list[StepEnded] = []
+        self.validations: list[ValidationEnded] = []
         self._handle: Any = None
         self.draws = 0
 
@@ -175,6 +193,8 @@ class LiveLossChart:
             self.history.append(event)
             if len(self.history) % self.every == 0:
                 self._draw()
+        elif isinstance(event, ValidationEnded):
+            self.validations.append(event)
         elif isinstance(event, TrainEnded) and self.history:
             self._draw()
 
@@ -183,14 +203,14 @@ class LiveLossChart:
         from ._records import loss_chart
 
         buffer = io.BytesIO()
-        loss_chart(self.history, buffer, size=self.size)
+        loss_chart(self.history, buffer, size=self.size, validations=self.validations)
         return buffer.getvalue()
 
     def save(self, path: str) -> None:
         """Write the chart of the steps so far to ``path``."""
         from ._records import loss_chart
 
-        loss_chart(self.history, path, size=self.size)
+        loss_chart(self.history, path, size=self.size, validations=self.validations)
 
     def _draw(self) -> None:
         self.draws += 1

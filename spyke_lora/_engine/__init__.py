@@ -39,8 +39,10 @@ from ._random_model import write_random_sd15_checkpoint
 from ._run import Outcome, run, sample, validate
 from ._state import SavedState, find_states, resolve_resume
 from ._streams import engine_output
+from ._validation import append_validation, validation_manifest_path
 
 __all__ = [
+    "append_validation",
     "PINNED_COMMIT",
     "PINNED_VERSION",
     "Folder",
@@ -74,6 +76,7 @@ __all__ = [
     "samples_manifest_path",
     "sd_scripts_argv",
     "validate",
+    "validation_manifest_path",
     "write_dataset_toml",
     "write_random_sd15_checkpoint",
     "write_sample_prompts",

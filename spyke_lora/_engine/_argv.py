@@ -45,12 +45,11 @@ _MANAGED: dict[str, str] = {
     "sample_prompts": "set `sample_prompts` (a list of prompts) and the other `sample_*` fields instead",
     "sample_every_n_steps": "every saved checkpoint is sampled (set `sample_prompts = []` to turn sampling off)",
     "sample_every_n_epochs": "every saved checkpoint is sampled (set `sample_prompts = []` to turn sampling off)",
-    "validation_split": "put held-out images in a folder of their own and set `validation_dir`: sd-scripts' own "
-    "held-out set changes what is trained (see docs/validation.md)",
     "validate_every_n_epochs": "held-out images are validated at every saved file, or every `validate_every_n_steps`",
     "console_log_simple": "spyke-lora always sets it (rich log rendering draws from Python's `random`, which "
     "sd-scripts also uses for caption shuffling, so a rich log changes what is trained)",
 }
+_NEVER = 10**9  # an epoch interval no run reaches
 # Options only CUDA can run.
 _CUDA_ONLY = ("full_fp16", "full_bf16", "fp8_base")
 
@@ -78,6 +77,9 @@ def dataset_toml_text(cfg: TrainConfig) -> str | None:
         "# options come from the command line (see the run's arguments).",
         "[[datasets]]",
     ]
+    if cfg.validation_split:  # sd-scripts' own split of train_dir (regularisation images are never held out)
+        seed = cfg.seed if cfg.validation_seed is None else cfg.validation_seed
+        lines += [f"validation_split = {json.dumps(cfg.validation_split)}", f"validation_seed = {seed}"]
     for subset in subsets:
         lines += ["", "[[datasets.subsets]]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in subset.items()]
@@ -205,6 +207,10 @@ def build_argv(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = 
     opt("cache_latents", cfg.cache_latents)
     opt("cache_latents_to_disk", cfg.cache_latents_to_disk)
     opt("seed", cfg.seed)
+    if cfg.validation_split:
+        # sd-scripts splits train_dir (the dataset TOML's validation_split) and would validate at every epoch end with
+        # its own loop; spyke-lora validates the held-out part itself (see _validation), so that loop never runs
+        opt("validate_every_n_epochs", _NEVER)
     opt("tokenizer_cache_dir", str(cfg.tokenizer_cache_dir) if cfg.tokenizer_cache_dir else None)
     # Plain log lines: rich's rendering draws from Python's global `random` (link ids), the generator sd-scripts
     # shuffles captions with, so with rich the LoRA would depend on how (and how often) logs were rendered.

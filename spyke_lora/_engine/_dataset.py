@@ -108,6 +108,7 @@ class StepCount:
     epochs: int
     checkpoints: tuple[tuple[int, str], ...]  # (step, file name) of every step checkpoint
     final_name: str
+    held_out: tuple[Path, ...] = ()  # the images sd-scripts' own split holds out (validation_split), sorted
 
 
 def count_steps(cfg: TrainConfig, plan: DeviceChoice) -> StepCount:
@@ -131,7 +132,7 @@ def count_steps(cfg: TrainConfig, plan: DeviceChoice) -> StepCount:
             with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
                 sanitizer = config_util.ConfigSanitizer(True, True, args.masked_loss, True)
                 blueprint = config_util.BlueprintGenerator(sanitizer).generate(user_config, args)
-                group, _ = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
+                group, held_out = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
         finally:
             random.setstate(state)
         subsets = tuple(
@@ -152,8 +153,16 @@ def count_steps(cfg: TrainConfig, plan: DeviceChoice) -> StepCount:
             (step, train_util.get_step_ckpt_name(args, ext, step)) for step in range(every, total + 1, every)
         ) if every else ()  # fmt: skip
         return StepCount(
-            subsets, batches, steps_per_epoch, total, epochs, checkpoints, train_util.get_last_ckpt_name(args, ext)
+            subsets, batches, steps_per_epoch, total, epochs, checkpoints, train_util.get_last_ckpt_name(args, ext),
+            image_paths(held_out),
         )
+
+
+def image_paths(group: Any) -> tuple[Path, ...]:
+    """The images of an sd-scripts ``DatasetGroup`` (None: none), sorted."""
+    if group is None:
+        return ()
+    return tuple(sorted({Path(info.absolute_path) for d in group.datasets for info in d.image_data.values()}))
 
 
 def _check_buckets(args: Any) -> None:

@@ -151,6 +151,8 @@ def run(
         remove_partial_states(cfg)
         write_dataset_toml(cfg)
         spec = validation_spec(cfg)
+        if spec is not None and spec.manifest is not None and resume is None:
+            spec.manifest.unlink(missing_ok=True)  # a fresh run starts its own (a resumed one appends)
         generators = [generator] if generator is not None else []
         probe = Probe(
             _to_caller(emit), stop_requested, started_at, logs.restore, cfg.max_nonfinite_steps,
@@ -197,12 +199,13 @@ def validate(
     cfg: TrainConfig,
     plan: DeviceChoice,
     files: list[Path | None],
-    folder: Path,
+    folder: Path | None,
     report: Callable[[Path | None, float, int], None],
     log: Path | None = None,
 ) -> None:
-    """The held-out loss of each LoRA file on disk (None: the base model) on the images in ``folder``, as a training
-    run with ``cfg`` measures it; each figure goes to ``report(file, loss, images)``."""
+    """The held-out loss of each LoRA file on disk (None: the base model) on the images in ``folder`` (None: the
+    config's held-out images), as a training run with ``cfg`` measures it; each figure goes to
+    ``report(file, loss, images)``."""
     argv = build_argv(cfg, plan)
     generator = device_generator(plan.device)
     spec = validation_spec(cfg, folder)

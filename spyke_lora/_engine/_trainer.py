@@ -38,7 +38,7 @@ from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarte
 from ._frames import set_frame_local
 from ._process import DeviceGenerator, generators_preserved
 from ._state import DEVICE_RNG_NAME, RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
-from ._validation import BatchContext, HeldOut
+from ._validation import BatchContext, HeldOut, append_validation
 
 
 class StopRun(BaseException):
@@ -163,7 +163,7 @@ class Probe:
             final = path.name == self._last_ckpt_name
             self._emit(CheckpointSaved(self.steps_done, self.epoch, path, final))
             if self.held_out is not None and (final or self.held_out.spec.every_n_steps is None):
-                self.validate(self.steps_done)
+                self.validate(self.steps_done, path)
             # a Stop asked for here takes effect at the next safe point, after sd-scripts' bookkeeping
             if self.steps_done not in self._sampled_steps and not self.interrupt_requested:
                 self.sample(self.steps_done, path)
@@ -244,12 +244,16 @@ class Probe:
                 f.write(json.dumps(record) + "\n")
             self._emit(SampleSaved(step, prompt, scale, self.samples.seed, path, checkpoint))
 
-    def validate(self, step: int) -> None:
-        """One validation pass over the current weights (once per step): :class:`ValidationEnded`."""
+    def validate(self, step: int, checkpoint: Path | None = None) -> None:
+        """One validation pass over the current weights (once per step, those saved as ``checkpoint`` when given):
+        a line in the validation manifest, and :class:`ValidationEnded`."""
         if self.held_out is None or self.batch_context is None or step in self._validated_steps:
             return
         self._validated_steps.add(step)
         loss = self.held_out.loss(self.batch_context)
+        spec = self.held_out.spec
+        if spec.manifest is not None:
+            append_validation(spec.manifest, step, checkpoint, spec.folder, loss, self.held_out.images, True)
         average = sum(self._recent_losses) / len(self._recent_losses) if self._recent_losses else self.last_loss
         self._emit(ValidationEnded(step=step, epoch=self.epoch, loss=loss, divergence=loss - average))
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,10 +61,16 @@ class ValidationSpec:
     seed: int
     every_n_steps: int | None  # None: at every saved file
     max_batches: int | None  # sd-scripts' max_validation_steps: None means the whole folder
+    manifest: Path | None = None  # the run's validation manifest, a line per figure (None: not recorded)
+    held_out: bool = True  # the config's own held-out images (False: another folder, e.g. class images)
+    split: float = 1.0  # the fraction of ``folder`` held out (1: all of it; below 1: train_dir, split as sd-scripts)
 
 
 def validation_spec(cfg: TrainConfig, folder: Path | None = None) -> ValidationSpec | None:
     """What ``cfg`` validates on (``folder`` instead of ``cfg.validation_dir`` when given); None: no validation."""
+    split = 1.0
+    if folder is None and cfg.validation_split:
+        folder, split = cfg.train_dir, cfg.validation_split
     folder = folder or cfg.validation_dir
     if folder is None:
         return None
@@ -74,7 +81,26 @@ def validation_spec(cfg: TrainConfig, folder: Path | None = None) -> ValidationS
         seed=cfg.seed if cfg.validation_seed is None else cfg.validation_seed,
         every_n_steps=cfg.validate_every_n_steps,
         max_batches=cfg.max_validation_steps,
+        manifest=validation_manifest_path(cfg),
+        held_out=folder == cfg.validation_dir or split < 1,
+        split=split,
     )
+
+
+def validation_manifest_path(cfg: TrainConfig) -> Path:
+    """The run's validation manifest: one JSON line per figure (step, checkpoint, folder, loss, images, held_out),
+    from the run's own passes and from later :func:`~spyke_lora.validation_loss` calls."""
+    return cfg.output_dir / f"{cfg.output_name}.validation.jsonl"
+
+
+def append_validation(manifest: Path, step: int, checkpoint: Path | None, folder: Path, loss: float, images: int,
+                      held_out: bool) -> None:  # fmt: skip
+    """One line in the validation manifest (``checkpoint`` by name when it is in the manifest's folder)."""
+    where = None if checkpoint is None else (checkpoint.name if checkpoint.parent == manifest.parent else str(checkpoint))
+    record = {"step": step, "checkpoint": where, "folder": str(folder), "loss": loss, "images": images,
+              "held_out": held_out}  # fmt: skip
+    with manifest.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 @dataclasses.dataclass
@@ -95,6 +121,20 @@ class BatchContext:
     tokenize_strategy: Any
     train_text_encoder: bool
     train_unet: bool
+
+
+def held_out_group(train_network: ModuleType, args: argparse.Namespace, spec: ValidationSpec) -> Any:
+    """sd-scripts' dataset of the held-out images, with the run's arguments: a dataset block held out whole (or
+    train_dir's held-out part), built as sd-scripts builds one: the images its seeded split gives, in that order.
+    Python's ``random`` is moved by it: call it inside a block that puts it back."""
+    config_util = train_network.config_util
+    subset = {"image_dir": str(spec.folder), "num_repeats": 1, "class_tokens": spec.class_tokens}
+    generator = config_util.BlueprintGenerator(config_util.ConfigSanitizer(True, True, args.masked_loss, True))
+    block = {"validation_split": spec.split, "validation_seed": spec.seed, "subsets": [subset]}
+    blueprint = generator.generate({"datasets": [block]}, args)
+    _, group = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
+    group.verify_bucket_reso_steps(64)
+    return group
 
 
 class HeldOut:
@@ -155,16 +195,9 @@ class HeldOut:
 
         import torch
 
-        config_util = self._train_network.config_util
         train_util = self._train_network.train_util
         args = context.args
-        subset = {"image_dir": str(self.spec.folder), "num_repeats": 1, "class_tokens": self.spec.class_tokens}
-        generator = config_util.BlueprintGenerator(config_util.ConfigSanitizer(True, True, args.masked_loss, True))
-        # a dataset block held out whole, as sd-scripts builds one (its images in the order its seeded split gives)
-        block = {"validation_split": 1.0, "validation_seed": self.spec.seed, "subsets": [subset]}
-        blueprint = generator.generate({"datasets": [block]}, args)
-        _, group = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
-        group.verify_bucket_reso_steps(64)
+        group = held_out_group(self._train_network, args, self.spec)
         self.images = group.num_train_images
         if args.cache_latents:
             vae = context.vae

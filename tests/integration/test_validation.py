@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from spyke_lora import sd_scripts_argv, validation_loss
+from spyke_lora import plan, sd_scripts_argv, validation_loss
 from spyke_lora._engine import dataset_toml_text
 from spyke_lora._engine._host import VENDORED
 
@@ -47,3 +47,24 @@ def test_the_figures_are_sd_scripts_own_validation_loss(world, out, tmp_path):
     # and its later step_average is a running mean over the passes of the epoch, not the step's own figure
     assert step_average[4] == pytest.approx((step2.loss + final.loss) / 2, abs=1e-5)
     assert not math.isclose(step_average[4], final.loss, abs_tol=1e-5)
+
+
+def test_a_split_validates_on_exactly_the_images_sd_scripts_holds_out_of_training(world):
+    """With validation_split, sd-scripts splits train_dir (seeded) and trains on the rest; the held-out dataset the
+    library validates on is built apart, and must hold the very images sd-scripts' split left out of training."""
+    from spyke_lora._engine import build_argv, device_choice, host_for, parse_argv
+    from spyke_lora._engine._dataset import image_paths
+    from spyke_lora._engine._validation import held_out_group, validation_spec
+
+    cfg = world.config(validation_split=0.34, reg_dir=None)  # 3 images: 2 trained on, 1 held out
+    planned = plan(cfg)
+    (held,) = planned.validation.paths
+    host = host_for(None)
+    with host.active():
+        train_network = host.train_network()
+        args = parse_argv(train_network.setup_parser(), build_argv(cfg, device_choice(cfg)))
+        train_network.train_util.prepare_dataset_args(args, True)
+        ours = image_paths(held_out_group(train_network, args, validation_spec(cfg)))
+    assert ours == (held,)
+    trained = sorted(p for p in world.train_dir.glob("*.png") if p != held)
+    assert [(s.folder, s.images) for s in planned.subsets] == [(world.train_dir, len(trained))]

@@ -125,6 +125,19 @@ def screen(text):
     return [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
 
 
+def test_progress_shows_the_last_held_out_loss_after_a_validation_pass(monkeypatch):
+    from spyke_lora import ValidationEnded
+
+    monkeypatch.setattr(tqdm.std, "time", lambda: 0.0)
+    terminal = Terminal()
+    steps = [StepEnded(i, 4, 1, 0.5, 0.45, 1e-4, None, 4.0 * i) for i in (1, 2, 3)]
+    feed(Progress(terminal), [steps[0], steps[1], ValidationEnded(2, 1, 0.9123, 0.4623), steps[2]])
+    text = terminal.getvalue()
+    assert "\rvalidation (step 2): held-out loss 0.9123, +0.4623 from the training average\n" in text
+    assert "3/4 [" in text and "loss=0.5000, avg=0.4500, val=0.9123, lr=1.00e-04]" in text
+    assert "val=" not in text.split("validation (step 2)")[0]  # no figure before the first pass
+
+
 def test_progress_is_a_tqdm_bar_in_a_terminal(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])  # 4 s a step, on tqdm's clock

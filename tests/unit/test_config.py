@@ -35,7 +35,7 @@ def test_defaults_are_the_lora01_recipe(tmp_path):
             "spyke_plasma_v1, full body, front view, detailed character study",
         ), "sample_cfg_scales": (5.0, 7.0, 9.0), "sample_seed": 1234, "sample_steps": 20, "sample_size": None,
         "sample_sampler": "euler_a", "sample_negative_prompt": "", "sample_at_first": False, "tensorboard": False,
-        "extra_args": {}, "validation_dir": None, "validate_every_n_steps": None, "validation_seed": None,
+        "extra_args": {}, "validation_dir": None, "validation_split": 0.0, "validate_every_n_steps": None, "validation_seed": None,
         "max_validation_steps": None,
     }  # fmt: skip
     actual = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

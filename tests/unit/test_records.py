@@ -9,7 +9,7 @@ import signal
 import numpy as np
 from PIL import Image
 
-from spyke_lora import StepEnded, TrainConfig, config_diff, loss_chart, runs
+from spyke_lora import StepEnded, TrainConfig, callbacks, config_diff, loss_chart, runs
 from spyke_lora._cli import main
 from spyke_lora._lock import output_lock
 from spyke_lora._records import event_to_json, read_run
@@ -140,6 +140,31 @@ def test_loss_chart_draws_both_lines_and_marks_a_nan(tmp_path):
     assert sum(red) / len(red) > 0.95  # the NaN step's marker runs the height of the plot
     elsewhere = pixel(3, 0)[0]
     assert not any(near(pixels, (elsewhere, row), _RED, radius=1) for row in range(top + 2, bottom - 1))
+
+
+def test_loss_chart_draws_the_held_out_loss_of_each_validation_pass(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from spyke_lora import ValidationEnded
+    from spyke_lora._records import _ORANGE, _loss_figure
+
+    history = [StepEnded(i, 6, 1, 1.0 / i, 0.5, 1e-4, None, float(i)) for i in range(1, 7)]
+    passes = [ValidationEnded(2, 1, 0.9, 0.4), {"event": "ValidationEnded", "step": 4, "loss": 0.8}]  # as recorded
+    figure = _loss_figure(history, title="", size=(800, 400), validations=passes)
+    FigureCanvasAgg(figure).draw()
+    (axes,) = figure.axes
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "loss per step", "running average", "held-out loss"]  # fmt: skip
+    held_out = axes.get_lines()[2]
+    assert (list(held_out.get_xdata()), list(held_out.get_ydata())) == ([2, 4], [0.9, 0.8])
+    assert held_out.get_color() == _ORANGE
+    # the callbacks draw it too: LiveLossChart keeps every pass, LossHistory lists them, describe() words one
+    chart, losses = callbacks.LiveLossChart(every=100, notebook=False), callbacks.LossHistory()
+    for event in [*history[:2], passes[0]]:
+        chart(event)
+        losses(event)
+    assert chart.validations == [passes[0]] and (losses.validation_steps, losses.validation_losses) == ([2], [0.9])
+    assert callbacks.describe(passes[0]) == "validation (step 2): held-out loss 0.9000, +0.4000 from the training average"
 
 
 def test_loss_chart_is_the_size_asked_for_and_writes_to_a_file_object():
