@@ -1,7 +1,7 @@
 """The ``spyke-lora`` command (:func:`main`), every subcommand in one table.
 
-Subcommands: ``train``, ``plan``, ``sample``, ``argv``, ``runs``, ``diff``, ``doctor``, ``compare``, ``deploy`` and
-``demo``. Exit codes: 0 done, 1 a run started and failed, 2 refused before anything ran, 130 interrupted.
+Subcommands: ``train``, ``plan``, ``sample``, ``validate``, ``argv``, ``runs``, ``diff``, ``doctor``, ``compare``,
+``deploy`` and ``demo``. Exit codes: 0 done, 1 a run started and failed, 2 refused before anything ran, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -70,6 +70,23 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from ._validate import validation_loss
+
+    cfg = _load(args)
+    files = ([None] if args.base else []) + list(args.checkpoints)
+    figures = validation_loss(files, cfg, folder=args.folder, engine_log=args.engine_log)
+    if not figures:
+        return 0
+    print(f"held-out loss on {figures[0].images} images in {figures[0].folder} (lower is better):")
+    base = figures[0].loss if figures[0].checkpoint is None else None
+    for figure in figures:
+        name = "base model" if figure.checkpoint is None else figure.checkpoint.name
+        versus = f"  {figure.loss - base:+.4f} vs the base model" if base is not None and figure.checkpoint else ""
+        print(f"  step {figure.step:>6}  {figure.loss:.4f}{versus}  {name}")
+    return 0
+
+
 def _argv(args: argparse.Namespace) -> int:
     from ._engine import command_line, device_choice, sd_scripts_argv, write_dataset_toml, write_sample_prompts
 
@@ -133,8 +150,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    """Write the sheet, print its path, every warning and the ranking. Exit status 0 even with warnings: they are for
-    a person to look at (errors, such as no samples, exit 2)."""
+    """Write the sheet, print its path, every warning, the ranking, and the held-out figures with the recommended
+    checkpoint when the run has them. Exit status 0 even with warnings: they are for a person to look at (errors,
+    such as no samples, exit 2)."""
     from ._choose import ColourHistogramScorer, review, sheet_layout, write_sheet
 
     sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
@@ -152,6 +170,11 @@ def _compare(args: argparse.Namespace) -> int:
         broken = {s.step for s in rv.steps if s.broken}
         for step, score in rv.ranking:
             print(f"  step {step}: {score:.3f}{'  (broken samples)' if step in broken else ''}")
+    table = rv.table()  # the run's held-out figures (NAME.validation.jsonl), when it has them
+    if table:
+        print(table)
+    if rv.recommendation:
+        print(rv.recommendation)
     return 0
 
 
@@ -196,6 +219,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field (e.g. sample_steps=30)")
     p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
     p.set_defaults(run=_sample)
+
+    p = sub.add_parser(
+        "validate", help="the held-out validation loss of LoRA files on disk, as a training run measures it"
+    )
+    p.add_argument("config", type=Path)
+    p.add_argument("checkpoints", nargs="*", type=Path, help="LoRA files, or a run folder (its files, in step order)")
+    p.add_argument("--base", action="store_true", help="also measure the base model alone (step 0, the reference)")
+    p.add_argument("--folder", type=Path, help="measure on these captioned images instead of the config's held-out "
+                   "ones (class images: the class drift)")  # fmt: skip
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field")
+    p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
+    p.set_defaults(run=_validate)
 
     p = sub.add_parser(
         "argv", help="print the equivalent sd-scripts command line (and write the dataset TOML it reads)"

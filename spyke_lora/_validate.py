@@ -53,6 +53,9 @@ def validation_loss(
 
 
 def _validation_loss(checkpoints, cfg: TrainConfig, folder, engine_log) -> tuple[HeldOutLoss, ...]:
+    items = [checkpoints] if checkpoints is None or isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    if not items:
+        raise ConfigError("nothing to measure: give LoRA files (or a run folder), and None for the base model alone")
     if folder is not None:
         where = Path(folder).expanduser().absolute()
     elif cfg.validation_dir is not None or cfg.validation_split:
@@ -66,7 +69,6 @@ def _validation_loss(checkpoints, cfg: TrainConfig, folder, engine_log) -> tuple
     problems, _ = check_folder(held_out, cfg, _engine.image_extensions(cfg))
     if problems:
         raise ConfigError(problems)
-    items = [checkpoints] if checkpoints is None or isinstance(checkpoints, (str, os.PathLike)) else checkpoints
     base = any(item is None for item in items)
     files = checkpoint_files([item for item in items if item is not None], cfg, "validated") if len(items) > base else []
     check_base_model(cfg.base_model)

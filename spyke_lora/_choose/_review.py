@@ -2,7 +2,9 @@
 
 A run's ``NAME.samples.jsonl`` lists every sample image (step, prompt, CFG scale, seed, path, checkpoint).
 :func:`review` reads it, finds the training images, runs :func:`~spyke_lora._choose._checks.check_sample` on each
-sample and, with a scorer, ranks the steps; its :class:`Review` is what the contact sheet draws.
+sample and, with a scorer, ranks the steps; when the run also has held-out figures (``NAME.validation.jsonl``, see
+:mod:`._figures`) it adds them, ranks the steps by held-out loss and recommends one. Its :class:`Review` is what the
+contact sheet draws.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .._config import tomllib
 from .._errors import ConfigError
 from ._checks import _BROKEN, PathLike, SampleWarning, _References, check_sample
+from ._figures import Figures, StepLoss, loss_order, read_figures, recommend, table
 from ._rank import _order, _scores
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +50,12 @@ class Cell:
 
 @dataclasses.dataclass(frozen=True)
 class StepSummary:
-    """One row: a checkpoint. ``broken``: one of its samples is black, flat or NaN (do not use the file)."""
+    """One row: a checkpoint. ``broken``: one of its samples is black, flat or NaN (do not use the file).
+
+    With the run's held-out figures (``NAME.validation.jsonl``): ``held_out_loss``, the step's held-out validation
+    loss (None: not measured); ``class_loss``, ``(folder label, loss)`` on every other folder measured (class
+    images); ``class_drift``, ``(folder label, loss minus the base model's)`` for the folders the base model was
+    measured on too (none on the base model's own row)."""
 
     step: int
     checkpoint: str | None
@@ -56,13 +64,23 @@ class StepSummary:
     warnings: int
     broken: bool
     score: float | None = None  # the scorer's, when one was given
+    held_out_loss: float | None = None
+    class_loss: tuple[tuple[str, float], ...] = ()
+    class_drift: tuple[tuple[str, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class Review:
     """What :func:`review` found in one run's samples. ``warnings``: one line per problem, as the CLI prints them;
     ``ranking``: ``(step, score)`` best first when a scorer was given (broken steps last; the base model, step 0,
-    is not ranked), else None."""
+    is not ranked), else None.
+
+    From the run's ``NAME.validation.jsonl``, when it has one (else these stay empty / None): ``validation``, its
+    path; ``figures``, a :class:`StepLoss` per step measured (step 0, the base model, first: the reference), also
+    steps without samples; ``held_out_folder`` and ``held_out_images``; ``class_folders``, ``(label, folder)`` of
+    the other folders measured; ``loss_ranking``, ``(step, held-out loss)`` lowest first (broken steps last, step 0
+    not ranked; None without held-out figures); ``recommended``, the step of the lowest held-out loss whose samples
+    are not broken, and ``recommendation``, the sentence saying why (None without held-out figures)."""
 
     name: str
     run_dir: Path
@@ -74,6 +92,14 @@ class Review:
     warnings: tuple[str, ...]
     ranking: tuple[tuple[int, float], ...] | None = None
     scorer: str | None = None
+    validation: Path | None = None
+    figures: tuple[StepLoss, ...] = ()
+    held_out_folder: Path | None = None
+    held_out_images: int | None = None
+    class_folders: tuple[tuple[str, Path], ...] = ()
+    loss_ranking: tuple[tuple[int, float], ...] | None = None
+    recommended: int | None = None
+    recommendation: str | None = None
 
     def cell(self, step: int, prompt: str, cfg_scale: float) -> Cell:
         """The cell of ``step``, ``prompt`` and ``cfg_scale``; KeyError when there is none."""
@@ -85,6 +111,16 @@ class Review:
     def row(self, step: int) -> tuple[Cell, ...]:
         """Every cell of ``step``: one row of the sheet."""
         return tuple(c for c in self.cells if c.step == step)
+
+    def table(self) -> str:
+        """The held-out figures as the lines ``spyke-lora compare`` prints: a row per step (the base model first),
+        its held-out loss and a column per class folder (the drift, or the raw loss when the base model has no
+        figure on that folder); "" when the run has no validation figures."""
+        if self.validation is None or not self.figures:
+            return ""
+        figures = Figures(self.validation, self.figures, self.held_out_folder, self.held_out_images,
+                          self.class_folders)  # fmt: skip
+        return table(figures, {s.step: s for s in self.steps}, self.recommended)
 
 
 def _manifest(run_dir: PathLike, name: str | None) -> tuple[Path, str]:
@@ -269,5 +305,28 @@ def review(
         scores = _scores(cells, summaries, scorer, train)
         ranking = _order(scores, {s.step for s in summaries if s.broken})
         summaries = [dataclasses.replace(s, score=scores.get(s.step)) for s in summaries]
-    return Review(name, folder, manifest, tuple(columns), tuple(cells), tuple(summaries), tuple(train),
-                  tuple(lines), ranking, getattr(scorer, "name", type(scorer).__name__) if scorer else None)  # fmt: skip
+    rv = Review(name, folder, manifest, tuple(columns), tuple(cells), tuple(summaries), tuple(train),
+                tuple(lines), ranking, getattr(scorer, "name", type(scorer).__name__) if scorer else None)  # fmt: skip
+    figures = read_figures(folder / f"{name}.validation.jsonl")
+    return rv if figures is None else _with_figures(rv, figures)
+
+
+def _with_figures(rv: Review, figures: Figures) -> Review:
+    """``rv`` with the run's held-out figures: on each step's summary, ranked, and the recommendation."""
+    by_step = {r.step: r for r in figures.rows}
+    summaries = []
+    for s in rv.steps:
+        r = by_step.get(s.step)
+        summaries.append(s if r is None else dataclasses.replace(
+            s, held_out_loss=r.held_out_loss, class_loss=r.class_loss, class_drift=r.class_drift))  # fmt: skip
+    loss_ranking = None
+    if figures.has_held_out:
+        held = {r.step: r.held_out_loss for r in figures.rows if r.held_out_loss is not None}
+        loss_ranking = loss_order(held, {s.step for s in rv.steps if s.broken})
+    recommended, recommendation = recommend(figures, {s.step: s for s in rv.steps})
+    return dataclasses.replace(
+        rv, steps=tuple(summaries), validation=figures.manifest, figures=figures.rows,
+        held_out_folder=figures.held_out_folder, held_out_images=figures.held_out_images,
+        class_folders=figures.class_folders, loss_ranking=loss_ranking, recommended=recommended,
+        recommendation=recommendation,
+    )  # fmt: skip

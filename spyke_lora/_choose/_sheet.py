@@ -16,12 +16,12 @@ import numpy as np
 from .._errors import ConfigError
 from .._files import atomic_path
 from ._checks import PathLike, _open, _to_array
-from ._review import Cell, Review, review
+from ._review import Cell, Review, StepSummary, review
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._scorers import Scorer
 
-__all__ = ["SheetLayout", "contact_sheet", "sheet_layout", "write_sheet"]
+__all__ = ["SheetLayout", "contact_sheet", "figure_lines", "sheet_layout", "write_sheet"]
 
 BACKGROUND = (255, 255, 255)
 LETTERBOX = (40, 40, 40)
@@ -30,6 +30,7 @@ TEXT = (20, 20, 20)
 SMALL_TEXT = (90, 90, 90)
 BROKEN_COLOUR = (214, 39, 40)  # black, uniform, NaN, unreadable
 DUPLICATE_COLOUR = (255, 127, 14)  # near-duplicate
+RECOMMENDED_COLOUR = (44, 140, 44)  # the step of the lowest held-out loss with samples not broken
 PROMPT_LINES = 4  # header lines for the prompt (then one for the CFG scale)
 
 
@@ -193,7 +194,7 @@ def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
                         line, centre=hx1 - hx0)  # fmt: skip
         col += span
 
-    # rows: the step, its file, its score; then the cells
+    # rows: the step, its file, its score, its held-out figures; then the cells
     rank = {step: i for i, (step, _) in enumerate(rv.ranking or (), 1)}
     by_key = {(c.step, c.prompt, c.cfg_scale): c for c in rv.cells}
     for r, summary in enumerate(rv.steps):
@@ -206,6 +207,12 @@ def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
         if summary.score is not None:
             text = f"score {summary.score:.3f}" + (f" (#{rank[summary.step]})" if summary.step in rank else "")
             y = _draw_lines(draw, (x0 + gap, y + 4), [text], small, TEXT, small_line)
+        figures = figure_lines(rv, summary)
+        if figures:
+            wrapped = [part for text in figures for part in _wrap(draw, text, small, x1 - x0 - 2 * gap, 2)]
+            y = _draw_lines(draw, (x0 + gap, y + 4), wrapped, small, TEXT, small_line)
+        if rv.recommended is not None and summary.step == rv.recommended:
+            y = _draw_lines(draw, (x0 + gap, y + 4), ["recommended"], small, RECOMMENDED_COLOUR, small_line)
         if summary.broken:
             _draw_lines(draw, (x0 + gap, y + 4), ["broken samples"], small, BROKEN_COLOUR, small_line)
         for c, (prompt, cfg) in enumerate(rv.columns):
@@ -214,6 +221,27 @@ def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
     with atomic_path(out, keep_suffix=True) as temp:
         sheet.save(temp, format="PNG")
     return out
+
+
+def figure_lines(rv: Review, summary: StepSummary) -> list[str]:
+    """The held-out figures written under a row's label: ``held-out 1.0678``, then one line per class folder:
+    ``drift +0.0040`` (``drift LABEL +0.0040`` with several folders), or ``LABEL 1.2040`` (the raw loss, on the base
+    model's row or without a base-model figure on that folder); none without figures."""
+    lines = []
+    if summary.held_out_loss is not None:
+        lines.append(f"held-out {_number(summary.held_out_loss, '.4f')}")
+    drift = dict(summary.class_drift)
+    several = len(rv.class_folders) > 1
+    for label, loss in summary.class_loss:
+        if label in drift:
+            lines.append(f"drift {label + ' ' if several else ''}{_number(drift[label], '+.4f')}")
+        else:
+            lines.append(f"{label} {_number(loss, '.4f')}")
+    return lines
+
+
+def _number(value: float, spec: str) -> str:
+    return format(value, spec) if value == value and abs(value) != float("inf") else str(value)
 
 
 def _draw_cell(draw, sheet, layout: SheetLayout, cell: Cell, box, font, small) -> None:
@@ -254,8 +282,10 @@ def contact_sheet(
     A row per step ("base" for step 0) with its LoRA file's name, a column per prompt and CFG scale, each sample
     fitted into a ``cell`` px square; the file is written atomically. Samples with a warning get a coloured border
     and the warning (red: black, flat, NaN; orange: near-duplicate of a training image); cells without an image are
-    grey, "missing". With a ``scorer``, each row also shows its score and rank. :func:`review` gives the same findings
-    as data (``review(...).warnings`` are the lines ``spyke-lora compare`` prints)."""
+    grey, "missing". With a ``scorer``, each row also shows its score and rank. With the run's held-out figures
+    (``NAME.validation.jsonl``), each row shows them too (:func:`figure_lines`) and the recommended step is marked
+    "recommended". :func:`review` gives the same findings as data (``review(...).warnings`` are the lines
+    ``spyke-lora compare`` prints)."""
     sheet_layout(1, 1, cell)  # refuses a bad cell size before any work
     rv = review(run_dir, name, train_images=train_images, scorer=scorer)
     return write_sheet(rv, out, cell)

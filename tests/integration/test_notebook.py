@@ -40,7 +40,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     cells = {i: c for i, c in enumerate(nb.cells) if c.cell_type == "code"}
     assert not [o for c in cells.values() for o in c.outputs if o.output_type == "error"]
-    doctor, plan_cell, train_cell, samples_cell, sheet_cell, deploy_cell, runs_cell = (
+    doctor, plan_cell, train_cell, figures_cell, samples_cell, sheet_cell, deploy_cell, runs_cell = (
         cells[i] for i in sorted(cells)[1:]
     )
 
@@ -48,6 +48,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     shown = "".join(texts(plan_cell, "stream"))
     assert "\r" not in shown and "IProgress" not in shown
     assert "checkpoints     3, 6, final" in shown and "samples         2 prompts x CFG 5, 9" in shown
+    assert "validation      2 held-out images in" in shown and "a pass at steps 3, 6" in shown
 
     # the train cell: tqdm's widget bar (Progress) at the last step, the live loss chart, a line for the start, each
     # file and the end, the result line, and no carriage-return progress bars from sd-scripts (they went to the
@@ -58,7 +59,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     value, total, style, text = tqdm_bar(nb, bars[0])
     assert (value, total, style) == (6, 6, "success")
     assert re.fullmatch(r"100%\| 6/6 \[\d\d:\d\d<00:00, +[\d.]+(s/step|step/s), loss=\d+\.\d{4}, "
-                        r"avg=\d+\.\d{4}, lr=\d\.\d\de-\d\d, mem=\d+\.\d\d GiB\]", text), text
+                        r"avg=\d+\.\d{4}, val=\d+\.\d{4}, lr=\d\.\d\de-\d\d, mem=\d+\.\d\d GiB\]", text), text
     assert not texts(train_cell, "text/html")
     assert len(texts(train_cell, "image/png")) == 1  # one chart, redrawn in place
     printed = "".join(texts(train_cell, "stream"))
@@ -68,10 +69,18 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     lines = "".join(o.text for o in train_cell.outputs if o.output_type == "stream" and o.name == "stdout").splitlines()
     assert lines[0].startswith("started: 6 steps on cpu (") and lines[0].endswith(f"writing to {run.resolve()}")
     assert f"checkpoint (step 3): {run.resolve() / 'spyke_plasma_v1-step00000003.safetensors'}" in lines
-    assert lines[-3:] == [f"final (step 6): {final}", f"ended: completed after 6 steps; final LoRA {final}",
-                          f"completed 6 steps on cpu -> {final}"]  # fmt: skip
+    assert lines[-4] == f"final (step 6): {final}" and lines[-3].startswith("validation (step 6): held-out loss ")
+    assert lines[-2:] == [f"ended: completed after 6 steps; final LoRA {final}", f"completed 6 steps on cpu -> {final}"]
+    assert f"checkpoint (step 3): {run.resolve() / 'spyke_plasma_v1-step00000003.safetensors'}" in lines
     assert not [line for line in lines if line.startswith(("step ", "sample "))]  # steps are the bar's
     assert "steps:" in (run / "spyke_plasma_v1.engine.log").read_text()  # sd-scripts' own bar, kept in the log
+
+    # the figures: a row per validated step, both curves in one figure
+    table = "".join(texts(figures_cell, "stream")).splitlines()
+    assert table[0].split() == ["step", "held-out", "loss", "class", "drift"]
+    assert [row.split()[0] for row in table[1:]] == ["3", "6"]
+    assert all(re.fullmatch(r"\s*\d+\s+\d+\.\d{4}\s+[+-]\d+\.\d{4}", row) for row in table[1:]), table
+    assert len(texts(figures_cell, "image/png")) == 1
 
     # samples: 2 prompts x 2 CFG scales for the files of steps 3 and 6 (the final file is step 6's weights)
     assert len(texts(samples_cell, "image/png")) == 8

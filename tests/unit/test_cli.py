@@ -232,6 +232,32 @@ def test_sample_command_refuses_files_that_are_not_loras(tmp_path, capsys):
     assert "missing.safetensors' does not exist" in err and "notes.safetensors" in err
 
 
+def test_validate_command_prints_each_files_held_out_loss_against_the_base_model(tmp_path, monkeypatch, capsys):
+    import spyke_lora._validate
+    from spyke_lora import HeldOutLoss
+
+    calls = []
+    folder = tmp_path / "class"
+
+    def measured(files, cfg, folder=None, *, engine_log="auto"):
+        calls.append((files, folder))
+        return (HeldOutLoss(0, None, 1.2, folder, 3), HeldOutLoss(200, tmp_path / "x-step00000200.safetensors", 1.25,
+                                                                  folder, 3))  # fmt: skip
+
+    monkeypatch.setattr(spyke_lora._validate, "validation_loss", measured)
+    lora = tmp_path / "x-step00000200.safetensors"
+    assert main(["validate", str(write_config(tmp_path)), str(lora), "--base", "--folder", str(folder)]) == 0
+    assert calls == [([None, lora], folder)]
+    assert capsys.readouterr().out.splitlines() == [
+        f"held-out loss on 3 images in {folder} (lower is better):",
+        "  step      0  1.2000  base model",
+        "  step    200  1.2500  +0.0500 vs the base model  x-step00000200.safetensors",
+    ]
+    monkeypatch.undo()
+    assert main(["validate", str(write_config(tmp_path))]) == 2  # nothing to measure, before anything loads
+    assert "nothing to measure: give LoRA files" in capsys.readouterr().err
+
+
 def test_sample_event_line():
     from spyke_lora import SampleSaved
 

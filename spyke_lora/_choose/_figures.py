@@ -1,0 +1,257 @@
+"""The held-out figures of a run: reading ``NAME.validation.jsonl``, the table, and the recommended checkpoint.
+
+A run with held-out images (``validation_dir``) writes one JSON line per figure next to its LoRA files::
+
+    {"step": 4, "checkpoint": "NAME-step00000004.safetensors", "folder": "/data/val", "loss": 1.0678, "images": 2,
+     "held_out": true}
+
+``held_out: true`` lines are the run's own held-out validation loss (at each saved file, or from
+``validation_loss(files, cfg)`` later); ``held_out: false`` lines are the loss on another folder
+(``validation_loss(files, cfg, folder=...)``, typically class images: class drift). Step 0 with no checkpoint is the
+base model alone, the reference. The newest line for a (step, folder) wins. Lower loss is better.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._review import StepSummary
+
+__all__ = ["StepLoss"]
+
+NOISE = 0.005  # best two held-out losses closer than this (relative): say they are within noise of each other
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLoss:
+    """One step's figures from the run's ``NAME.validation.jsonl`` (step 0: the base model alone, the reference).
+
+    ``held_out_loss``: the loss on the run's held-out images (None: not measured at this step); ``class_loss``:
+    ``(folder label, loss)`` for every other folder measured at this step; ``class_drift``: ``(folder label, loss
+    minus the base model's loss on that folder)`` for those folders that have a base-model figure (positive: the
+    LoRA has pulled the class away from the base model; the base model's own row has none)."""
+
+    step: int
+    checkpoint: str | None  # the LoRA file's name (or path, when it is not in the run folder); None: the base model
+    held_out_loss: float | None = None
+    class_loss: tuple[tuple[str, float], ...] = ()
+    class_drift: tuple[tuple[str, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """Everything read from one validation manifest (internal: :func:`review` spreads it over the Review)."""
+
+    manifest: Path
+    rows: tuple[StepLoss, ...]  # step order, step 0 first when measured
+    held_out_folder: Path | None
+    held_out_images: int | None
+    class_folders: tuple[tuple[str, Path], ...]  # (label, folder), in first-measured order
+
+    @property
+    def has_held_out(self) -> bool:
+        return any(r.held_out_loss is not None for r in self.rows)
+
+    def row(self, step: int) -> StepLoss | None:
+        return next((r for r in self.rows if r.step == step), None)
+
+    @property
+    def base(self) -> StepLoss | None:
+        return self.row(0)
+
+    def drift_folders(self) -> set[str]:
+        """The labels of the class folders with a base-model figure (their drift can be computed)."""
+        base = self.base
+        return {label for label, _ in base.class_loss} if base else set()
+
+
+def _folder(text: Any, run_dir: Path) -> Path:
+    path = Path(str(text)).expanduser()
+    return Path(os.path.normpath(path if path.is_absolute() else run_dir / path))
+
+
+def read_figures(manifest: Path) -> Figures | None:
+    """The figures of ``manifest``; None when it does not exist or holds no usable line (a run without validation)."""
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    run_dir = manifest.parent
+    lines: dict[tuple[int, Path], dict[str, Any]] = {}
+    held_out_folder: Path | None = None
+    seen: list[Path] = []
+    for line in text.splitlines():
+        try:
+            item = json.loads(line)
+            step, loss = int(item["step"]), float(item["loss"])
+            folder = _folder(item["folder"], run_dir)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+        checkpoint = item.get("checkpoint")
+        if step == 0 and checkpoint:
+            continue  # a file whose step is unknown: neither a candidate nor the base model's reference
+        held_out = bool(item.get("held_out", True))
+        if folder not in seen:
+            seen.append(folder)
+        lines.pop((step, folder), None)  # the newest line for a (step, folder) wins
+        lines[(step, folder)] = {"loss": loss, "held_out": held_out, "images": item.get("images"),
+                                 "checkpoint": Path(str(checkpoint)).name if checkpoint else None}  # fmt: skip
+        if held_out:
+            held_out_folder = folder  # the newest held-out folder is the run's (validation_dir)
+    if not lines:
+        return None
+
+    others = [f for f in seen if f != held_out_folder]  # in first-measured order
+    names = [f.name for f in others]
+    labels = {f: (f.name if names.count(f.name) == 1 and f.name else str(f)) for f in others}
+
+    base = {folder: item["loss"] for (step, folder), item in lines.items() if step == 0}
+    rows = []
+    for step in sorted({step for step, _ in lines}):
+        mine = {folder: item for (s, folder), item in lines.items() if s == step}
+        held = mine.get(held_out_folder) if held_out_folder is not None else None
+        checkpoint = next((item["checkpoint"] for item in ([held] if held else []) + list(mine.values())
+                           if item["checkpoint"]), None)  # fmt: skip
+        class_loss = tuple((labels[f], mine[f]["loss"]) for f in others if f in mine)
+        drift = () if step == 0 else tuple((labels[f], mine[f]["loss"] - base[f]) for f in others
+                                           if f in mine and f in base)  # fmt: skip
+        rows.append(StepLoss(step, checkpoint, held["loss"] if held else None, class_loss, drift))
+    images = None
+    if held_out_folder is not None:
+        newest = [item for (_, folder), item in lines.items() if folder == held_out_folder][-1]
+        images = newest["images"] if isinstance(newest["images"], int) else None
+    return Figures(manifest, tuple(rows), held_out_folder, images, tuple((labels[f], f) for f in others))
+
+
+def loss_order(losses: Mapping[int, float], broken: set[int]) -> tuple[tuple[int, float], ...]:
+    """Lowest loss first; broken steps and non-finite losses last; the base model (step 0) left out."""
+    def key(item: tuple[int, float]) -> tuple[bool, float, int]:
+        step, loss = item
+        return (step in broken or not math.isfinite(loss), loss if math.isfinite(loss) else 0.0, step)
+
+    return tuple(sorted(((s, v) for s, v in losses.items() if s != 0), key=key))
+
+
+def _loss(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else str(value)
+
+
+def _drift(value: float) -> str:
+    return f"{value:+.4f}" if math.isfinite(value) else str(value)
+
+
+def recommend(figures: Figures, samples: Mapping[int, StepSummary]) -> tuple[int | None, str | None]:
+    """``(step, sentence)``: the lowest held-out loss among the steps whose samples are not broken, and why;
+    ``(None, None)`` without held-out figures; ``(None, "no recommendation: ...")`` when no step qualifies."""
+    if not figures.has_held_out:
+        return None, None
+    held = {r.step: r.held_out_loss for r in figures.rows if r.step != 0 and r.held_out_loss is not None}
+    if not held:
+        return None, ("no recommendation: only the base model has a held-out loss; measure the saved files with "
+                      "validation_loss(files, cfg)")  # fmt: skip
+    broken = {step for step, state in samples.items() if state.broken}
+    order = loss_order(held, broken)
+    candidates = [(s, v) for s, v in order if s not in broken and math.isfinite(v)]
+    if not candidates:
+        return None, "no recommendation: every step with a held-out loss has broken samples or a non-finite loss"
+    step, loss = candidates[0]
+    row = figures.row(step)
+    assert row is not None
+    base = figures.base
+    where = f"step {step} ({row.checkpoint})" if row.checkpoint else f"step {step}"
+    reference = f" (base model {_loss(base.held_out_loss)})" if base and base.held_out_loss is not None else ""
+    parts = [f"recommended: {where}: the lowest held-out loss, {_loss(loss)}{reference}"]
+    drift = dict(row.class_drift)
+    base_class = dict(base.class_loss) if base else {}
+    for label, value in row.class_loss:
+        if label in drift:
+            parts.append(f"class drift on {label} {_drift(drift[label])} ({_loss(value)}, base model "
+                         f"{_loss(base_class[label])})")  # fmt: skip
+        else:
+            parts.append(f"loss on {label} {_loss(value)} (no base-model figure on it, so no drift)")
+    state = samples.get(step)
+    if state is None:
+        parts.append("it has no samples to look at")
+    elif state.warnings:
+        parts.append(f"its samples have {state.warnings} warning{'s' if state.warnings != 1 else ''}: look at them "
+                     "on the sheet")  # fmt: skip
+    else:
+        parts.append("its samples have no warnings")
+    if len(candidates) > 1:
+        second, value = candidates[1]
+        gap = (value - loss) / abs(loss) if loss else math.inf
+        if gap < NOISE:
+            images = figures.held_out_images
+            on = f"on {images} held-out image{'s' if images != 1 else ''}" if images else "on a small held-out set"
+            parts.append(f"step {second} ({_loss(value)}) is within {gap * 100:.2f}% of it, which is noise {on}: "
+                         "compare the two on the sheet")  # fmt: skip
+    lower = [s for s, v in order if s in broken and math.isfinite(v) and v < loss]
+    if lower:
+        steps = ", ".join(f"step {s} ({_loss(held[s])})" for s in sorted(lower, key=lambda s: held[s]))
+        parts.append(f"lower but with broken samples: {steps}")
+    return step, "; ".join(parts)
+
+
+def table(figures: Figures, samples: Mapping[int, StepSummary], recommended: int | None) -> str:
+    """The figures as text: a row per step (the base model first), the held-out loss and a column per class folder
+    (its drift, or its raw loss when the base model has no figure on it), then what the columns mean."""
+    drift_folders = figures.drift_folders()
+    columns: list[tuple[str, str]] = []  # (header, kind)
+    if figures.has_held_out:
+        columns.append(("held-out", "held-out"))
+    for label, _ in figures.class_folders:
+        columns.append((f"drift {label}" if label in drift_folders else f"{label} loss", label))
+    header_rows: list[list[str]] = []
+    notes: list[str] = []
+    for r in figures.rows:
+        cells = [f"{r.step} (base model)" if r.step == 0 else str(r.step)]
+        losses, drifts = dict(r.class_loss), dict(r.class_drift)
+        for _, kind in columns:
+            if kind == "held-out":
+                cells.append(_loss(r.held_out_loss) if r.held_out_loss is not None else "-")
+            elif kind in drift_folders and r.step != 0:
+                cells.append(_drift(drifts[kind]) if kind in drifts else "-")
+            elif kind in drift_folders:
+                cells.append(f"({_loss(losses[kind])})")  # the base model's own figure: the reference
+            else:
+                cells.append(_loss(losses[kind]) if kind in losses else "-")
+        state = samples.get(r.step)
+        note = []
+        if state is not None and state.broken:
+            note.append("broken samples")
+        if r.step == recommended:
+            note.append("<- recommended")
+        header_rows.append(cells)
+        notes.append(", ".join(note))
+    heads = ["step", *(h for h, _ in columns)]
+    widths = [max(len(row[i]) for row in [heads, *header_rows]) for i in range(len(heads))]
+
+    def line(cells: Sequence[str], note: str = "") -> str:
+        text = cells[0].ljust(widths[0]) + "".join(f"  {c.rjust(w)}" for c, w in zip(cells[1:], widths[1:]))
+        return f"  {text}  {note}".rstrip()
+
+    out = []
+    if figures.has_held_out:
+        images = figures.held_out_images
+        count = f"{images} image{'s' if images != 1 else ''}" if images else "the images"
+        out.append(f"held-out loss: sd-scripts' validation loss on {count} in {figures.held_out_folder}, never "
+                   "trained on (lower is better):")  # fmt: skip
+    else:
+        out.append("validation loss on other folders (lower is better):")
+    out.append(line(heads))
+    out += [line(cells, note) for cells, note in zip(header_rows, notes)]
+    for label, folder in figures.class_folders:
+        if label in drift_folders:
+            out.append(f"drift {label}: the loss on {folder} minus the base model's (in brackets on its row); "
+                       "positive: the LoRA has pulled the class away from the base model")  # fmt: skip
+        else:
+            out.append(f"{label} loss: the base model has no figure on {folder}, so no drift; measure it with "
+                       f'validation_loss([None, *files], cfg, folder="{folder}")')  # fmt: skip
+    return "\n".join(out)
