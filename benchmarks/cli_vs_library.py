@@ -178,6 +178,12 @@ def second_run(world_root: Path, work: Path, resolution: int, steps: int, lines)
     lines.append(out.stdout)
 
 
+def validation_cost(world_root: Path, resolution: int, steps: int, lines) -> None:
+    out = subprocess.run([sys.executable, str(HERE / "validation_cost.py"), str(world_root), str(resolution),
+                          str(steps)], capture_output=True, text=True, check=True)  # fmt: skip
+    lines.append(out.stdout)
+
+
 def machine() -> str:
     import torch
 
@@ -220,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_extras:
         defaults(work, work, max(args.resolutions), args.steps, max(1, args.reps - 1), lines)
         second_run(work, work, max(args.resolutions), args.steps, lines)
+        validation_cost(work, max(args.resolutions), args.steps, lines)
     report = "\n".join(lines) + "\n"
     print(report)
     if args.write:

@@ -23,3 +23,4 @@ def test_the_spyke_example_is_the_recipe():
     assert (cfg.max_train_epochs, cfg.save_every_n_steps, cfg.network_dim, cfg.network_alpha) == (2, 200, 32, 16)
     assert cfg.save_state and cfg.sample_cfg_scales == (5, 7, 9) and len(cfg.sample_prompts) == 3
     assert all(p.startswith("spyke_plasma_v1, ") for p in cfg.sample_prompts)
+    assert cfg.validation_dir.parts[-2:] == ("val", "1_spyke_plasma_v1")  # held-out images, a folder of their own
