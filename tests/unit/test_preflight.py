@@ -171,15 +171,18 @@ def test_spyke_step_math_is_sd_scripts_own(tmp_path):
     write_model(tmp_path / "model.safetensors")
     write_images(tmp_path / "10_spyke_plasma_v1", 23, "spyke_plasma_v1, pose")
     write_images(tmp_path / "reg" / "1_anime_character", 100, "anime character")
+    write_images(tmp_path / "val" / "1_spyke_plasma_v1", 3, "spyke_plasma_v1, held out", size=72)  # other bytes
     cfg = TrainConfig.from_toml(Path(__file__).parents[2] / "examples" / "spyke.toml").replace(
         base_model=tmp_path / "model.safetensors", train_dir=tmp_path / "10_spyke_plasma_v1",
         reg_dir=tmp_path / "reg" / "1_anime_character", output_dir=tmp_path / "out", device="cpu",
+        validation_dir=tmp_path / "val" / "1_spyke_plasma_v1",
         extra_args={"min_bucket_reso": 64},  # the generated images are 64 px; the real ones are 512+
     )  # fmt: skip
     p = plan(cfg)
     assert any("smaller than the resolution 512" in w for w in p.warnings)  # the generated images are 64 px
     assert (p.steps_per_epoch, p.epochs, p.total_steps) == (460, 2, 920)
     assert [step for step, _ in p.checkpoints] == [200, 400, 600, 800]
+    assert (p.validation.images, p.validation.steps) == (3, (200, 400, 600, 800, 920))  # a pass at every file
     assert p.checkpoints[0][1].name == "spyke_plasma_v1-step00000200.safetensors"
     assert p.final_path.name == "spyke_plasma_v1.safetensors"
     assert (p.subsets[0].images, p.subsets[0].repeats, p.subsets[1].images, p.subsets[1].is_reg) == (23, 10, 100, True)
