@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extras-only", action="store_true", help="only the defaults and the second-run sections")
     parser.add_argument("--write", type=Path, help="also write the Markdown report to this file")
     parser.add_argument("--work", type=Path, help="where runs go (default: a new temporary folder)")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="which kinds to run, comma-separated (default: all three)")  # fmt: skip
     args = parser.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.kinds.split(","))
     if args.quick:
         args.reps, args.steps, args.resolutions, args.no_extras = 1, 3, [64], True
     work = args.work or Path(tempfile.mkdtemp(prefix="spyke-bench-"))
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
              "Command: `.venv/bin/python benchmarks/cli_vs_library.py " + " ".join(argv or sys.argv[1:])
              + "` (see `benchmarks/README.md` for how each figure is taken)."]  # fmt: skip
     for resolution in [] if args.extras_only else args.resolutions:
-        compare(work, work, resolution, args.steps, args.reps, KINDS, lines)
+        compare(work, work, resolution, args.steps, args.reps, kinds, lines)
     if not args.no_extras:
         defaults(work, work, max(args.resolutions), args.steps, max(1, args.reps - 1), lines)
         second_run(work, work, max(args.resolutions), args.steps, lines)

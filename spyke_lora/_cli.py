@@ -1,7 +1,7 @@
 """The ``spyke-lora`` command (:func:`main`), every subcommand in one table.
 
-Subcommands: ``train``, ``plan``, ``sample``, ``validate``, ``argv``, ``runs``, ``diff``, ``doctor``, ``compare``,
-``deploy`` and ``demo``. Exit codes: 0 done, 1 a run started and failed, 2 refused before anything ran, 130 interrupted.
+Subcommands: ``train``, ``plan``, ``sample``, ``validate``, ``argv``, ``runs``, ``diff``, ``doctor``, ``calibrate``,
+``compare``, ``deploy`` and ``demo``. Exit codes: 0 done, 1 a run started and failed, 2 refused before anything ran, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -185,6 +185,23 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    """Measure this machine's device at each resolution, gradient checkpointing on and off, and keep the fitted
+    memory constants for plan() (see docs/memory.md)."""
+    from ._device import available_devices, resolve_device
+    from ._memory._calibrate import calibrate
+
+    cuda, mps = available_devices()
+    device = resolve_device(args.device, cuda_available=cuda, mps_available=mps)
+    resolutions = tuple(int(r) for r in args.resolutions.split(","))
+    with tempfile.TemporaryDirectory(prefix="spyke-lora-calibrate-") as tmp:
+        constants, _ = calibrate(device, Path(args.dir or tmp), resolutions=resolutions, steps=args.steps)
+    on, off = constants.activation_bytes[True], constants.activation_bytes[False]
+    print(f"{device}: activations {on[0] / 1e3:.1f} kB per latent pixel with gradient checkpointing, "
+          f"{off[0] / 1e3:.1f} kB without; plan() uses these figures from now on")  # fmt: skip
+    return 0
+
+
 _RESUME_HELP = (
     "continue a run saved with save_state = true: from its latest state (no value) or the NAME-step...-state folder "
     "given"
@@ -253,6 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("doctor", help="check this machine: device, precision, engine, disk (exit 1 if it cannot train)")
     p.add_argument("config", type=Path, nargs="?", help="check for this config (default: the recipe's settings)")
     p.set_defaults(run=_doctor)
+
+    p = sub.add_parser(
+        "calibrate", help="measure this machine's memory use per resolution (a few minutes) so plan() predicts it"
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--resolutions", default="64,128,256,512", metavar="PX,PX,...")
+    p.add_argument("--steps", type=int, default=3, help="training steps per point (default 3)")
+    p.add_argument("--dir", help="where to build the tiny world and keep the points (default: a temporary folder)")
+    p.set_defaults(run=_calibrate)
 
     p = sub.add_parser(
         "compare", help="draw a run's samples as a contact sheet (a row per checkpoint) and warn about broken ones"

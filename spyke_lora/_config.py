@@ -112,7 +112,9 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "auto"  # auto: fp16 on CUDA, no on MPS and CPU
     clip_skip: int | None = 2
     prior_loss_weight: float = 1.0
-    gradient_checkpointing: bool = True
+    # auto: off when the run fits the device's memory without it (faster: about 1.5x per step), on otherwise; plan()
+    # says which was chosen and why (docs/memory.md)
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     # latents made once by the VAE, before step 1, instead of at every step: faster (the VAE leaves the loop) and
     # changes what is learnt slightly: each image's latent is sampled once rather than anew each epoch
     cache_latents: bool = True
@@ -120,6 +122,9 @@ class TrainConfig:
     seed: int = 42
     # --- where it runs ----------------------------------------------------------------------------------------------
     device: Device = "auto"  # auto: cuda, else mps, else cpu
+    # refuse a run whose predicted peak memory is above this: bytes, or a size such as "12GB" or "11.5GiB"; None: a
+    # predicted peak above the device's budget is only a warning
+    memory_limit: int | None = None
     tokenizer_cache_dir: Path | None = None  # holds openai_clip-vit-large-patch14/ (offline runs)
     sd_scripts_dir: Path | None = None  # None: $SPYKE_LORA_SD_SCRIPTS, else the vendored submodule
     extra_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # any other sd-scripts option
@@ -350,8 +355,37 @@ def _type_name(hint: Any) -> str:
     )
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
+# accelerate's convention (max_memory="10GiB"): GB is 10^9 bytes, GiB is 2^30
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes from an integer or a size such as "12GB" (10^9 bytes per GB) or "11.5GiB" (2^30 per GiB); None when
+    ``value`` is neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
 def _coerce(name: str, hint: Any, value: Any) -> tuple[Any, str | None]:
     """Check ``value`` against the field's type; return (normalised value, problem or None)."""
+    if name == "gradient_checkpointing":
+        if isinstance(value, bool) or value == "auto":
+            return value, None
+        return value, f"`gradient_checkpointing` must be true, false or 'auto', got {value!r}"
+    if name == "memory_limit" and value is not None:
+        size = parse_size(value)
+        if size is None or size <= 0:
+            return value, (
+                f"`memory_limit` must be a number of bytes or a size such as '12GB' or '11.5GiB' (GB = 10^9 bytes, "
+                f"GiB = 2^30), got {value!r}"
+            )
+        return size, None
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]

@@ -12,6 +12,7 @@ from . import _engine
 from ._config import TrainConfig, repeats_from_folder_name
 from ._doctor import free_disk
 from ._errors import ConfigError
+from ._memory import MemoryBudget, MemoryPlan, gib, memory_plan
 from ._preflight import check_folder, config_warnings, held_out_problems
 
 __all__ = ["Plan", "SubsetPlan", "ValidationPlan", "plan"]
@@ -70,6 +71,12 @@ class Plan:
     resume_from: Path | None = None  # the training state this run continues
     resume_step: int = 0  # the step it continues after (0: a fresh run)
     validation: ValidationPlan | None = None  # held-out validation (None: no validation_dir)
+    memory: MemoryPlan | None = None  # the predicted peak memory against the device's budget (docs/memory.md)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the run uses gradient checkpointing (``"auto"`` resolved: see ``memory.reason``)."""
+        return self.memory.gradient_checkpointing if self.memory is not None else True
 
     def __str__(self) -> str:
         lines = [
@@ -105,17 +112,26 @@ class Plan:
                  f"{', '.join(p.name for p in self.validation.paths)}"]
                 if self.validation and self.validation.split < 1 else []
             ),  # fmt: skip
+            *(self.memory.lines() if self.memory else []),
             f"disk            about {self.estimated_disk_bytes / 1e6:.0f} MB",
             *(f"warning: {w}" for w in self.warnings if w not in self.corrections),
         ]
         return "\n".join(lines)
 
 
-def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> Plan:
+def plan(
+    cfg: TrainConfig,
+    *,
+    resume: str | os.PathLike[str] | None = None,
+    memory_budget: MemoryBudget | None = None,
+) -> Plan:
     """Check ``cfg`` and compute what its run will do, without loading a model.
 
-    Checks the base model's header, every image (fully decoded) and caption, the output folder and the device
-    policy, and counts the steps as sd-scripts does.
+    Checks the base model's header, every image and caption, the output folder and the device policy, counts the
+    steps as sd-scripts does, and predicts the run's peak memory against the device's budget (resolving
+    ``gradient_checkpointing = "auto"``; a peak over ``memory_limit`` is refused, one over the device's budget is a
+    warning with the fixes). ``memory_budget`` replaces the device's own budget (``device_budget``), e.g. to plan
+    for another machine.
     ``resume`` ("latest" or a state folder) plans the continuation of a run saved with ``save_state``: the state
     must come from the same training (config and dataset). Raises :class:`ConfigError` listing every problem; a
     :class:`DeviceError` when the device cannot run it."""
@@ -191,6 +207,21 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
         raise ConfigError(problems)
 
     count = _engine.count_steps(cfg, device_choice)
+    held_out_images = len(_images(held_out.folder, extensions)) if held_out is not None else 0
+    memory = memory_plan(cfg, device_choice.device, device_choice.mixed_precision,
+                         sum(s.images for s in count.subsets) + held_out_images, budget=memory_budget)  # fmt: skip
+    if memory.limit_bytes is not None and memory.peak_bytes > memory.limit_bytes:
+        raise ConfigError(
+            f"the run's predicted peak memory {gib(memory.peak_bytes)} is above `memory_limit` "
+            f"{gib(memory.limit_bytes)}; " + "; ".join(f"fix: {fix}" for fix in memory.fixes)
+        )
+    if not memory.fits:
+        warnings.append(
+            f"the run's predicted peak memory {gib(memory.peak_bytes)} is above the {device_choice.device} budget "
+            f"{gib(memory.budget_bytes)} ({memory.budget_source}): it may swap (hours instead of minutes) or fail "
+            f"part-way; " + "; ".join(f"fix: {fix}" for fix in memory.fixes)
+        )
+    cfg = cfg.replace(gradient_checkpointing=memory.gradient_checkpointing)  # "auto" resolved for the argv
     if state is not None and state.step >= count.total_steps:
         raise ConfigError(
             f"cannot resume from {state.path}: it is at step {state.step} and this run ends at step "
@@ -237,6 +268,7 @@ def plan(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> P
         resume_from=state.path if state else None,
         resume_step=done,
         validation=_validation_plan(cfg, held_out, count, done, extensions or _engine.image_extensions(cfg)),
+        memory=memory,
     )
 
 

@@ -150,6 +150,8 @@ class RunRecord:
     device: str
     checkpoints: int
     config: Path
+    peak_memory_bytes: int | None = None  # the highest of its parts' measured peaks (TrainEnded), None: not recorded
+    predicted_peak_bytes: int | None = None  # what plan() predicted for it
 
     def __str__(self) -> str:
         loss = f"{self.final_avg_loss:.4f}" if self.final_avg_loss is not None else "-"
@@ -195,6 +197,8 @@ def read_run(events_path: str | os.PathLike[str]) -> RunRecord:
         except OSError:  # its lock file cannot be opened: no live run can be seen
             status = "killed"
     final = steps[-1] if steps else None
+    ends = [e for e in events if e["event"] == "TrainEnded"]
+    peaks = [e["peak_memory_bytes"] for e in ends if e.get("peak_memory_bytes") is not None]
     return RunRecord(
         name=name,
         folder=path.parent,
@@ -208,6 +212,9 @@ def read_run(events_path: str | os.PathLike[str]) -> RunRecord:
         device=starts[-1]["device"],
         checkpoints=sum(1 for e in events if e["event"] == "CheckpointSaved"),
         config=path.with_name(f"{name}.config.toml"),
+        peak_memory_bytes=max(peaks) if peaks else None,
+        predicted_peak_bytes=next((e["predicted_peak_bytes"] for e in reversed(ends) if e.get("predicted_peak_bytes")),
+                                  None),  # fmt: skip
     )
 
 
@@ -251,13 +258,16 @@ def _show(value: Any) -> str:
 
 _DPI = 100  # `size` is in pixels: the figure is size / 100 inches at 100 dots per inch
 _GREY, _BLUE, _RED, _ORANGE = "#aaaaaa", "#1f5fbf", "#d62728", "#ff7f0e"
+_SAGE = "#7a9e7a"  # the memory line: a muted green, apart from the loss per step's grey and the other colours
 
 
 def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.PathLike[str] | IO[bytes], *,
                title: str = "", size: tuple[int, int] = (800, 400),
                validations: Sequence[ValidationEnded | dict[str, Any]] = ()) -> Path | None:  # fmt: skip
     """A PNG line chart, ``size`` pixels: the loss per step (grey), its running average (blue), the held-out
-    validation loss of each pass (orange dots), a red line at each step whose loss was NaN or infinite. Drawn with matplotlib's object API and Agg canvas (the caller's pyplot and
+    validation loss of each pass (orange dots), a red line at each step whose loss was NaN or infinite, and, when
+    the steps recorded it, the memory in use on the training device (a thin muted green line, in GiB, on a second y
+    axis at the right). Drawn with matplotlib's object API and Agg canvas (the caller's pyplot and
     backend are left alone). ``path`` may be a binary file object (then None is returned)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -302,5 +312,17 @@ def _loss_figure(history: Sequence[StepEnded | dict[str, Any]], *, title: str, s
         axes.set_title(title)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    axes.legend(loc="upper right")
+    handles, labels = axes.get_legend_handles_labels()
+    memory = [(h.get("memory_bytes") if isinstance(h, dict) else h.memory_bytes) for h in history]  # old records: none
+    if any(m is not None for m in memory):
+        right = axes.twinx()  # its own y axis at the right, sharing the steps
+        right.plot(steps, [m / 2**30 if m is not None else math.nan for m in memory], color=_SAGE,
+                   linewidth=0.8, marker=marker, markersize=3, label="memory (GiB)")  # fmt: skip
+        right.set_ylabel("memory in use, GiB")
+        right.set_ylim(bottom=0)  # from zero: a flat 5.2 GiB is not drawn as a swing
+        axes.set_zorder(right.get_zorder() + 1)  # the loss curves and the legend over the memory line
+        axes.patch.set_visible(False)  # (the loss axes' white background would hide it)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    axes.legend(handles, labels, loc="upper right")  # one legend for both axes
     return figure

@@ -14,6 +14,8 @@ from typing import Any, Union
 from . import _engine
 from ._config import TrainConfig
 from ._errors import SpykeLoraWarning
+from ._memory import UNDERESTIMATE, MemoryPlan, gib
+from ._memory._peak import PeakMeter
 from ._plan import plan
 from ._records import RunRecorder
 from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted, ValidationEnded
@@ -40,6 +42,8 @@ class TrainResult:
     stop_reason: str | None = None
     resumed_from_step: int = 0  # 0: a fresh run
     validations: tuple[ValidationEnded, ...] = ()  # every held-out validation pass, in order (validation_dir)
+    peak_memory_bytes: int | None = None  # the run's measured peak on its device (TrainEnded.peak_memory_bytes)
+    memory: MemoryPlan | None = None  # what plan() predicted: peak, budget, parts, gradient checkpointing and why
 
     @property
     def losses(self) -> list[float]:
@@ -57,6 +61,8 @@ class _Session:
         self.history: list[StepEnded] = []
         self.checkpoints: list[CheckpointSaved] = []
         self.validations: list[ValidationEnded] = []
+        self.meter: PeakMeter | None = None  # the run's peak memory (TrainEnded.peak_memory_bytes)
+        self.predicted_peak: int | None = None
         self.stop_reason: str | None = None
         self.ended = False
 
@@ -86,7 +92,16 @@ class _Session:
     def end(self, status: str, steps: int, final_path: Path | None) -> None:
         if self.started is not None and not self.ended:
             self.ended = True
-            self.emit(TrainEnded(status, steps, final_path))  # type: ignore[arg-type]
+            peak = self.meter.peak() if self.meter is not None else None
+            self.emit(TrainEnded(status, steps, final_path, peak, self.predicted_peak))  # type: ignore[arg-type]
+            if peak is not None and self.predicted_peak and peak > UNDERESTIMATE * self.predicted_peak:
+                warnings.warn(
+                    f"the run's peak memory {gib(peak)} was {peak / self.predicted_peak - 1:.0%} above the "
+                    f"{gib(self.predicted_peak)} plan() predicted: the memory model is off for this machine or this "
+                    f"setup; run `spyke-lora calibrate` so plan() measures it (docs/memory.md)",
+                    SpykeLoraWarning,
+                    stacklevel=5,  # end, _train, run_training, train: the caller's line
+                )
 
 
 def train(
@@ -145,6 +160,8 @@ def _train(
 ) -> TrainResult:
     started_at = time.perf_counter()
     checked = plan(cfg, resume=resume)  # every check first: a refused run loads nothing and writes nothing
+    # the run's own config: gradient_checkpointing "auto" resolved by the memory plan (its records say which)
+    cfg = cfg.replace(gradient_checkpointing=checked.gradient_checkpointing)
     state = _engine.resolve_resume(cfg, checked.resume_from) if checked.resume_from else None
     device_choice = _engine.device_choice(cfg)
     root = _engine.locate_engine(cfg.sd_scripts_dir)
@@ -154,6 +171,7 @@ def _train(
         {"sd_scripts": str(root), "sd_scripts_commit": _engine.engine_commit(root) or "unknown"},
     )
     session = _Session((recorder, *((callbacks,) if callable(callbacks) else tuple(callbacks))), let_go)
+    session.predicted_peak = checked.memory.peak_bytes if checked.memory is not None else None
     for note in checked.warnings:
         warnings.warn(note, SpykeLoraWarning, stacklevel=3)
     if device_choice.device == "mps" and _mps_fallback_missing():
@@ -167,27 +185,34 @@ def _train(
     logger.info(
         "training %s on %s (mixed precision %s)", cfg.output_name, device_choice.device, device_choice.mixed_precision
     )
+    if checked.memory is not None:
+        logger.info("predicted peak memory %s; gradient checkpointing %s: %s", gib(checked.memory.peak_bytes),
+                    "on" if checked.memory.gradient_checkpointing else "off", checked.memory.reason)  # fmt: skip
+    session.meter = PeakMeter(device_choice.device)
+    session.meter.start()
     try:
-        outcome = _engine.run(
-            cfg, device_choice, session.emit, session.stop_requested, started_at, state, engine_log_path(engine_log, cfg)
-        )
-    except KeyboardInterrupt:
-        final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
-        session.end("interrupted", session.step_reached(checked.resume_step), final)
-        raise
-    except BaseException:
-        session.end("failed", session.step_reached(checked.resume_step), None)
-        raise
-    status = "stopped" if outcome.stopped else "completed"
-    if outcome.final_path is None and outcome.steps > checked.resume_step:
-        warnings.warn(
-            f"no final LoRA was written at step {outcome.steps}: the loss was not finite there (NaN/Inf), and no file "
-            f"is saved from such weights. Files written before: "
-            f"{', '.join(c.path.name for c in session.checkpoints) or 'none'}",
-            SpykeLoraWarning,
-            stacklevel=3,
-        )
-    session.end(status, outcome.steps, outcome.final_path)
+        try:
+            log = engine_log_path(engine_log, cfg)
+            outcome = _engine.run(cfg, device_choice, session.emit, session.stop_requested, started_at, state, log)
+        except KeyboardInterrupt:
+            final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
+            session.end("interrupted", session.step_reached(checked.resume_step), final)
+            raise
+        except BaseException:
+            session.end("failed", session.step_reached(checked.resume_step), None)
+            raise
+        status = "stopped" if outcome.stopped else "completed"
+        if outcome.final_path is None and outcome.steps > checked.resume_step:
+            warnings.warn(
+                f"no final LoRA was written at step {outcome.steps}: the loss was not finite there (NaN/Inf), and no "
+                f"file is saved from such weights. Files written before: "
+                f"{', '.join(c.path.name for c in session.checkpoints) or 'none'}",
+                SpykeLoraWarning,
+                stacklevel=3,
+            )
+        session.end(status, outcome.steps, outcome.final_path)
+    finally:
+        session.meter.close()  # its poll thread, where it has one, ends with the run
     return TrainResult(
         status=status,
         steps=outcome.steps,
@@ -199,6 +224,8 @@ def _train(
         stop_reason=session.stop_reason if outcome.stopped else None,
         resumed_from_step=checked.resume_step,
         validations=tuple(session.validations),
+        peak_memory_bytes=session.meter.peak(),
+        memory=checked.memory,
     )
 
 

@@ -172,10 +172,11 @@ class LossHistory:
 
 
 class LiveLossChart:
-    """The loss per step, its running average and the held-out loss of each validation pass, redrawn in place in Jupyter every ``every`` steps and at the
-    end: the same matplotlib chart as the run's ``NAME.loss.png``, shown as one PNG output updated in place
-    (``IPython.display`` with a display id). Outside Jupyter it only collects, and :meth:`save` writes the chart to
-    a file."""
+    """The loss per step, its running average, the held-out loss of each validation pass and the memory in use on
+    the training device (GiB, on a second y axis; when the steps report it), redrawn in place in Jupyter every
+    ``every`` steps and at the end: the same matplotlib chart as the run's ``NAME.loss.png``, shown as one PNG
+    output updated in place (``IPython.display`` with a display id). Outside Jupyter it only collects, and
+    :meth:`save` writes the chart to a file."""
 
     def __init__(self, every: int = 10, *, size: tuple[int, int] = (800, 400), notebook: bool | None = None) -> None:
         if every < 1:

@@ -37,6 +37,8 @@ class TrainStarted:
     output_dir: Path
     resumed_from_step: int = 0  # a resumed run: the step its state was saved at (its first step is this + 1)
     device_name: str = ""  # what the device is: the GPU's name, the Mac's chip ("Apple M1 Pro"), the CPU's model
+    # whether the engine runs with gradient checkpointing ("auto" resolved; plan().memory.reason says why)
+    gradient_checkpointing: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +104,10 @@ class TrainEnded:
     status: Status
     steps: int  # the step reached (a resumed run counts from the start of the run it continues)
     final_path: Path | None  # NAME.safetensors, or None when no final file was written
+    # the highest memory in use on the training device during the run (loading included): resident memory on the
+    # CPU, the allocator's on CUDA and MPS; None when it cannot be measured. And what plan() predicted for it.
+    peak_memory_bytes: int | None = None
+    predicted_peak_bytes: int | None = None
 
 
 # the type of every event above: what a callback receives

@@ -203,7 +203,8 @@ def build_argv(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = 
     opt(plan.attention, True)
     opt("max_data_loader_n_workers", plan.data_loader_workers)
     opt("clip_skip", cfg.clip_skip)
-    opt("gradient_checkpointing", cfg.gradient_checkpointing)
+    # "auto" is resolved by the memory plan before a run (plan(), sd_scripts_argv); left as it is, it means on
+    opt("gradient_checkpointing", cfg.gradient_checkpointing is not False)
     opt("cache_latents", cfg.cache_latents)
     opt("cache_latents_to_disk", cfg.cache_latents_to_disk)
     opt("seed", cfg.seed)
@@ -289,11 +290,33 @@ def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
     plan = device_choice(cfg, device)
     for note in plan.corrections:
         warnings.warn(note, SpykeLoraWarning, stacklevel=2)
+    if cfg.gradient_checkpointing == "auto":
+        cfg = cfg.replace(gradient_checkpointing=resolve_checkpointing(cfg, plan, here=device is None))
     argv = build_argv(cfg, plan)
     host = host_for(cfg.sd_scripts_dir)
     with host.active():
         parse_argv(host.train_network().setup_parser(), argv)
     return argv
+
+
+def resolve_checkpointing(cfg: TrainConfig, plan: DeviceChoice, *, here: bool = True) -> bool:
+    """``gradient_checkpointing = "auto"`` on ``plan``'s device: the memory plan's choice against this machine's
+    budget (``here``), or on, the safe setting, for a device that is not this machine's."""
+    from .._memory import MemoryBudget, memory_plan
+    from .._model import HeaderError
+
+    budget = None if here else MemoryBudget(None, f"another machine's {plan.device}")
+    try:
+        chosen = memory_plan(cfg, plan.device, plan.mixed_precision, _image_count(cfg), budget=budget)
+    except (OSError, HeaderError):  # no readable base model: plan() says what is wrong with it; the safe setting here
+        return True
+    return chosen.gradient_checkpointing
+
+
+def _image_count(cfg: TrainConfig) -> int:
+    """The images whose latents a run caches, for the memory plan (their latents are a few kB each)."""
+    folders = [f for f in (cfg.train_dir, cfg.reg_dir, cfg.validation_dir) if f is not None and f.is_dir()]
+    return sum(1 for folder in folders for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
 
 
 def command_line(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = None) -> str:

@@ -45,7 +45,7 @@ _SD_SCRIPTS_STATE = "train_state.json"
 # changes what is learned at a step.
 RESUMABLE_CHANGES = frozenset(
     {"overwrite", "max_nonfinite_steps", "save_state", "save_every_n_steps", "sd_scripts_dir", "tokenizer_cache_dir",
-     "device", "gradient_checkpointing", "tensorboard", "sample_prompts", "sample_cfg_scales", "sample_seed",
+     "device", "gradient_checkpointing", "memory_limit", "tensorboard", "sample_prompts", "sample_cfg_scales", "sample_seed",
      "sample_steps", "sample_size", "sample_sampler", "sample_negative_prompt", "sample_at_first"}
 )  # fmt: skip
 # extra_args that only change logging, saving or data-loading speed

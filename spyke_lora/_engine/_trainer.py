@@ -269,6 +269,7 @@ class Probe:
                 output_dir=Path(args.output_dir),
                 resumed_from_step=self.first_step,
                 device_name=self.device_name,
+                gradient_checkpointing=bool(args.gradient_checkpointing),
             )
         )
         self.raise_if_stopping()

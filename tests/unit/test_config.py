@@ -26,7 +26,7 @@ def test_defaults_are_the_lora01_recipe(tmp_path):
         "network_alpha": 16, "optimizer_type": "AdamW", "learning_rate": 1e-4, "unet_lr": 1e-4,
         "text_encoder_lr": 5e-5, "lr_scheduler": "cosine", "lr_warmup_steps": 0, "max_train_epochs": 4,
         "max_train_steps": None, "save_every_n_steps": 200, "mixed_precision": "auto", "save_precision": "float",
-        "clip_skip": 2, "prior_loss_weight": 1.0, "gradient_checkpointing": True, "seed": 42, "device": "auto",
+        "clip_skip": 2, "prior_loss_weight": 1.0, "gradient_checkpointing": "auto", "seed": 42, "device": "auto",
         "cache_latents": True, "cache_latents_to_disk": False,
         "tokenizer_cache_dir": None, "sd_scripts_dir": None, "overwrite": False, "max_nonfinite_steps": 1,
         "save_state": False, "sample_prompts": (
@@ -36,7 +36,7 @@ def test_defaults_are_the_lora01_recipe(tmp_path):
         ), "sample_cfg_scales": (5.0, 7.0, 9.0), "sample_seed": 1234, "sample_steps": 20, "sample_size": None,
         "sample_sampler": "euler_a", "sample_negative_prompt": "", "sample_at_first": False, "tensorboard": False,
         "extra_args": {}, "validation_dir": None, "validation_split": 0.0, "validate_every_n_steps": None, "validation_seed": None,
-        "max_validation_steps": None,
+        "max_validation_steps": None, "memory_limit": None,
     }  # fmt: skip
     actual = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     for required in ("base_model", "train_dir", "output_dir", "output_name"):

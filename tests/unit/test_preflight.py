@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -148,6 +149,92 @@ def test_problems_are_reported_together(good):
     with pytest.raises(ConfigError) as info:
         plan(good.replace(train_dir=good.train_dir, reg_dir=good.reg_dir.with_name("gone")))
     assert len(info.value.problems) == 3  # missing caption, broken image, missing regularisation folder
+
+
+# --- images are checked by walking their container (PNG, JPEG, WEBP), not decoded; other formats still decode ------
+
+SAVE = {"png": {"format": "PNG"}, "jpg": {"format": "JPEG", "quality": 95}, "webp": {"format": "WEBP", "quality": 90}}
+
+
+def noise_image(cfg, ext: str, **save) -> Path:
+    """img001 of `good` as a 64 px random-noise image in another format (noise: the data is most of the file)."""
+    (cfg.train_dir / "img001.png").unlink()
+    image = cfg.train_dir / f"img001.{ext}"
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)
+    Image.fromarray(pixels).save(image, **(save or SAVE[ext]))
+    return image
+
+
+def refused_as_broken(cfg, image: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        plan(cfg)
+    assert "image(s) in `train_dir` cannot be decoded (truncated or corrupt)" in str(info.value)
+    assert str(image) in str(info.value)
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp"])
+def test_valid_images_pass_without_being_decoded(good, ext, monkeypatch):
+    from PIL import ImageFile
+
+    noise_image(good, ext)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail(f"{self.format} decoded"))
+    assert plan(good).warnings == ()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, -2], ids=["half", "90%", "all-but-2-bytes"])
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp"])
+def test_a_truncated_image_is_refused(good, ext, keep):
+    image = noise_image(good, ext)
+    data = image.read_bytes()
+    image.write_bytes(data[: int(len(data) * keep) if keep > 0 else keep])
+    refused_as_broken(good, image)
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp"])
+def test_each_container_check_finds_every_cut(good, ext):
+    """The walks themselves, every length: Pillow's WEBP plugin already fails to open a cut file, so plan() alone
+    would not show that the RIFF size check works."""
+    from spyke_lora._preflight import _STRUCTURE_CHECKS
+
+    image = noise_image(good, ext)
+    with Image.open(image) as im:
+        check, data = _STRUCTURE_CHECKS[im.format], image.read_bytes()
+    assert check(image) is None
+    for cut in range(12, len(data), 7):
+        image.write_bytes(data[:cut])
+        assert check(image) is not None, cut
+
+
+def test_a_png_with_a_flipped_byte_in_its_image_data_is_refused(good):
+    image = noise_image(good, "png")
+    data = bytearray(image.read_bytes())
+    data[data.index(b"IDAT") + 100] ^= 0x01  # inside the compressed pixels: the chunk's CRC no longer matches
+    image.write_bytes(bytes(data))
+    refused_as_broken(good, image)
+
+
+def test_data_after_a_jpegs_end_is_accepted(good):
+    """Cameras and phones append data after EOI (a Motion Photo's video: megabytes); decoders stop at EOI."""
+    image = noise_image(good, "jpg")
+    image.write_bytes(image.read_bytes() + b"\xff\xd8 a trailer " + bytes(200_000))
+    assert plan(good).warnings == ()
+
+
+def test_a_progressive_jpeg_cut_between_its_scans_is_refused(good):
+    image = noise_image(good, "jpg", format="JPEG", quality=90, progressive=True)
+    data = image.read_bytes()
+    assert plan(good).warnings == ()
+    second_scan = data.index(b"\xff\xda", data.index(b"\xff\xda") + 2)
+    image.write_bytes(data[:second_scan])  # a complete first scan, then nothing
+    refused_as_broken(good, image)
+
+
+def test_a_truncated_bmp_is_caught_by_the_full_decode(good):
+    image = noise_image(good, "bmp", format="BMP")
+    assert plan(good).warnings == ()
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])  # Image.open reads the header; load() fails
+    refused_as_broken(good, image)
 
 
 def test_warnings_do_not_stop_the_run(good):

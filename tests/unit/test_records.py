@@ -189,3 +189,42 @@ def test_loss_chart_leaves_the_callers_matplotlib_alone():
     loss_chart(chart_history(), io.BytesIO())
     assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
     assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
+
+
+def test_loss_chart_draws_the_memory_in_use_on_a_second_axis():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from spyke_lora import ValidationEnded
+    from spyke_lora._records import _loss_figure
+
+    gib = 2**30
+    memory = [gib, 3 * gib // 2, None, 2 * gib]  # a step that could not read it: a gap
+    history = [StepEnded(i, 4, 1, 1.0 / i, 0.5, 1e-4, None, float(i), m) for i, m in enumerate(memory, 1)]
+    figure = _loss_figure(history, title="", size=(800, 400), validations=[ValidationEnded(2, 1, 0.9, 0.4)])
+    FigureCanvasAgg(figure).draw()
+    axes, right = figure.axes
+    assert (axes.get_ylabel(), right.get_ylabel()) == ("loss", "memory in use, GiB")
+    assert right.get_shared_x_axes().joined(axes, right) and right.get_ylim()[0] == 0
+    (line,) = right.get_lines()
+    assert list(line.get_xdata()) == [1, 2, 3, 4] and line.get_label() == "memory (GiB)"
+    assert np.allclose(line.get_ydata(), [1.0, 1.5, math.nan, 2.0], equal_nan=True)
+    assert len(axes.get_lines()) == 3 and right.get_legend() is None  # the loss curves as they were; one legend
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "loss per step", "running average", "held-out loss", "memory (GiB)"]  # fmt: skip
+    # as read back from NAME.events.jsonl: the same line
+    recorded = [event_to_json(e) for e in history]
+    (again,) = _loss_figure(recorded, title="", size=(800, 400)).axes[1].get_lines()
+    assert np.allclose(again.get_ydata(), line.get_ydata(), equal_nan=True)
+
+
+def test_loss_chart_without_memory_has_one_axis(tmp_path):
+    from spyke_lora._records import _loss_figure
+
+    history = chart_history()  # memory_bytes None throughout
+    recorded = [event_to_json(e) for e in history]
+    old = [{k: v for k, v in record.items() if k != "memory_bytes"} for record in recorded]  # before the field
+    for steps in (history, recorded, old):
+        (axes,) = _loss_figure(steps, title="", size=(800, 400)).axes
+        assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+            "loss per step", "running average", "non-finite loss"]  # fmt: skip
+    assert loss_chart(old, tmp_path / "loss.png") == tmp_path / "loss.png"

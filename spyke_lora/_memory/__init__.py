@@ -1,0 +1,196 @@
+"""Memory: the peak a run will need on its device, the device's budget, ``gradient_checkpointing = "auto"``, and
+what to change when a run does not fit. ``plan()`` calls :func:`memory_plan`; the model is in ``_model``, the
+budget in ``_budget``, the calibration of a device in ``_calibrate``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+from ._budget import MemoryBudget, device_budget
+from ._model import (
+    CPU,
+    MemoryConstants,
+    MemoryPrediction,
+    ModelSize,
+    RunShape,
+    constants_for,
+    host_loading_bytes,
+    predict,
+    read_model_size,
+)
+
+__all__ = [
+    "AUTO_MARGIN", "CPU", "MemoryBudget", "MemoryConstants", "MemoryPlan", "MemoryPrediction", "ModelSize",
+    "RunShape", "device_budget", "gib", "memory_plan", "predict", "read_model_size", "run_shape",
+]
+
+# gradient_checkpointing = "auto" turns checkpointing off only when the predicted peak without it, times this, fits
+# the budget: the model lands within 15 % of the measured peak (docs/benchmarks.md), and the rest is headroom for
+# what the budget reading cannot see coming (another app growing while the run goes on, the allocator's
+# fragmentation on MPS and CUDA).
+AUTO_MARGIN = 1.25
+# a run whose measured peak exceeds the prediction by more than this shows that the model is wrong for this machine
+UNDERESTIMATE = 1.15
+
+
+def gib(value: int | None) -> str:
+    """Bytes as GiB, in words ("7.11 GiB"; "unknown" for None)."""
+    return "unknown" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """``Plan.memory``: the run's predicted peak on its device against the device's budget, by part, and whether
+    gradient checkpointing is on, and why."""
+
+    peak_bytes: int
+    budget_bytes: int | None  # None: the device's budget cannot be read
+    parts: Mapping[str, int]  # bytes by part (``_model.predict``); the phases' totals are in ``phases``
+    phases: Mapping[str, int]  # "loading", "training", "sampling" -> the phase's predicted total
+    gradient_checkpointing: bool  # what the run uses
+    reason: str  # why, in words
+    budget_source: str
+    ram_bytes: int | None
+    estimate: bool  # True: constants not measured on this kind of device (MPS or CUDA before `spyke-lora calibrate`)
+    source: str  # where the constants come from
+    fixes: tuple[str, ...] = ()  # when the peak is over the budget: each change that brings it under, with its figure
+    limit_bytes: int | None = None  # memory_limit
+    host_loading_bytes: int | None = None  # CUDA and MPS: what loading takes from the host's RAM
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_bytes is None or self.peak_bytes <= self.budget_bytes
+
+    def lines(self) -> list[str]:
+        """The plan's memory section."""
+        phase = max(self.phases, key=lambda k: self.phases[k])
+        budget = (
+            f"budget {gib(self.budget_bytes)} ({self.budget_source})" if self.budget_bytes is not None
+            else f"budget unknown ({self.budget_source} could not be read)"
+        )  # fmt: skip
+        lines = [
+            f"memory          peak {gib(self.peak_bytes)} while {phase}{' (estimate)' if self.estimate else ''}, "
+            f"{budget}" + (f", RAM {gib(self.ram_bytes)}" if self.ram_bytes else ""),
+            "  " + ", ".join(f"{name.replace('_', ' ')} {gib(value)}" for name, value in self.parts.items() if value),
+            f"  gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}: {self.reason}",
+        ]
+        if self.host_loading_bytes:
+            lines.append(f"  loading takes {gib(self.host_loading_bytes)} of the host's RAM")
+        if self.estimate:
+            lines.append(f"  the figures are {self.source}")
+        lines += [f"  fix: {fix}" for fix in self.fixes]
+        return lines
+
+
+def run_shape(cfg, device: str, mixed_precision: str, images: int, gradient_checkpointing: bool) -> RunShape:
+    """The :class:`RunShape` of a :class:`~spyke_lora.TrainConfig` on its device."""
+    unet_only = bool(cfg.extra_args.get("network_train_unet_only")) or cfg.text_encoder_lr == 0
+    return RunShape(
+        resolution=cfg.resolution,
+        batch_size=cfg.train_batch_size,
+        gradient_checkpointing=gradient_checkpointing,
+        mixed_precision=mixed_precision,
+        cache_latents=cfg.cache_latents,
+        images=images,
+        network_dim=cfg.network_dim,
+        optimizer=cfg.optimizer_type,
+        train_text_encoder=not unet_only,
+        sample_size=(cfg.sample_size or cfg.resolution) if cfg.sample_prompts else None,
+        full_precision_vae=device != "cuda" or bool(cfg.extra_args.get("no_half_vae")),
+    )
+
+
+def memory_plan(
+    cfg,
+    device: str,
+    mixed_precision: str,
+    images: int,
+    *,
+    budget: MemoryBudget | None = None,
+    calibrated: Mapping[str, MemoryConstants] | None = None,
+    model: ModelSize | None = None,
+) -> MemoryPlan:
+    """The memory section of ``plan(cfg)`` on ``device``: the prediction, the budget (``device_budget(device)``
+    unless given, capped by ``memory_limit``), ``gradient_checkpointing = "auto"`` resolved, and the fixes when the
+    peak is over the budget. ``calibrated``: constants measured on this machine, by device (``_calibrate.load``)."""
+    from ._calibrate import load_calibrations
+
+    model = model or read_model_size(Path(cfg.base_model))
+    constants = constants_for(device, load_calibrations() if calibrated is None else calibrated)
+    budget = (budget or device_budget(device)).limited(cfg.memory_limit)
+
+    def peak_with(**changes) -> MemoryPrediction:
+        shape = run_shape(cfg.replace(**{k: v for k, v in changes.items() if k != "gc"}), device, mixed_precision,
+                          images, changes.get("gc", checkpointing))  # fmt: skip
+        return predict(shape, model, constants)
+
+    checkpointing = True if cfg.gradient_checkpointing == "auto" else bool(cfg.gradient_checkpointing)
+    if cfg.gradient_checkpointing == "auto":
+        without = peak_with(gc=False)
+        if budget.bytes is None:
+            checkpointing, reason = True, "auto: on, because the device's memory budget cannot be read"
+        elif without.peak_bytes * AUTO_MARGIN <= budget.bytes:
+            checkpointing = False
+            reason = (
+                f"auto: off (faster): without it the peak is {gib(without.peak_bytes)}, within the budget with the "
+                f"{AUTO_MARGIN:g}x margin ({gib(int(without.peak_bytes * AUTO_MARGIN))})"
+            )
+        else:
+            reason = (
+                f"auto: on: without it the peak would be {gib(without.peak_bytes)}, which with the {AUTO_MARGIN:g}x "
+                f"margin ({gib(int(without.peak_bytes * AUTO_MARGIN))}) is over the budget"
+            )
+    else:
+        reason = f"set in the config (gradient_checkpointing = {str(checkpointing).lower()})"
+    prediction = peak_with()
+    fixes: tuple[str, ...] = ()
+    if budget.bytes is not None and prediction.peak_bytes > budget.bytes:
+        fixes = tuple(_fixes(cfg, prediction, budget.bytes, peak_with, checkpointing))
+    return MemoryPlan(
+        peak_bytes=prediction.peak_bytes,
+        budget_bytes=budget.bytes,
+        parts=dict(prediction.parts),
+        phases=dict(prediction.phases),
+        gradient_checkpointing=checkpointing,
+        reason=reason,
+        budget_source=budget.source,
+        ram_bytes=budget.ram_bytes,
+        estimate=not constants.calibrated,
+        source=constants.source,
+        fixes=fixes,
+        limit_bytes=cfg.memory_limit,
+        host_loading_bytes=None if constants.resident else host_loading_bytes(model, constants),
+    )
+
+
+def _fixes(cfg, prediction: MemoryPrediction, budget: int, peak_with, checkpointing: bool) -> list[str]:
+    """The changes that bring the peak under ``budget``, each with its predicted peak; the loading phase has none a
+    config can give (only a smaller checkpoint file)."""
+    fixes = []
+    if prediction.phase == "loading":
+        return [
+            f"loading the base model alone needs {gib(prediction.phases['loading'])}: use an fp16 checkpoint "
+            f"without EMA weights (about 2 GB for SD1.5), or free memory (close other programs)"
+        ]
+    if not checkpointing:
+        fixes.append(("gradient_checkpointing = true", peak_with(gc=True)))
+    if cfg.train_batch_size > 1:
+        for batch in range(cfg.train_batch_size - 1, 0, -1):
+            smaller = peak_with(train_batch_size=batch)
+            if smaller.peak_bytes <= budget or batch == 1:
+                fixes.append((f"train_batch_size = {batch}", smaller))
+                break
+    for resolution in range(cfg.resolution - 64, 255, -64):
+        lower = peak_with(resolution=resolution)
+        if lower.peak_bytes <= budget or resolution == 256:
+            fixes.append((f"resolution = {resolution}", lower))
+            break
+    if not cfg.cache_latents:
+        fixes.append(("cache_latents = true", peak_with(cache_latents=True)))
+    if prediction.phase == "sampling" and (cfg.sample_size or cfg.resolution) > 256:
+        fixes.append(("sample_size = 256", peak_with(sample_size=256)))
+    words = [f"{change} (peak {gib(p.peak_bytes)}{'' if p.peak_bytes <= budget else ', still over'})"
+             for change, p in fixes]  # fmt: skip
+    return words or ["free memory (close other programs): no setting of this config brings the peak under it"]

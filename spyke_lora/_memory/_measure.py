@@ -1,0 +1,140 @@
+"""One memory measurement point, run in a fresh process so no earlier run's peak is counted.
+
+    python -m spyke_lora._memory._measure WORK RESOLUTION GC STEPS OUT.json [--device DEV] [--batch N]
+
+trains the tiny world's full-size SD1.5 (:mod:`spyke_lora.tiny_world`) at ``RESOLUTION`` px with gradient
+checkpointing ``on``/``off`` for ``STEPS`` steps and writes what the memory did, by phase:
+
+* ``runtime_bytes``: resident memory with torch and the engine's libraries imported, before anything is loaded;
+* ``load_peak_bytes``: the highest resident memory before the first step (the base model read and converted, the
+  latents cached), and ``loaded_bytes``, resident memory when training starts;
+* ``train_peak_bytes``: the highest resident memory from then to the end; ``peak_bytes``: the highest of the whole
+  process (``getrusage``), which a poll can miss by a few milliseconds;
+* on CUDA and MPS, the allocator's figures (``device_load_peak_bytes``, ``device_loaded_bytes``,
+  ``device_peak_bytes``): torch's peak counter on CUDA, a 10 ms poll of ``torch.mps.current_allocated_memory()`` on
+  MPS (torch keeps no peak there);
+* ``step_s``: the seconds between consecutive steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class _Poller:
+    """The highest resident memory (and MPS allocation) since the last :meth:`mark`, polled every 10 ms."""
+
+    def __init__(self, device: str) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._mps = None
+        if device == "mps":
+            import torch
+
+            self._mps = torch.mps.current_allocated_memory
+        self.peak = self.device_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="spyke-lora-memory-poll")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.sample()
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self._process.memory_info().rss)
+        if self._mps is not None:
+            self.device_peak = max(self.device_peak, int(self._mps()))
+
+    def mark(self) -> tuple[int, int]:
+        """The peaks so far, then start again from now."""
+        self.sample()
+        peaks = (self.peak, self.device_peak)
+        self.peak = self._process.memory_info().rss
+        self.device_peak = int(self._mps()) if self._mps is not None else 0
+        return peaks
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(work: Path, resolution: int, gradient_checkpointing: bool, steps: int, *, device: str = "cpu",
+            batch_size: int = 1) -> dict:  # fmt: skip
+    """Train the tiny world once and return the figures described in the module's docstring."""
+    import psutil
+
+    from spyke_lora import events, train
+    from spyke_lora.tiny_world import build_tiny_world
+
+    world = build_tiny_world(work / f"world{resolution}", resolution=resolution)
+    import accelerate  # noqa: F401  (the libraries the engine imports, so runtime_bytes counts them)
+    import diffusers  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    runtime = psutil.Process().memory_info().rss
+    out = work / f"out-{resolution}-{'on' if gradient_checkpointing else 'off'}-{time.time_ns()}"
+    cfg = world.config(
+        output_dir=out, max_train_steps=steps, save_every_n_steps=None, gradient_checkpointing=gradient_checkpointing,
+        device=device, train_batch_size=batch_size,
+    )  # fmt: skip
+    poller = _Poller(device)
+    figures: dict = {"resolution": resolution, "gradient_checkpointing": gradient_checkpointing, "steps": steps,
+                     "batch_size": batch_size, "device": device, "runtime_bytes": runtime}  # fmt: skip
+    step_times: list[float] = []
+
+    def on_event(event) -> None:
+        if isinstance(event, events.TrainStarted):
+            figures["load_peak_bytes"], device_peak = poller.mark()
+            figures["loaded_bytes"] = psutil.Process().memory_info().rss
+            if device == "cuda":
+                figures["device_load_peak_bytes"] = torch.cuda.max_memory_allocated()
+                figures["device_loaded_bytes"] = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            elif device == "mps":
+                figures["device_load_peak_bytes"] = device_peak
+                figures["device_loaded_bytes"] = int(torch.mps.current_allocated_memory())
+        elif isinstance(event, events.StepEnded):
+            step_times.append(time.perf_counter())
+
+    try:
+        train(cfg, on_event, engine_log=None)
+    finally:
+        poller.close()
+    figures["train_peak_bytes"], device_peak = poller.mark()
+    if device == "cuda":
+        figures["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+    elif device == "mps":
+        figures["device_peak_bytes"] = device_peak
+    figures["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+        1 if sys.platform == "darwin" else 1024
+    )
+    figures["step_s"] = [b - a for a, b in zip(step_times, step_times[1:])]
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m spyke_lora._memory._measure")
+    parser.add_argument("work", type=Path)
+    parser.add_argument("resolution", type=int)
+    parser.add_argument("gradient_checkpointing", choices=("on", "off"))
+    parser.add_argument("steps", type=int)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args(argv)
+    figures = measure(args.work, args.resolution, args.gradient_checkpointing == "on", args.steps,
+                      device=args.device, batch_size=args.batch)  # fmt: skip
+    args.out.write_text(json.dumps(figures, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The memory model, the device's budget, gradient_checkpointing = "auto" and memory_limit: pure logic, with the
+budget and the calibrations injected (no run, no device)."""
+
+import dataclasses
+import json
+import struct
+import threading
+
+import pytest
+
+from spyke_lora import ConfigError, TrainConfig, plan
+from spyke_lora._config import parse_size
+from spyke_lora._memory import AUTO_MARGIN, CPU, MemoryBudget, RunShape, device_budget, memory_plan, predict
+from spyke_lora._memory._calibrate import fit, load_calibrations
+from spyke_lora._memory._model import SD15_FP16, constants_for, read_model_size
+
+GB = 10**9
+
+
+def write_sd15_sized(path):
+    """A header-valid safetensors file with SD1.5's parameter counts (fp16): sparse, so it takes no disk."""
+    tensors, offset = {}, 0
+    for name, count in (
+        ("model.diffusion_model.input_blocks.0.0.weight", 320 * 4 * 3 * 3),
+        ("model.diffusion_model.rest", SD15_FP16.unet - 320 * 4 * 3 * 3),
+        ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", SD15_FP16.text_encoder),
+        ("first_stage_model.all", SD15_FP16.vae),
+    ):
+        shape = [320, 4, 3, 3] if name.endswith("0.0.weight") else [count]
+        tensors[name] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + 2 * count]}
+        offset += 2 * count
+    header = json.dumps(tensors).encode()
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + offset)
+    return path
+
+
+@pytest.fixture
+def sd15(good, tmp_path):
+    return good.replace(base_model=write_sd15_sized(tmp_path / "sd15.safetensors"), sample_prompts=())
+
+
+def shape(**changes):
+    base = RunShape(resolution=512, batch_size=1, gradient_checkpointing=True, mixed_precision="no",
+                    cache_latents=True, images=123, network_dim=32, optimizer="AdamW")  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+def test_sizes_are_read_as_bytes():
+    assert parse_size("12GB") == 12 * GB
+    assert parse_size("11.5GiB") == int(11.5 * 2**30)
+    assert parse_size("800 MB") == 800 * 10**6
+    assert parse_size(123) == 123
+    assert parse_size("twelve") is None and parse_size(True) is None
+
+
+def test_config_memory_fields(good):
+    assert TrainConfig.__dataclass_fields__["gradient_checkpointing"].default == "auto"
+    assert good.replace(memory_limit="12GB").memory_limit == 12 * GB
+    with pytest.raises(ConfigError, match=r"`memory_limit` must be a number of bytes or a size such as '12GB'.*'lots'"):
+        good.replace(memory_limit="lots")
+    with pytest.raises(ConfigError, match=r"`gradient_checkpointing` must be true, false or 'auto', got 'yes'"):
+        good.replace(gradient_checkpointing="yes")
+
+
+def test_the_model_size_comes_from_the_header(sd15):
+    size = read_model_size(sd15.base_model)
+    assert (size.unet, size.text_encoder, size.vae, size.unet_channels) == (
+        SD15_FP16.unet, SD15_FP16.text_encoder, SD15_FP16.vae, 320)
+    assert size.file_tensor_bytes == 2 * (SD15_FP16.unet + SD15_FP16.text_encoder + SD15_FP16.vae)
+
+
+def test_the_peak_is_the_highest_phase_and_its_parts_add_up():
+    p = predict(shape(), SD15_FP16, CPU)
+    parts = p.parts
+    assert p.phases["loading"] == parts["runtime"] + parts["loading"]
+    assert p.phases["training"] == (parts["runtime"] + parts["weights"] + parts["lora_and_optimizer"]
+                                    + parts["latents"] + parts["activations"] + parts["overhead"])  # fmt: skip
+    assert p.peak_bytes == max(p.phases.values())
+    assert parts["weights"] == 4 * (SD15_FP16.unet + SD15_FP16.text_encoder + SD15_FP16.vae)
+    assert parts["latents"] == 123 * 4 * 64 * 64 * 4
+    assert parts["sampling"] == 0 and p.phases["sampling"] == 0
+
+
+def test_what_each_setting_does_to_the_prediction():
+    on, off = predict(shape(), SD15_FP16, CPU), predict(shape(gradient_checkpointing=False), SD15_FP16, CPU)
+    assert off.parts["activations"] > on.parts["activations"]
+    batch4 = predict(shape(batch_size=4), SD15_FP16, CPU)
+    assert batch4.parts["activations"] == pytest.approx(4 * on.parts["activations"], rel=1e-6)
+    low = predict(shape(resolution=256), SD15_FP16, CPU)
+    assert low.parts["activations"] < on.parts["activations"] / 3
+    cuda = constants_for("cuda", {})
+    fp16 = predict(shape(mixed_precision="fp16", full_precision_vae=False), SD15_FP16, cuda)
+    assert fp16.parts["weights"] == 2 * (SD15_FP16.unet + SD15_FP16.text_encoder)  # the VAE is back on the CPU
+    assert fp16.parts["runtime"] == 0
+    sampled = predict(shape(sample_size=512), SD15_FP16, CPU)
+    assert sampled.parts["sampling"] > 0 and sampled.phases["sampling"] > 0
+
+
+def test_mps_and_cuda_figures_are_estimates_until_calibrated():
+    mps = constants_for("mps", {})
+    assert not mps.calibrated and "spyke-lora calibrate" in mps.source and not mps.resident
+    measured = dataclasses.replace(mps, calibrated=True, source="calibrated")
+    assert constants_for("mps", {"mps": measured}) is measured
+    assert constants_for("cpu", {}) is CPU and CPU.calibrated
+
+
+def test_the_budget_of_each_device_is_read_from_its_own_reader():
+    readers = dict(available_ram=lambda: 9 * GB, total_ram=lambda: 16 * GB, mps_recommended=lambda: 11 * GB,
+                   cuda_free=lambda: 70 * GB)  # fmt: skip
+    assert device_budget("cpu", **readers) == MemoryBudget(9 * GB, "available RAM (psutil)", 16 * GB)
+    assert device_budget("mps", **readers).bytes == 11 * GB
+    assert "recommended_max_memory" in device_budget("mps", **readers).source
+    assert device_budget("cuda", **readers).bytes == 70 * GB
+    limited = device_budget("mps", **readers).limited(8 * GB)
+    assert limited.bytes == 8 * GB and "memory_limit" in limited.source
+    assert device_budget("mps", **readers).limited(20 * GB).bytes == 11 * GB
+
+
+def test_auto_turns_checkpointing_off_when_the_run_fits(sd15):
+    cfg = sd15.replace(resolution=512)
+    without = memory_plan(cfg.replace(gradient_checkpointing=False), "cpu", "no", 5, budget=MemoryBudget(10**15, "x"),
+                          calibrated={})  # fmt: skip
+    budget = int(without.peak_bytes * AUTO_MARGIN) + 1
+    chosen = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(budget, "injected"), calibrated={})
+    assert chosen.gradient_checkpointing is False
+    assert chosen.reason.startswith("auto: off (faster)") and chosen.peak_bytes == without.peak_bytes
+
+
+def test_auto_turns_checkpointing_on_when_the_run_does_not_fit(sd15):
+    cfg = sd15.replace(resolution=512)
+    without = memory_plan(cfg.replace(gradient_checkpointing=False), "cpu", "no", 5, budget=MemoryBudget(10**15, "x"),
+                          calibrated={})  # fmt: skip
+    budget = int(without.peak_bytes * AUTO_MARGIN) - 1
+    chosen = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(budget, "injected"), calibrated={})
+    assert chosen.gradient_checkpointing is True
+    assert chosen.reason.startswith("auto: on: without it the peak would be")
+    assert chosen.phases["training"] < without.phases["training"]
+    unknown = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(None, "nothing"), calibrated={})
+    assert unknown.gradient_checkpointing is True and "cannot be read" in unknown.reason
+
+
+def test_an_explicit_setting_is_kept_whatever_the_budget(sd15):
+    on = memory_plan(sd15.replace(gradient_checkpointing=True), "cpu", "no", 5, budget=MemoryBudget(10**15, "x"))
+    assert on.gradient_checkpointing is True and on.reason == "set in the config (gradient_checkpointing = true)"
+
+
+def test_plan_reports_memory_and_the_argv_follows_the_choice(sd15):
+    roomy = plan(sd15, memory_budget=MemoryBudget(10**15, "injected"))
+    assert roomy.gradient_checkpointing is False and "--gradient_checkpointing" not in roomy.argv
+    assert roomy.memory.budget_bytes == 10**15 and roomy.memory.peak_bytes > 6 * GB
+    text = str(roomy)
+    assert "memory          peak" in text and "gradient checkpointing off: auto: off (faster)" in text
+    tight = plan(sd15, memory_budget=MemoryBudget(int(roomy.memory.peak_bytes * 1.1), "injected"))
+    assert tight.gradient_checkpointing is True and "--gradient_checkpointing" in tight.argv
+
+
+def test_a_run_over_the_budget_is_a_warning_with_fixes(sd15):
+    cfg = sd15.replace(gradient_checkpointing=False, train_batch_size=8, resolution=512, enable_bucket=True)
+    roomy = plan(cfg, memory_budget=MemoryBudget(10**15, "injected"))
+    training = roomy.memory.phases["training"]
+    planned = plan(cfg, memory_budget=MemoryBudget(training - 1, "injected"))
+    (warning,) = [w for w in planned.warnings if "predicted peak memory" in w]
+    assert "may swap" in warning and "fix: gradient_checkpointing = true (peak" in warning
+    assert "fix: train_batch_size = " in warning
+    assert planned.memory.fixes and not planned.memory.fits
+    assert planned.memory.phases["training"] > planned.memory.phases["loading"]
+    loading = plan(sd15, memory_budget=MemoryBudget(roomy.memory.phases["loading"] - 1, "injected"))
+    assert loading.memory.fixes == (
+        f"loading the base model alone needs {loading.memory.phases['loading'] / 2**30:.2f} GiB: use an fp16 "
+        f"checkpoint without EMA weights (about 2 GB for SD1.5), or free memory (close other programs)",)
+
+
+def test_memory_limit_refuses_before_anything_is_loaded(sd15):
+    cfg = sd15.replace(gradient_checkpointing=False, memory_limit="5GB", output_dir=sd15.output_dir / "new")
+    with pytest.raises(ConfigError, match=r"predicted peak memory .* is above `memory_limit` 4.66 GiB.*fix: "):
+        plan(cfg, memory_budget=MemoryBudget(10**15, "injected"))
+    assert not cfg.output_dir.exists()
+
+
+def test_fit_recovers_the_constants_that_made_the_points():
+    truth = dataclasses.replace(CPU, train_overhead_bytes=250_000_000,
+                                activation_bytes={True: (30_000.0, 0.0), False: (120_000.0, 0.0)})  # fmt: skip
+    points = []
+    for resolution in (64, 128, 256, 512):
+        for gc in (True, False):
+            p = predict(shape(resolution=resolution, gradient_checkpointing=gc, images=5), SD15_FP16, truth)
+            points.append({"resolution": resolution, "gradient_checkpointing": gc, "runtime_bytes": truth.runtime_bytes,
+                           "load_peak_bytes": p.phases["loading"], "train_peak_bytes": p.phases["training"]})  # fmt: skip
+    fitted = fit(points, SD15_FP16, "cpu")
+    assert fitted.train_overhead_bytes == pytest.approx(250_000_000, rel=1e-3)
+    assert fitted.activation_bytes[True][0] == pytest.approx(30_000, rel=1e-3)
+    assert fitted.activation_bytes[False][0] == pytest.approx(120_000, rel=1e-3)
+    assert fitted.load_overhead_bytes == pytest.approx(truth.load_overhead_bytes, abs=2)
+
+
+def test_a_calibration_file_is_what_plan_uses(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPYKE_LORA_CACHE", str(tmp_path))
+    measured = dataclasses.replace(constants_for("mps", {}), calibrated=True, source="calibrated on this Mac")
+    (tmp_path / "memory-mps.json").write_text(json.dumps({"constants": measured.to_json(), "points": []}))
+    (tmp_path / "memory-cuda.json").write_text("not json")
+    assert load_calibrations() == {"mps": measured}
+    assert threading.active_count() >= 1
