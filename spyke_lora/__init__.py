@@ -43,6 +43,7 @@ from ._errors import (  # noqa: E402
     SpykeLoraWarning,
     TrainingError,
 )
+from ._memory import MemoryBudget, MemoryPlan  # noqa: E402
 from ._pipeline import diffusers_pipeline  # noqa: E402
 from ._plan import Plan, SubsetPlan, ValidationPlan, plan  # noqa: E402
 from ._records import RunRecord, config_diff, loss_chart, runs  # noqa: E402
@@ -77,6 +78,8 @@ __all__ = [
     "Event",
     "EventStream",
     "HeldOutLoss",
+    "MemoryBudget",
+    "MemoryPlan",
     "NonFiniteLoss",
     "OutputInUse",
     "Plan",

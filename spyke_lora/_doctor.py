@@ -37,6 +37,7 @@ class DeviceReport:
     output_dir: Path
     free_disk_bytes: int | None  # in output_dir (or its nearest existing parent)
     total_memory_bytes: int | None
+    memory_model: str = ""  # where plan()'s memory figures for the device come from (docs/memory.md)
     problems: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -62,6 +63,7 @@ class DeviceReport:
             f"sd-scripts      {self.sd_scripts_dir or 'missing'} @ {commit}{pin}",
             f"output folder   {self.output_dir} ({gib(self.free_disk_bytes)} free)",
             f"memory          {gib(self.total_memory_bytes)}",
+            *([f"memory model    {self.memory_model}"] if self.memory_model else []),
         ]
         lines += [f"problem: {p}" for p in self.problems]
         lines += [f"warning: {w}" for w in self.warnings]
@@ -127,6 +129,20 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
             f"{memory / 2**30:.0f} GiB of unified memory: SD1.5 LoRA training wants 16 GB; close other apps"
         )
 
+    memory_model = ""
+    if device is not None:
+        from ._memory._calibrate import load_calibrations
+        from ._memory._model import constants_for
+
+        constants = constants_for(device, load_calibrations((device,)))
+        memory_model = constants.source
+        if not constants.calibrated:
+            warnings.append(
+                f"plan()'s memory figures for {device} are estimates, so gradient_checkpointing 'auto' keeps "
+                f"checkpointing on unless the run needs under half the budget; `spyke-lora calibrate` measures this "
+                f"machine in a few minutes"
+            )
+
     return DeviceReport(
         python=platform.python_version(),
         platform=f"{platform.system()} {platform.machine()}",
@@ -144,6 +160,7 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
         output_dir=output_dir,
         free_disk_bytes=free,
         total_memory_bytes=memory,
+        memory_model=memory_model,
         problems=tuple(problems),
         warnings=tuple(warnings),
     )

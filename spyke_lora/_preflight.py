@@ -37,6 +37,7 @@ from ._files import sha256
 _FORMAT_EXTENSIONS = {
     "PNG": (".png",),
     "JPEG": (".jpg", ".jpeg", ".jfif"),
+    "MPO": (".jpg", ".jpeg"),  # a JPEG with more pictures after the first (phones: depth and gain maps)
     "WEBP": (".webp",),
     "BMP": (".bmp",),
     "AVIF": (".avif",),
@@ -60,13 +61,14 @@ def _png_damage(path: Path) -> str | None:
             if len(head) < 8:
                 return "the file ends before the PNG's IEND chunk"
             length, kind = struct.unpack(">I4s", head)
+            name = kind.decode("latin-1")
             if length > 0x7FFFFFFF:
-                return f"PNG chunk {kind!r} has an impossible length {length}"
+                return f"PNG chunk {name} has an impossible length {length}"
             data, crc = f.read(length), f.read(4)
             if len(data) < length or len(crc) < 4:
-                return f"the file ends inside the PNG chunk {kind!r}"
+                return f"the file ends inside the PNG chunk {name}"
             if zlib.crc32(data, zlib.crc32(kind)) != int.from_bytes(crc, "big"):
-                return f"the PNG chunk {kind!r} fails its CRC check"
+                return f"the PNG chunk {name} fails its CRC check"
             if kind == b"IEND":
                 return None  # bytes after IEND are ignored by every decoder
 
@@ -118,7 +120,8 @@ def _webp_damage(path: Path) -> str | None:
 
 
 # Formats checked by walking their container instead of decoding (PIL's name for each).
-_STRUCTURE_CHECKS = {"PNG": _png_damage, "JPEG": _jpeg_damage, "WEBP": _webp_damage}
+# MPO: the first picture is a whole JPEG and the rest follow its EOI, which the JPEG walk accepts as trailing data
+_STRUCTURE_CHECKS = {"PNG": _png_damage, "JPEG": _jpeg_damage, "MPO": _jpeg_damage, "WEBP": _webp_damage}
 
 
 def check_folder(folder, cfg: TrainConfig, image_extensions: tuple[str, ...]) -> tuple[list[str], list[str]]:

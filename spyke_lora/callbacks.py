@@ -29,8 +29,9 @@ def describe(event: Event) -> str:
         resumed = f", resuming after step {event.resumed_from_step}" if event.resumed_from_step else ""
         name = f"{event.device_name}, " if event.device_name else ""
         return (
-            f"started: {event.total_steps} steps on {event.device} ({name}mixed precision {event.mixed_precision}), "
-            f"writing to {event.output_dir}{resumed}"
+            f"started: {event.total_steps} steps on {event.device} ({name}mixed precision {event.mixed_precision}, "
+            f"gradient checkpointing {'on' if event.gradient_checkpointing else 'off'}), writing to "
+            f"{event.output_dir}{resumed}"
         )
     if isinstance(event, StepEnded):
         te = f"  te lr {event.lr_text_encoder:.2e}" if event.lr_text_encoder is not None else ""
@@ -50,7 +51,11 @@ def describe(event: Event) -> str:
         return f"sample (step {event.step}, CFG {event.cfg_scale:g}): {event.path}"
     if isinstance(event, TrainEnded):
         where = f"; final LoRA {event.final_path}" if event.final_path else ""
-        return f"ended: {event.status} after {event.steps} steps{where}"
+        peak = ""
+        if event.peak_memory_bytes is not None:
+            predicted = f" (predicted {event.predicted_peak_bytes / 2**30:.2f})" if event.predicted_peak_bytes else ""
+            peak = f"; peak memory {event.peak_memory_bytes / 2**30:.2f} GiB{predicted}"
+        return f"ended: {event.status} after {event.steps} steps{where}{peak}"
     return repr(event)  # pragma: no cover
 
 

@@ -106,8 +106,9 @@ class TrainEnded:
     final_path: Path | None  # NAME.safetensors, or None when no final file was written
     # the highest memory in use on the training device during the run (loading included): resident memory on the
     # CPU, the allocator's on CUDA and MPS; None when it cannot be measured. And what plan() predicted for it.
-    peak_memory_bytes: int | None = None
-    predicted_peak_bytes: int | None = None
+    # Measurements, not what happened: two events that differ only in them compare equal.
+    peak_memory_bytes: int | None = dataclasses.field(default=None, compare=False)
+    predicted_peak_bytes: int | None = dataclasses.field(default=None, compare=False)
 
 
 # the type of every event above: what a callback receives

@@ -290,8 +290,12 @@ def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
     plan = device_choice(cfg, device)
     for note in plan.corrections:
         warnings.warn(note, SpykeLoraWarning, stacklevel=2)
-    if cfg.gradient_checkpointing == "auto":
-        cfg = cfg.replace(gradient_checkpointing=resolve_checkpointing(cfg, plan, here=device is None))
+    if cfg.gradient_checkpointing == "auto":  # this machine's budget, unless `device` is not what runs here
+        try:
+            here = device is None or device == device_choice(cfg).device
+        except DeviceError:  # this machine cannot run cfg at all: the device asked for is another machine's
+            here = False
+        cfg = cfg.replace(gradient_checkpointing=resolve_checkpointing(cfg, plan, here=here))
     argv = build_argv(cfg, plan)
     host = host_for(cfg.sd_scripts_dir)
     with host.active():

@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from ._budget import MemoryBudget, device_budget
+from ._budget import MemoryBudget, device_budget, resident_now
 from ._model import (
     CPU,
     MemoryConstants,
@@ -22,7 +22,7 @@ from ._model import (
 )
 
 __all__ = [
-    "AUTO_MARGIN", "CPU", "MemoryBudget", "MemoryConstants", "MemoryPlan", "MemoryPrediction", "ModelSize",
+    "AUTO_MARGIN", "CPU", "ESTIMATE_MARGIN", "MemoryBudget", "MemoryConstants", "MemoryPlan", "MemoryPrediction", "ModelSize",
     "RunShape", "device_budget", "gib", "memory_plan", "predict", "read_model_size", "run_shape",
 ]
 
@@ -31,6 +31,10 @@ __all__ = [
 # what the budget reading cannot see coming (another app growing while the run goes on, the allocator's
 # fragmentation on MPS and CUDA).
 AUTO_MARGIN = 1.25
+# ... and this when the device's figures are estimates (MPS or CUDA not calibrated): MPS's attention and allocator are
+# not the CPU's, and nobody here has measured a Mac, so a 16 GB Mac keeps checkpointing on until `spyke-lora
+# calibrate` has measured it, while a machine with twice what the estimate needs turns it off
+ESTIMATE_MARGIN = 2.0
 # a run whose measured peak exceeds the prediction by more than this shows that the model is wrong for this machine
 UNDERESTIMATE = 1.15
 
@@ -111,14 +115,21 @@ def memory_plan(
     budget: MemoryBudget | None = None,
     calibrated: Mapping[str, MemoryConstants] | None = None,
     model: ModelSize | None = None,
+    resident: int | None = None,
 ) -> MemoryPlan:
     """The memory section of ``plan(cfg)`` on ``device``: the prediction, the budget (``device_budget(device)``
     unless given, capped by ``memory_limit``), ``gradient_checkpointing = "auto"`` resolved, and the fixes when the
-    peak is over the budget. ``calibrated``: constants measured on this machine, by device (``_calibrate.load``)."""
+    peak is over the budget. ``calibrated``: constants measured on this machine, by device (``_calibrate.load``).
+    ``resident``: this process's resident memory now (read when None): on the CPU, the run's runtime when it is more
+    than a fresh process's (a notebook kernel that holds data, or an earlier run's freed memory)."""
     from ._calibrate import load_calibrations
 
     model = model or read_model_size(Path(cfg.base_model))
     constants = constants_for(device, load_calibrations() if calibrated is None else calibrated)
+    if constants.resident:  # the run's process is this one: what it holds already is its runtime, if that is more
+        held = resident_now() if resident is None else resident
+        if held and held > constants.runtime_bytes:
+            constants = dataclasses.replace(constants, runtime_bytes=held)
     budget = (budget or device_budget(device)).limited(cfg.memory_limit)
 
     def peak_with(**changes) -> MemoryPrediction:
@@ -129,18 +140,22 @@ def memory_plan(
     checkpointing = True if cfg.gradient_checkpointing == "auto" else bool(cfg.gradient_checkpointing)
     if cfg.gradient_checkpointing == "auto":
         without = peak_with(gc=False)
+        margin = AUTO_MARGIN if constants.calibrated else ESTIMATE_MARGIN
+        needed = int(without.peak_bytes * margin)
+        kind = "" if constants.calibrated else f" (an estimate: {device.upper()} is not calibrated)"
         if budget.bytes is None:
             checkpointing, reason = True, "auto: on, because the device's memory budget cannot be read"
-        elif without.peak_bytes * AUTO_MARGIN <= budget.bytes:
+        elif needed <= budget.bytes:
             checkpointing = False
             reason = (
-                f"auto: off (faster): without it the peak is {gib(without.peak_bytes)}, within the budget with the "
-                f"{AUTO_MARGIN:g}x margin ({gib(int(without.peak_bytes * AUTO_MARGIN))})"
+                f"auto: off (faster): without it the peak is {gib(without.peak_bytes)}{kind}, within the budget with "
+                f"the {margin:g}x margin ({gib(needed)})"
             )
         else:
             reason = (
-                f"auto: on: without it the peak would be {gib(without.peak_bytes)}, which with the {AUTO_MARGIN:g}x "
-                f"margin ({gib(int(without.peak_bytes * AUTO_MARGIN))}) is over the budget"
+                f"auto: on: without it the peak would be {gib(without.peak_bytes)}{kind}, which with the {margin:g}x "
+                f"margin ({gib(needed)}) is over the budget"
+                + ("" if constants.calibrated else "; `spyke-lora calibrate` measures this device, and may turn it off")
             )
     else:
         reason = f"set in the config (gradient_checkpointing = {str(checkpointing).lower()})"

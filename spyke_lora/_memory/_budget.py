@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-__all__ = ["MemoryBudget", "device_budget"]
+__all__ = ["MemoryBudget", "device_budget", "resident_now"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,15 @@ def _total_ram() -> int | None:
     return int(psutil.virtual_memory().total)
 
 
+def resident_now() -> int | None:
+    """This process's resident memory now (psutil)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
 def _mps_recommended() -> int | None:
     import torch
 
@@ -65,13 +74,18 @@ def device_budget(
     total_ram: Callable[[], int | None] = _total_ram,
     mps_recommended: Callable[[], int | None] = _mps_recommended,
     cuda_free: Callable[[], int | None] = _cuda_free,
+    resident: Callable[[], int | None] = resident_now,
 ) -> MemoryBudget:
     """The budget of ``device`` on this machine: on MPS, ``torch.mps.recommended_max_memory()`` (Metal's working-set
     limit, about two thirds of a 16 GB Mac's RAM), with the RAM; on CUDA, the card's free memory
-    (``torch.cuda.mem_get_info``); on the CPU, the RAM available now (``psutil``: free plus reclaimable)."""
+    (``torch.cuda.mem_get_info``); on the CPU, the RAM available now (``psutil``: free plus reclaimable) plus what this
+    process holds already (the run's figures count the whole process: a notebook's kernel trains in itself)."""
     ram = total_ram()
     if device == "mps":
         return MemoryBudget(mps_recommended(), "torch.mps.recommended_max_memory(), Metal's limit", ram)
     if device == "cuda":
         return MemoryBudget(cuda_free(), "free memory on the GPU (torch.cuda.mem_get_info)", ram)
-    return MemoryBudget(available_ram(), "available RAM (psutil)", ram)
+    available, held = available_ram(), resident()
+    if available is None:
+        return MemoryBudget(None, "available RAM (psutil)", ram)
+    return MemoryBudget(available + (held or 0), "available RAM plus this process's own (psutil)", ram)

@@ -13,7 +13,9 @@ checkpointing ``on``/``off`` for ``STEPS`` steps and writes what the memory did,
 * on CUDA and MPS, the allocator's figures (``device_load_peak_bytes``, ``device_loaded_bytes``,
   ``device_peak_bytes``): torch's peak counter on CUDA, a 10 ms poll of ``torch.mps.current_allocated_memory()`` on
   MPS (torch keeps no peak there);
-* ``step_s``: the seconds between consecutive steps.
+* ``step_s``: the seconds between consecutive steps;
+* with ``--sample``, ``sample_peak_bytes``: the highest resident memory while the final file is sampled (one prompt,
+  two sampler steps), the training peak being taken when that file is saved.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class _Poller:
 
 
 def measure(work: Path, resolution: int, gradient_checkpointing: bool, steps: int, *, device: str = "cpu",
-            batch_size: int = 1) -> dict:  # fmt: skip
+            batch_size: int = 1, sample: bool = False) -> dict:  # fmt: skip
     """Train the tiny world once and return the figures described in the module's docstring."""
     import psutil
 
@@ -86,6 +88,8 @@ def measure(work: Path, resolution: int, gradient_checkpointing: bool, steps: in
         output_dir=out, max_train_steps=steps, save_every_n_steps=None, gradient_checkpointing=gradient_checkpointing,
         device=device, train_batch_size=batch_size,
     )  # fmt: skip
+    if sample:  # one sample of the final file (2 steps, one CFG scale): the sampling phase's peak
+        cfg = cfg.replace(sample_prompts=("spyke_plasma_v1, a test",), sample_cfg_scales=(7.0,), sample_steps=2)
     poller = _Poller(device)
     figures: dict = {"resolution": resolution, "gradient_checkpointing": gradient_checkpointing, "steps": steps,
                      "batch_size": batch_size, "device": device, "runtime_bytes": runtime}  # fmt: skip
@@ -104,16 +108,27 @@ def measure(work: Path, resolution: int, gradient_checkpointing: bool, steps: in
                 figures["device_loaded_bytes"] = int(torch.mps.current_allocated_memory())
         elif isinstance(event, events.StepEnded):
             step_times.append(time.perf_counter())
+        elif isinstance(event, events.CheckpointSaved) and event.final and sample:
+            figures["train_peak_bytes"], figures["device_train_peak_bytes"] = poller.mark()
+            if device == "cuda":
+                figures["device_train_peak_bytes"] = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
 
     try:
         train(cfg, on_event, engine_log=None)
     finally:
         poller.close()
-    figures["train_peak_bytes"], device_peak = poller.mark()
+    last, device_peak = poller.mark()
     if device == "cuda":
-        figures["device_peak_bytes"] = torch.cuda.max_memory_allocated()
-    elif device == "mps":
-        figures["device_peak_bytes"] = device_peak
+        device_peak = torch.cuda.max_memory_allocated()
+    if sample:  # the training peak was taken at the final file; what came after is sampling's
+        figures["sample_peak_bytes"], figures["device_sample_peak_bytes"] = last, device_peak
+        if device != "cpu":
+            figures["device_peak_bytes"] = max(figures.pop("device_train_peak_bytes"), device_peak)
+    else:
+        figures["train_peak_bytes"] = last
+        if device != "cpu":
+            figures["device_peak_bytes"] = device_peak
     figures["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
         1 if sys.platform == "darwin" else 1024
     )
@@ -130,9 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--sample", action="store_true", help="sample the final file once (the sampling phase)")
     args = parser.parse_args(argv)
     figures = measure(args.work, args.resolution, args.gradient_checkpointing == "on", args.steps,
-                      device=args.device, batch_size=args.batch)  # fmt: skip
+                      device=args.device, batch_size=args.batch, sample=args.sample)  # fmt: skip
     args.out.write_text(json.dumps(figures, indent=1), encoding="utf-8")
 
 

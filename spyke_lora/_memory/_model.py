@@ -127,11 +127,11 @@ class MemoryConstants:
 CPU = MemoryConstants(
     device="cpu",
     resident=True,
-    runtime_bytes=561_000_000,
-    load_overhead_bytes=230_000_000,
-    train_overhead_bytes=300_000_000,
-    activation_bytes={True: (40_000.0, 0.0), False: (100_000.0, 0.0)},
-    sampling_bytes_per_latent_pixel=40_000.0,
+    runtime_bytes=563_826_688,
+    load_overhead_bytes=219_831_806,
+    train_overhead_bytes=549_841_406,
+    activation_bytes={True: (398_371.6, 0.0), False: (903_722.8, 0.0)},
+    sampling_bytes_per_latent_pixel=100_000.0,
     source="measured on a Linux CPU (benchmarks/memory_model.py)",
     calibrated=True,
 )

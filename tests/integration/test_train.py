@@ -97,7 +97,11 @@ def test_events_arrive_in_order(first_run):
     ]  # fmt: skip
     started = events[0]
     assert started == TrainStarted(total_steps=5, device="cpu", mixed_precision="no", output_dir=cfg.output_dir,
-                                   device_name=device_name("cpu"))  # fmt: skip
+                                   device_name=device_name("cpu"),
+                                   gradient_checkpointing=started.gradient_checkpointing)  # fmt: skip
+    # gradient_checkpointing "auto": what the event says is what the engine ran (the recorded command line)
+    command = (cfg.output_dir / f"{NAME}.command.sh").read_text()
+    assert ("--gradient_checkpointing" in command) is started.gradient_checkpointing
     assert started.device_name  # LORA-04: what the device is, in words (the CPU's model here)
     # the dry run said the same: 6 training + 6 regularisation batches per epoch (sd-scripts logs 12), 5 steps
     planned = plan(cfg.replace(overwrite=True))
@@ -117,6 +121,10 @@ def test_events_arrive_in_order(first_run):
     # (the tiny SD1.5 in fp32: over 3 GB) and is no more than this machine has
     assert all(3 * 2**30 < s.memory_bytes < psutil.virtual_memory().total for s in steps)
     assert events[-1] == TrainEnded("completed", 5, cfg.output_dir / f"{NAME}.safetensors")
+    # the run's measured peak (resident memory from loading to the end) against plan()'s prediction: the model is
+    # not more than 15 % low (a warning would say so), and the peak holds the loaded model (over 5 GiB here)
+    ended = events[-1]
+    assert 5 * 2**30 < ended.peak_memory_bytes <= 1.15 * ended.predicted_peak_bytes
 
 
 def test_held_out_validation_follows_every_saved_file(first_run):

@@ -76,20 +76,28 @@ def test_refuses_to_overwrite_an_earlier_lora(tmp_path, capsys):
 
 def test_event_lines():
     assert describe(TrainStarted(920, "mps", "no", Path("/o"))) == (
-        "started: 920 steps on mps (mixed precision no), writing to /o"
+        "started: 920 steps on mps (mixed precision no, gradient checkpointing on), writing to /o"
+    )
+    assert describe(TrainStarted(920, "cpu", "no", Path("/o"), gradient_checkpointing=False)) == (
+        "started: 920 steps on cpu (mixed precision no, gradient checkpointing off), writing to /o"
     )
     assert describe(StepEnded(3, 920, 1, 0.12345, 0.2, 1e-4, 5e-5, 12.0)) == (
         "step   3/920  epoch 1  loss 0.1235  avg 0.2000  lr 1.00e-04  te lr 5.00e-05  12.0s"
     )
     assert describe(CheckpointSaved(200, 1, Path("/o/x.safetensors"), False)) == "checkpoint (step 200): /o/x.safetensors"
     assert describe(TrainEnded("stopped", 3, None)) == "ended: stopped after 3 steps"
+    assert describe(TrainEnded("completed", 5, Path("/o/x.safetensors"), int(7.25 * 2**30), int(7 * 2**30))) == (
+        "ended: completed after 5 steps; final LoRA /o/x.safetensors; peak memory 7.25 GiB (predicted 7.00)"
+    )
 
 
 def test_event_lines_prove_the_device_lora04():
     """The device's name at the start and the memory in use on it after every step: the proof a Mac trains on its
     GPU, in the notebook's progress and in events.jsonl, instead of watching Activity Monitor."""
     started = TrainStarted(920, "mps", "no", Path("/o"), device_name="Apple M1 Pro")
-    assert describe(started) == "started: 920 steps on mps (Apple M1 Pro, mixed precision no), writing to /o"
+    assert describe(started) == (
+        "started: 920 steps on mps (Apple M1 Pro, mixed precision no, gradient checkpointing on), writing to /o"
+    )
     step = StepEnded(3, 920, 1, 0.12345, 0.2, 1e-4, None, 12.0, memory_bytes=int(5.5 * 2**30))
     assert describe(step) == "step   3/920  epoch 1  loss 0.1235  avg 0.2000  lr 1.00e-04  12.0s  mem 5.50 GiB"
 

@@ -67,6 +67,18 @@ def test_an_mps_mac_trains_on_mps_without_mixed_precision(tmp_path, machine):
     assert "mps             built yes, available yes" in str(report) and "device          mps" in str(report)
 
 
+def test_an_uncalibrated_mac_is_told_to_calibrate(tmp_path, machine, monkeypatch):
+    machine(MPS_MAC)
+    monkeypatch.setenv("SPYKE_LORA_CACHE", str(tmp_path / "cache"))
+    report = doctor(config(tmp_path))
+    assert report.ok and "plan()'s memory figures for mps are estimates" in report.warnings[-1]
+    assert "`spyke-lora calibrate` measures this machine" in report.warnings[-1]
+    assert "memory model    an estimate from the CPU's measurements: MPS has not been calibrated" in str(report)
+    machine(CUDA_BOX.__class__("2.14.1", False, False, False, None))  # a CPU-only machine: measured constants
+    cpu = doctor(config(tmp_path))
+    assert "memory model    measured on a Linux CPU" in str(cpu) and not any("estimates" in w for w in cpu.warnings)
+
+
 def test_a_cuda_machine_keeps_fp16(tmp_path, machine):
     machine(CUDA_BOX)
     report = doctor(config(tmp_path))

@@ -108,8 +108,10 @@ def test_mps_and_cuda_figures_are_estimates_until_calibrated():
 
 def test_the_budget_of_each_device_is_read_from_its_own_reader():
     readers = dict(available_ram=lambda: 9 * GB, total_ram=lambda: 16 * GB, mps_recommended=lambda: 11 * GB,
-                   cuda_free=lambda: 70 * GB)  # fmt: skip
-    assert device_budget("cpu", **readers) == MemoryBudget(9 * GB, "available RAM (psutil)", 16 * GB)
+                   cuda_free=lambda: 70 * GB, resident=lambda: 2 * GB)  # fmt: skip
+    # the CPU: what is available, plus what this process holds (the run's figures count the whole process)
+    assert device_budget("cpu", **readers) == MemoryBudget(
+        11 * GB, "available RAM plus this process's own (psutil)", 16 * GB)
     assert device_budget("mps", **readers).bytes == 11 * GB
     assert "recommended_max_memory" in device_budget("mps", **readers).source
     assert device_budget("cuda", **readers).bytes == 70 * GB
@@ -121,9 +123,9 @@ def test_the_budget_of_each_device_is_read_from_its_own_reader():
 def test_auto_turns_checkpointing_off_when_the_run_fits(sd15):
     cfg = sd15.replace(resolution=512)
     without = memory_plan(cfg.replace(gradient_checkpointing=False), "cpu", "no", 5, budget=MemoryBudget(10**15, "x"),
-                          calibrated={})  # fmt: skip
+                          calibrated={}, resident=0)  # fmt: skip
     budget = int(without.peak_bytes * AUTO_MARGIN) + 1
-    chosen = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(budget, "injected"), calibrated={})
+    chosen = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(budget, "injected"), calibrated={}, resident=0)
     assert chosen.gradient_checkpointing is False
     assert chosen.reason.startswith("auto: off (faster)") and chosen.peak_bytes == without.peak_bytes
 
@@ -131,13 +133,13 @@ def test_auto_turns_checkpointing_off_when_the_run_fits(sd15):
 def test_auto_turns_checkpointing_on_when_the_run_does_not_fit(sd15):
     cfg = sd15.replace(resolution=512)
     without = memory_plan(cfg.replace(gradient_checkpointing=False), "cpu", "no", 5, budget=MemoryBudget(10**15, "x"),
-                          calibrated={})  # fmt: skip
+                          calibrated={}, resident=0)  # fmt: skip
     budget = int(without.peak_bytes * AUTO_MARGIN) - 1
-    chosen = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(budget, "injected"), calibrated={})
+    chosen = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(budget, "injected"), calibrated={}, resident=0)
     assert chosen.gradient_checkpointing is True
     assert chosen.reason.startswith("auto: on: without it the peak would be")
     assert chosen.phases["training"] < without.phases["training"]
-    unknown = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(None, "nothing"), calibrated={})
+    unknown = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(None, "nothing"), calibrated={}, resident=0)
     assert unknown.gradient_checkpointing is True and "cannot be read" in unknown.reason
 
 
@@ -202,3 +204,65 @@ def test_a_calibration_file_is_what_plan_uses(tmp_path, monkeypatch):
     (tmp_path / "memory-cuda.json").write_text("not json")
     assert load_calibrations() == {"mps": measured}
     assert threading.active_count() >= 1
+
+
+def test_an_uncalibrated_mac_keeps_checkpointing_on_until_it_is_measured(sd15):
+    cfg = sd15.replace(resolution=512)
+    mac = MemoryBudget(int(10.67 * 2**30), "torch.mps.recommended_max_memory()", 16 * 2**30)
+    estimated = memory_plan(cfg, "mps", "no", 123, budget=mac, calibrated={})
+    assert estimated.estimate and estimated.gradient_checkpointing is True
+    assert "(an estimate: MPS is not calibrated)" in estimated.reason and "spyke-lora calibrate" in estimated.reason
+    assert estimated.parts["runtime"] == 0 and estimated.host_loading_bytes > 6 * GB
+    measured = dataclasses.replace(constants_for("mps", {}), calibrated=True, source="calibrated on this Mac")
+    calibrated = memory_plan(cfg, "mps", "no", 123, budget=mac, calibrated={"mps": measured})
+    assert not calibrated.estimate
+    assert calibrated.gradient_checkpointing is not (
+        memory_plan(cfg.replace(gradient_checkpointing=False), "mps", "no", 123, budget=mac,
+                    calibrated={"mps": measured}).peak_bytes * AUTO_MARGIN <= mac.bytes)  # fmt: skip
+    text = "\n".join(estimated.lines())
+    assert "(estimate)" in text and "has not been calibrated on this machine" in text
+
+
+def test_on_the_cpu_what_the_process_holds_is_the_runs_runtime(sd15):
+    fresh = memory_plan(sd15, "cpu", "no", 5, budget=MemoryBudget(10**15, "x"), calibrated={}, resident=0)
+    assert fresh.parts["runtime"] == CPU.runtime_bytes
+    kernel = memory_plan(sd15, "cpu", "no", 5, budget=MemoryBudget(10**15, "x"), calibrated={}, resident=3 * GB)
+    assert kernel.parts["runtime"] == 3 * GB and kernel.peak_bytes == fresh.peak_bytes + 3 * GB - CPU.runtime_bytes
+    mps = memory_plan(sd15, "mps", "no", 5, budget=MemoryBudget(10**15, "x"), calibrated={}, resident=3 * GB)
+    assert mps.parts["runtime"] == 0  # the allocator's figures: the host process is not on the GPU
+
+
+def test_calibrate_measures_each_point_fits_and_writes_what_plan_reads(tmp_path, monkeypatch):
+    """The orchestration of `spyke-lora calibrate` with the measuring process replaced by one that writes the figures
+    a known model gives (the real measuring process runs in tests/integration/test_memory.py)."""
+    from spyke_lora._memory import _calibrate
+
+    monkeypatch.setenv("SPYKE_LORA_CACHE", str(tmp_path / "cache"))
+    truth = dataclasses.replace(constants_for("mps", {}), calibrated=True, train_overhead_bytes=123_000_000,
+                                load_overhead_bytes=10_000_000,
+                                activation_bytes={True: (50_000.0, 0.0), False: (200_000.0, 0.0)})  # fmt: skip
+    commands = []
+
+    def fake_run(cmd):
+        commands.append(cmd)
+        resolution, gc, out = int(cmd[4]), cmd[5] == "on", cmd[7]
+        p = predict(shape(resolution=resolution, gradient_checkpointing=gc, images=5), SD15_FP16, truth)
+        figures = {"resolution": resolution, "gradient_checkpointing": gc, "runtime_bytes": 600_000_000,
+                   "device_load_peak_bytes": p.phases["loading"], "device_peak_bytes": p.phases["training"],
+                   "peak_bytes": 7 * GB}  # fmt: skip
+        open(out, "w").write(json.dumps(figures))
+
+    monkeypatch.setattr("spyke_lora.tiny_world.build_tiny_world", lambda root, resolution: type(
+        "W", (), {"base_model": tmp_path / "unused"})())  # fmt: skip
+    monkeypatch.setattr("spyke_lora._memory._model.read_model_size", lambda path: SD15_FP16)
+    said = []
+    constants, points = _calibrate.calibrate("mps", tmp_path / "work", resolutions=(128, 512), steps=2,
+                                             report=said.append, run=fake_run)  # fmt: skip
+    assert [(c[4], c[5], c[6]) for c in commands] == [("128", "on", "2"), ("128", "off", "2"), ("512", "on", "2"),
+                                                       ("512", "off", "2")]  # fmt: skip
+    assert all(c[-2:] == ["--device", "mps"] for c in commands)
+    assert constants.calibrated and not constants.resident and constants.runtime_bytes == 0
+    assert constants.activation_bytes[False][0] == pytest.approx(200_000, rel=1e-3)
+    assert constants.train_overhead_bytes == pytest.approx(123_000_000, rel=1e-3)
+    assert load_calibrations() == {"mps": constants}
+    assert said[0] == "measuring 128 px, gradient checkpointing on ..." and said[-1].startswith("wrote ")

@@ -361,3 +361,23 @@ def test_tensorboard_option(good, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs the tensorboard package.*pip install 'spyke-lora\[tensorboard\]'"):
         plan(good.replace(tensorboard=True))
+
+
+def test_a_phone_jpeg_with_more_pictures_mpo_is_walked_not_decoded(good, monkeypatch):
+    """Phones save a depth or gain map after the photo; Pillow opens such a file as MPO. Its first picture is
+    walked like a JPEG (the rest is data after its EOI), and a file cut inside it is refused."""
+    from PIL import ImageFile
+
+    (good.train_dir / "img001.png").unlink()
+    image = good.train_dir / "img001.jpg"
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)
+    Image.fromarray(pixels).save(image, format="MPO", save_all=True, append_images=[Image.fromarray(pixels[::-1])])
+    with Image.open(image) as im:
+        assert im.format == "MPO"
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail(f"{self.format} decoded"))
+        plan(good)
+    data = image.read_bytes()
+    first_end = data.index(b"\xff\xd9") + 2
+    image.write_bytes(data[: first_end // 2])
+    refused_as_broken(good, image)
