@@ -8,8 +8,8 @@ defaults, before and after; then two runs in one process.
 Each run is a fresh process, started by a fresh measuring process (``_measure.py``: wall time, peak RSS of that one
 child, and the moment each step ended, read from sd-scripts' own ``steps:`` progress bar, which both sides print),
 through the same prelude (``_child.py``: peak device memory on CUDA and MPS). Kinds alternate within every
-repetition (command line, library, accelerate launch, command line, library, ...), so drift on a shared machine
-hits both sides alike; ratios are library / command line of the same repetition.
+repetition, in the reverse order at every other repetition (ABBA), so drift on a shared machine, and what a run
+inherits from the one before it, hit every side alike; ratios are library / command line of the same repetition.
 
 * ``command line``: ``python vendor/sd-scripts/train_network.py ARGS``, ARGS being ``spyke-lora argv``'s (the
   engine alone, so the step-time ratio measures only what the library adds);
@@ -105,7 +105,9 @@ def compare(world_root: Path, work: Path, resolution: int, steps: int, reps: int
     world = build_tiny_world(world_root / f"world{resolution}", resolution=resolution)
     rows: dict[str, list[dict]] = {k: [] for k in kinds}
     for rep in range(reps):
-        for kind in kinds:
+        # ABBA: the order flips at every repetition, so what a run inherits from the one before it (the machine
+        # reclaiming the last process's 7 GB, the page cache) falls on every kind alike
+        for kind in kinds if rep % 2 == 0 else tuple(reversed(kinds)):
             label = f"r{resolution}-{kind.split()[0]}-{rep}"
             cfg = world.config(output_dir=work / label, max_train_steps=steps, save_every_n_steps=None)
             rows[kind].append(run_kind(kind, cfg, work, label))

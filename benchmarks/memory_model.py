@@ -123,8 +123,8 @@ def report(work: Path, write: Path | None) -> None:
              f"{fitted.activation_bytes[True][0]:.1f}, {fitted.activation_bytes[True][1]:.4f}; off "
              f"{fitted.activation_bytes[False][0]:.1f}, {fitted.activation_bytes[False][1]:.4f}", ""]  # fmt: skip
     lines += ["| px | checkpointing | runs | measured peak, GiB (median) | predicted, GiB (built-in constants) | error | "
-              "phase | loading peak, GiB | training peak, GiB | s/step (median of runs) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "phase | loading peak, GiB | training peak, GiB: measured | predicted | error | s/step (median of runs) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     worst = 0.0
     groups: dict[tuple[int, bool], list[dict]] = {}
     for p in points:
@@ -136,17 +136,26 @@ def report(work: Path, write: Path | None) -> None:
         error = prediction.peak_bytes / measured - 1
         worst = max(worst, abs(error))
         step = statistics.median(statistics.median(r["step_s"][1:] or r["step_s"]) for r in runs)
+        training = statistics.median(r["train_peak_bytes"] for r in runs)
         speeds[(resolution, gc)] = step
         lines.append(
             f"| {resolution} | {'on' if gc else 'off'} | {len(runs)} | {_gib(measured)} | {_gib(prediction.peak_bytes)} "
             f"| {error:+.1%} | {prediction.phase} | {_gib(statistics.median(r['load_peak_bytes'] for r in runs))} "
-            f"| {_gib(statistics.median(r['train_peak_bytes'] for r in runs))} | {step:.2f} |"
+            f"| {_gib(training)} | {_gib(prediction.phases['training'])} "
+            f"| {prediction.phases['training'] / training - 1:+.1%} | {step:.2f} |"
         )
     lines += ["", f"Largest error: {worst:.1%} of the measured peak.", ""]
+    lines += ["| px | rep | checkpointing on, s/step | off, s/step | on / off |", "|---|---|---|---|---|"]
     for resolution in sorted({r for r, _ in speeds}):
-        if (resolution, True) in speeds and (resolution, False) in speeds:
-            lines.append(f"- {resolution} px: checkpointing off is {speeds[(resolution, True)] / speeds[(resolution, False)]:.2f}x "
-                         f"faster per step ({speeds[(resolution, True)]:.2f} against {speeds[(resolution, False)]:.2f} s)")  # fmt: skip
+        # the runs in the order they ran: on, off within every repetition (alternating)
+        ons = [p for p in points if p["resolution"] == resolution and p["gradient_checkpointing"]]
+        offs = [p for p in points if p["resolution"] == resolution and not p["gradient_checkpointing"]]
+        ratios = []
+        for rep, (on, off) in enumerate(zip(ons, offs)):
+            a, b = (statistics.median(x["step_s"][1:] or x["step_s"]) for x in (on, off))
+            ratios.append(a / b)
+            lines.append(f"| {resolution} | {rep + 1} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+        lines.append(f"| {resolution} | median | | | **{statistics.median(ratios):.2f}x** |")
     speed_file = work / "speed.jsonl"
     if speed_file.exists():
         rows = [json.loads(line) for line in speed_file.open()]

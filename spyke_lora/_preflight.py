@@ -228,13 +228,16 @@ def held_out_problems(held_out, folders, image_extensions: tuple[str, ...]) -> l
             return []
         return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
 
+    held = images(held_out.folder)
+    sizes = {image.stat().st_size for image in held}  # the same bytes have the same size: hash only those
     trained: dict[str, Path] = {}
     for folder in folders:
         for image in images(folder.folder):
-            trained.setdefault(sha256(image), image)
+            if image.stat().st_size in sizes:
+                trained.setdefault(sha256(image), image)
     problems = []
-    for image in images(held_out.folder):
-        twin = trained.get(sha256(image))
+    for image in held:
+        twin = trained.get(sha256(image)) if trained else None
         if twin is not None:
             problems.append(
                 f"held-out image {str(image)!r} is also a training image ({str(twin)!r}): a held-out loss is only "

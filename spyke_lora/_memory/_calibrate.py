@@ -8,6 +8,7 @@ Each point trains the tiny world's full-size SD1.5 (nothing is downloaded) for a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -93,6 +94,8 @@ def fit(points: Sequence[Mapping], model: ModelSize, device: str, *, images: int
         solution = np.zeros(5)
         solution[[0, 1, 3]] = np.linalg.lstsq(a[:, [0, 1, 3]], y, rcond=None)[0]
     c, on1, on2, off1, off2 = (float(v) for v in solution)
+    sampling = _sampling_constant(points, model, dataclasses.replace(
+        base, train_overhead_bytes=int(c), activation_bytes={True: (on1, on2), False: (off1, off2)}), images)
     return MemoryConstants(
         device=device,
         resident=resident,
@@ -100,12 +103,25 @@ def fit(points: Sequence[Mapping], model: ModelSize, device: str, *, images: int
         load_overhead_bytes=base.load_overhead_bytes,
         train_overhead_bytes=int(c),
         activation_bytes={True: (on1, on2), False: (off1, off2)},
-        # an inference pass keeps about what a checkpointed training step keeps per sample (no gradients, one block
-        # alive at a time), for each of classifier-free guidance's two samples
-        sampling_bytes_per_latent_pixel=on1 + on2 * _latent_pixels(512),
+        sampling_bytes_per_latent_pixel=sampling,
         source=source or f"calibrated on this machine's {device.upper()}",
         calibrated=True,
     )
+
+
+def _sampling_constant(points: Sequence[Mapping], model: ModelSize, constants: MemoryConstants, images: int) -> float:
+    """Bytes per latent pixel and guidance sample of sampling, from the points measured with ``--sample`` (the
+    sampling peak less what training holds between steps); the CPU's figure when no point sampled."""
+    from ._model import CPU
+
+    key = "sample_peak_bytes" if constants.resident else "device_sample_peak_bytes"
+    per_pixel = []
+    for p in points:
+        if p.get(key):
+            trained = predict(_shape(p, images), model, constants)
+            held = trained.phases["training"] - trained.parts["activations"]  # what stays between steps
+            per_pixel.append((p[key] - held) / (2 * _latent_pixels(p["resolution"])))
+    return float(statistics.median(per_pixel)) if per_pixel else CPU.sampling_bytes_per_latent_pixel
 
 
 def calibrate(
@@ -128,6 +144,8 @@ def calibrate(
             out = work / f"point-{resolution}-{gc}.json"
             cmd = [sys.executable, "-m", "spyke_lora._memory._measure", str(work), str(resolution), gc, str(steps),
                    str(out), "--device", device]  # fmt: skip
+            if resolution == max(resolutions) and gc == "on":
+                cmd.append("--sample")  # one sample of the final file: the sampling phase's figure
             report(f"measuring {resolution} px, gradient checkpointing {gc} ...")
             started = time.perf_counter()
             (run or _run)(cmd)

@@ -10,8 +10,9 @@ A run has three phases, and its peak is the highest of them:
   LoRA with its gradient and optimizer state, the cached latents, the activations kept for the backward pass
   (``activation_bytes`` per sample, linear and quadratic in the latent's pixels; gradient checkpointing keeps far
   fewer), and a fixed overhead;
-* **sampling**: the weights, the LoRA, and an inference pass (no gradients: classifier-free guidance runs two
-  samples) at the sample size.
+* **sampling**: what training holds between steps (weights, LoRA, optimizer state), plus an inference pass at the
+  sample size (classifier-free guidance: two samples) and the VAE decoding the image, both proportional to the
+  sample's pixels (``sampling_bytes_per_latent_pixel`` per guidance sample).
 
 Figures on the CPU are the process's resident memory (what psutil and the OS show), so they include the Python
 runtime with torch and the engine's libraries. On CUDA and MPS they are the allocator's (what torch allocated on
@@ -127,11 +128,11 @@ class MemoryConstants:
 CPU = MemoryConstants(
     device="cpu",
     resident=True,
-    runtime_bytes=563_826_688,
-    load_overhead_bytes=219_831_806,
-    train_overhead_bytes=549_841_406,
-    activation_bytes={True: (398_371.6, 0.0), False: (903_722.8, 0.0)},
-    sampling_bytes_per_latent_pixel=100_000.0,
+    runtime_bytes=563_853_312,
+    load_overhead_bytes=217_316_862,
+    train_overhead_bytes=560_344_965,
+    activation_bytes={True: (379_164.1, 0.0), False: (893_314.2, 0.0)},
+    sampling_bytes_per_latent_pixel=277_641.0,  # one 512 px run sampling its final file (docs/benchmarks.md 3c)
     source="measured on a Linux CPU (benchmarks/memory_model.py)",
     calibrated=True,
 )
@@ -220,7 +221,9 @@ def predict(shape: RunShape, model: ModelSize, constants: MemoryConstants) -> Me
     phases = {
         "loading": runtime + loading,
         "training": runtime + weights + lora_and_optimizer + latents + activations + constants.train_overhead_bytes,
-        "sampling": runtime + weights + lora + latents + sampling if sampling else 0,
+        # after a saved file, in the training's process: its optimizer state and buffers are still there
+        "sampling": runtime + weights + lora_and_optimizer + latents + constants.train_overhead_bytes + sampling
+        if sampling else 0,
     }
     parts = {
         "runtime": runtime,

@@ -136,3 +136,37 @@ def test_cuda_honours_fp16(world, tmp_path):
     assert events[0].device_name.startswith("NVIDIA")
     assert all(math.isfinite(e.loss) and e.memory_bytes > 2**30 for e in events if isinstance(e, StepEnded))
     assert result.final_path.is_file()
+
+
+@pytest.mark.mps
+def test_the_memory_model_calibrated_on_this_mac_predicts_a_point_it_was_not_fitted_to(tmp_path, monkeypatch):
+    """Issue 14 on a Mac: `spyke-lora calibrate` measures MPS's allocator (not the CPU's resident memory) at 64 and
+    512 px, checkpointing on and off, and the constants it fits predict a run at 256 px, which it never measured,
+    within 15 %; plan() then uses them (no longer an estimate). Also proves the MPS peak poll and
+    torch.mps.recommended_max_memory() work on this torch."""
+    import json
+
+    from spyke_lora import MemoryBudget, plan
+    from spyke_lora._memory import predict
+    from spyke_lora._memory._budget import device_budget
+    from spyke_lora._memory._calibrate import _shape, calibrate
+    from spyke_lora._memory._model import read_model_size
+
+    monkeypatch.setenv("SPYKE_LORA_CACHE", str(tmp_path / "cache"))
+    constants, points = calibrate("mps", tmp_path / "work", resolutions=(64, 512), steps=3, report=print)
+    assert all(p["device_peak_bytes"] > 2**30 for p in points)  # the U-Net alone is 3.4 GB in fp32
+    assert constants.calibrated and not constants.resident
+    assert device_budget("mps").bytes > 4 * 2**30
+    out = tmp_path / "check.json"
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "spyke_lora._memory._measure", str(tmp_path / "work"), "256", "off", "3",
+                    str(out), "--device", "mps"], check=True)  # fmt: skip
+    point = json.loads(out.read_text())
+    model = read_model_size(build_tiny_world(tmp_path / "work" / "world256", resolution=256).base_model)
+    predicted = predict(_shape(point, 5), model, constants)
+    assert predicted.peak_bytes == pytest.approx(point["device_peak_bytes"], rel=0.15)
+    world = build_tiny_world(tmp_path / "w", resolution=64)
+    planned = plan(world.config(output_dir=tmp_path / "o", device="mps"), memory_budget=MemoryBudget(2**40, "test"))
+    assert not planned.memory.estimate and "calibrated on this machine's MPS" in planned.memory.source

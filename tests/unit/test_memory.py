@@ -250,6 +250,9 @@ def test_calibrate_measures_each_point_fits_and_writes_what_plan_reads(tmp_path,
         figures = {"resolution": resolution, "gradient_checkpointing": gc, "runtime_bytes": 600_000_000,
                    "device_load_peak_bytes": p.phases["loading"], "device_peak_bytes": p.phases["training"],
                    "peak_bytes": 7 * GB}  # fmt: skip
+        if "--sample" in cmd:  # the sampling phase of that point, as the true constants make it
+            sampled = predict(shape(resolution=resolution, images=5, sample_size=resolution), SD15_FP16, truth)
+            figures["device_sample_peak_bytes"] = sampled.phases["sampling"]
         open(out, "w").write(json.dumps(figures))
 
     monkeypatch.setattr("spyke_lora.tiny_world.build_tiny_world", lambda root, resolution: type(
@@ -260,7 +263,9 @@ def test_calibrate_measures_each_point_fits_and_writes_what_plan_reads(tmp_path,
                                              report=said.append, run=fake_run)  # fmt: skip
     assert [(c[4], c[5], c[6]) for c in commands] == [("128", "on", "2"), ("128", "off", "2"), ("512", "on", "2"),
                                                        ("512", "off", "2")]  # fmt: skip
-    assert all(c[-2:] == ["--device", "mps"] for c in commands)
+    assert [c[8:10] for c in commands] == [["--device", "mps"]] * 4
+    assert [("--sample" in c) for c in commands] == [False, False, True, False]  # the largest, checkpointed point
+    assert constants.sampling_bytes_per_latent_pixel == pytest.approx(truth.sampling_bytes_per_latent_pixel, rel=1e-3)
     assert constants.calibrated and not constants.resident and constants.runtime_bytes == 0
     assert constants.activation_bytes[False][0] == pytest.approx(200_000, rel=1e-3)
     assert constants.train_overhead_bytes == pytest.approx(123_000_000, rel=1e-3)
