@@ -181,10 +181,10 @@ def memory_plan(
 
 
 def _fixes(cfg, prediction: MemoryPrediction, budget: int, peak_with, checkpointing: bool) -> list[str]:
-    """The changes that bring the peak under ``budget``, each with its predicted peak; the loading phase has none a
-    config can give (only a smaller checkpoint file)."""
+    """The changes that bring the peak under ``budget``, each with its predicted peak. When loading alone is over
+    the budget no setting helps (only a smaller checkpoint file), and that is the one fix given."""
     fixes = []
-    if prediction.phase == "loading":
+    if prediction.phases["loading"] > budget:  # no setting of the run brings loading down
         return [
             f"loading the base model alone needs {gib(prediction.phases['loading'])}: use an fp16 checkpoint "
             f"without EMA weights (about 2 GB for SD1.5), or free memory (close other programs)"
