@@ -81,7 +81,9 @@ def test_deploy_installs_refuses_a_clobber_and_keeps_a_backup(run, tmp_path):
     assert target.read_bytes() == step2.read_bytes()
     sidecar = json.loads((comfyui / "models" / "loras" / f"{NAME}.spyke-lora.json").read_text())
     assert sidecar["source"] == str(step2) and sidecar["step"] == 2
-    assert TrainConfig.from_dict(sidecar["config"]) == run.cfg  # the run's NAME.config.toml, found by its name
+    # the run's NAME.config.toml, found by its name ("auto" as the run resolved it)
+    assert TrainConfig.from_dict(sidecar["config"]) == run.cfg.replace(
+        gradient_checkpointing=run.result.memory.gradient_checkpointing)
     assert sidecar["config_path"] == str(run.cfg.output_dir / f"{NAME}.config.toml")
     assert sidecar["base_model"]["name"] == run.cfg.base_model.name
     with pytest.raises(DeployError, match="overwrite"):

@@ -14,7 +14,8 @@ def test_train_command_runs_and_prints_each_event(world, out, tmp_path, capsys):
                  "--engine-log", str(log)])  # fmt: skip
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"started: 2 steps on cpu ({device_name('cpu')}, mixed precision no)")
+    assert lines[0].startswith(f"started: 2 steps on cpu ({device_name('cpu')}, mixed precision no, gradient "
+                               f"checkpointing ")  # fmt: skip
     assert lines[1].startswith("step 1/2  epoch 1  loss ") and lines[2].startswith("step 2/2")
     assert lines[3] == f"final (step 2): {out / 'spyke_plasma_v1.safetensors'}"
     assert lines[4].startswith(f"ended: completed after 2 steps; final LoRA {out / 'spyke_plasma_v1.safetensors'}; "
