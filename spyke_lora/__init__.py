@@ -42,7 +42,9 @@ from ._errors import (  # noqa: E402
     SpykeLoraError,
     SpykeLoraWarning,
     TrainingError,
+    WorkerFailed,
 )
+from ._launch import Launch  # noqa: E402
 from ._memory import MemoryBudget, MemoryPlan  # noqa: E402
 from ._pipeline import diffusers_pipeline  # noqa: E402
 from ._plan import Plan, SubsetPlan, ValidationPlan, plan  # noqa: E402
@@ -78,6 +80,7 @@ __all__ = [
     "Event",
     "EventStream",
     "HeldOutLoss",
+    "Launch",
     "MemoryBudget",
     "MemoryPlan",
     "NonFiniteLoss",
@@ -102,6 +105,7 @@ __all__ = [
     "TrainingError",
     "ValidationEnded",
     "ValidationPlan",
+    "WorkerFailed",
     "callbacks",
     "config_diff",
     "contact_sheet",

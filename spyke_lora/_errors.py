@@ -9,7 +9,8 @@
      ├── EngineError          sd-scripts is missing, or is not the pinned version, or refused the arguments
      ├── OutputInUse          another live run is writing the same output_dir/output_name
      └── TrainingError        sd-scripts failed while training (the original exception is chained)
-          └── NonFiniteLoss   the loss became NaN or infinite; the run was stopped, earlier checkpoints kept
+          ├── NonFiniteLoss   the loss became NaN or infinite; the run was stopped, earlier checkpoints kept
+          └── WorkerFailed    a worker of a multi-process run died or failed (names the rank, its last lines)
 
     SpykeLoraWarning (a UserWarning)  a setting was corrected, or something is worth knowing; the run goes on
 """
@@ -26,6 +27,7 @@ __all__ = [
     "SpykeLoraError",
     "SpykeLoraWarning",
     "TrainingError",
+    "WorkerFailed",
 ]
 
 
@@ -82,3 +84,15 @@ class NonFiniteLoss(TrainingError):
         super().__init__(message)
         self.step = step
         self.loss = loss
+
+
+class WorkerFailed(TrainingError):
+    """A worker process of a multi-process run (``processes`` > 1) died or failed; the run was ended on every rank.
+    ``rank`` is the first rank seen to fail (None when no rank could be named), ``lines`` its last lines of
+    output, ``log`` the file they come from."""
+
+    def __init__(self, message: str, *, rank: int | None, lines: tuple[str, ...] = (), log: str | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.lines = lines
+        self.log = log

@@ -12,6 +12,7 @@ from . import _engine
 from ._config import TrainConfig, repeats_from_folder_name
 from ._doctor import free_disk
 from ._errors import ConfigError
+from ._launch import Launch, resolve_launch
 from ._memory import MemoryBudget, MemoryPlan, gib, memory_plan
 from ._preflight import check_folder, config_warnings, held_out_problems
 
@@ -72,6 +73,19 @@ class Plan:
     resume_step: int = 0  # the step it continues after (0: a fresh run)
     validation: ValidationPlan | None = None  # held-out validation (None: no validation_dir)
     memory: MemoryPlan | None = None  # the predicted peak memory against the device's budget (docs/memory.md)
+    launch: Launch = Launch()  # the run's processes and machines (train(cfg, processes=N)); one process by default
+    train_batch_size: int = 1  # the batch of one process (per device)
+    gradient_accumulation_steps: int = 1
+
+    @property
+    def processes(self) -> int:
+        """The run's processes over every machine (its world size)."""
+        return self.launch.world_size
+
+    @property
+    def effective_batch(self) -> int:
+        """Images per optimizer step: the per-process batch x processes x gradient accumulation."""
+        return self.train_batch_size * self.processes * self.gradient_accumulation_steps
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -89,6 +103,7 @@ class Plan:
                 f"x{s.repeats}"
                 for s in self.subsets
             ),
+            *self._launch_lines(),
             f"steps           {self.steps_per_epoch} per epoch x {self.epochs} epochs = {self.total_steps}",
             *(
                 [f"resume          after step {self.resume_step} from {self.resume_from}; "
@@ -118,12 +133,28 @@ class Plan:
         ]
         return "\n".join(lines)
 
+    def _launch_lines(self) -> list[str]:
+        if not self.launch.multi_process:
+            return []
+        machines = f"{self.launch.num_machines} machines" if self.launch.num_machines > 1 else "1 machine"
+        accumulation = f" x {self.gradient_accumulation_steps} accumulated" if self.gradient_accumulation_steps > 1 else ""
+        return [
+            f"processes       {self.processes} on {machines} ({self.launch.local_processes} here, machine_rank "
+            f"{self.launch.machine_rank}), started by accelerate launch",
+            f"  batch {self.train_batch_size} per process x {self.processes} processes{accumulation} = "
+            f"{self.effective_batch} images per step; each process takes ceil({self.batches_per_epoch} / "
+            f"{self.processes}) = {-(-self.batches_per_epoch // self.processes)} of an epoch's {self.batches_per_epoch} "
+            f"batches",
+        ]
+
 
 def plan(
     cfg: TrainConfig,
     *,
     resume: str | os.PathLike[str] | None = None,
     memory_budget: MemoryBudget | None = None,
+    processes: int | None = None,
+    launch: Launch | None = None,
 ) -> Plan:
     """Check ``cfg`` and compute what its run will do, without loading a model.
 
@@ -134,11 +165,20 @@ def plan(
     for another machine.
     ``resume`` ("latest" or a state folder) plans the continuation of a run saved with ``save_state``: the state
     must come from the same training (config and dataset). Raises :class:`ConfigError` listing every problem; a
-    :class:`DeviceError` when the device cannot run it."""
+    :class:`DeviceError` when the device cannot run it.
+    ``processes`` (or ``launch``, for several machines) plans a multi-process run: the step math for that world
+    size (each process takes its share of an epoch's batches), and on the CPU each process's share of the memory
+    budget."""
     from ._model import check_base_model
 
+    launch = resolve_launch(processes, launch)
     device_choice = _engine.device_choice(cfg)  # DeviceError: the machine, not the data
     problems: list[str] = []
+    if device_choice.device == "mps" and launch.multi_process:
+        problems.append(
+            f"`processes` {launch.world_size} on MPS: a Mac has one GPU, and torch.distributed has no MPS backend, "
+            f"so a run on MPS is one process; train with processes=1 (the default), or on CUDA machines for several"
+        )
     warnings: list[str] = list(device_choice.corrections)
     family = "unknown"
     try:
@@ -187,7 +227,7 @@ def plan(
     state = None
     if resume is not None:
         try:
-            state = _engine.resolve_resume(cfg, resume)
+            state = _engine.resolve_resume(cfg, resume, launch.world_size)
         except ConfigError as e:
             problems += e.problems
     existing = [] if cfg.overwrite else _engine.existing_outputs(cfg, state.step if state else None)
@@ -206,10 +246,12 @@ def plan(
     if problems:
         raise ConfigError(problems)
 
-    count = _engine.count_steps(cfg, device_choice)
+    count = _engine.count_steps(cfg, device_choice, launch.world_size)
     held_out_images = len(_images(held_out.folder, extensions)) if held_out is not None else 0
+    sharing = launch.local_processes if device_choice.device == "cpu" else 1  # a GPU per process elsewhere
     memory = memory_plan(cfg, device_choice.device, device_choice.mixed_precision,
-                         sum(s.images for s in count.subsets) + held_out_images, budget=memory_budget)  # fmt: skip
+                         sum(s.images for s in count.subsets) + held_out_images, budget=memory_budget,
+                         sharing=sharing)  # fmt: skip
     if memory.limit_bytes is not None and memory.peak_bytes > memory.limit_bytes:
         raise ConfigError(
             f"the run's predicted peak memory {gib(memory.peak_bytes)} is above `memory_limit` "
@@ -269,6 +311,9 @@ def plan(
         resume_step=done,
         validation=_validation_plan(cfg, held_out, count, done, extensions or _engine.image_extensions(cfg)),
         memory=memory,
+        launch=launch,
+        train_batch_size=cfg.train_batch_size,
+        gradient_accumulation_steps=int(cfg.extra_args.get("gradient_accumulation_steps", 1) or 1),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any, Union
 from . import _engine
 from ._config import TrainConfig
 from ._errors import SpykeLoraWarning
+from ._launch import Launch, resolve_launch, run_processes
 from ._memory import UNDERESTIMATE, MemoryPlan, gib
 from ._memory._peak import PeakMeter
 from ._plan import plan
@@ -62,6 +63,7 @@ class _Session:
         self.checkpoints: list[CheckpointSaved] = []
         self.validations: list[ValidationEnded] = []
         self.meter: PeakMeter | None = None  # the run's peak memory (TrainEnded.peak_memory_bytes)
+        self.measured_peak: int | None = None  # a multi-process run's: rank 0's own meter (the caller's is idle)
         self.predicted_peak: int | None = None
         self.stop_reason: str | None = None
         self.ended = False
@@ -81,6 +83,11 @@ class _Session:
                 self.stop_reason = answer.reason
                 logger.info("stop requested after step %d: %s", self.step_reached(0), answer.reason)
 
+    def peak(self) -> int | None:
+        if self.measured_peak is not None:
+            return self.measured_peak
+        return self.meter.peak() if self.meter is not None else None
+
     def step_reached(self, default: int) -> int:
         return self.history[-1].step if self.history else default
 
@@ -92,7 +99,7 @@ class _Session:
     def end(self, status: str, steps: int, final_path: Path | None) -> None:
         if self.started is not None and not self.ended:
             self.ended = True
-            peak = self.meter.peak() if self.meter is not None else None
+            peak = self.peak()
             self.emit(TrainEnded(status, steps, final_path, peak, self.predicted_peak))  # type: ignore[arg-type]
             if peak is not None and self.predicted_peak and peak > UNDERESTIMATE * self.predicted_peak:
                 warnings.warn(
@@ -110,8 +117,10 @@ def train(
     *,
     resume: str | os.PathLike[str] | None = None,
     engine_log: str | os.PathLike[str] | None = "auto",
+    processes: int | None = None,
+    launch: Launch | None = None,
 ) -> TrainResult:
-    """Train a LoRA with kohya-ss/sd-scripts in this process.
+    """Train a LoRA with kohya-ss/sd-scripts in this process (or in ``processes`` worker processes).
 
     ``callbacks`` (one callable or several) receive every :mod:`~spyke_lora.events` event in order; a callback that
     returns :class:`~spyke_lora.Stop` ends the run cleanly after the current step, with that step's LoRA saved under
@@ -129,8 +138,16 @@ def train(
     "auto" (the default) is the console, except in a Jupyter notebook, where they go to ``NAME.engine.log`` in
     ``output_dir`` so the cell shows the callbacks' output (:class:`~spyke_lora.callbacks.Progress`) instead of
     sd-scripts' carriage-return progress bars.
+
+    ``processes=N`` trains in N worker processes started by accelerate's launcher (``accelerate launch``: DDP,
+    one GPU per process on CUDA, gloo on the CPU), each running this same engine; ``launch`` (a
+    :class:`~spyke_lora.Launch`) adds several machines or an accelerate config file. Rank 0's events reach
+    ``callbacks`` in order, a ``Stop`` or Ctrl-C stops every rank after the same step, rank 0 alone writes the
+    files, and each rank's sd-scripts output goes to ``NAME.engine.log`` (rank 0; or ``engine_log``) and
+    ``NAME.engine.rankR.log`` in ``output_dir`` (docs/scaling.md). A worker that dies raises
+    :class:`~spyke_lora.WorkerFailed` naming its rank.
     """
-    return run_training(cfg, callbacks, resume=resume, engine_log=engine_log)
+    return run_training(cfg, callbacks, resume=resume, engine_log=engine_log, launch=resolve_launch(processes, launch))
 
 
 def run_training(
@@ -140,13 +157,14 @@ def run_training(
     resume: str | os.PathLike[str] | None,
     engine_log: str | os.PathLike[str] | None,
     let_go: Callable[[], str | None] = lambda: None,
+    launch: Launch | None = None,
 ) -> TrainResult:
     """:func:`train` plus ``let_go``, polled with the callbacks' answers: a reason once the caller no longer wants
     the run (an ``iter_events`` stream closed, perhaps before any event). The run then stops as on a :class:`Stop`,
     before loading anything when that comes early enough."""
     with _engine.preserved_random_state():  # the caller's generators are theirs: a run seeds and draws from them
         try:
-            return _train(cfg, callbacks, resume, engine_log, let_go)
+            return _train(cfg, callbacks, resume, engine_log, let_go, launch or Launch())
         finally:  # the run's last references are gone only now: give the freed memory back (a notebook sweep)
             _engine.free_memory()
 
@@ -157,20 +175,24 @@ def _train(
     resume: str | os.PathLike[str] | None,
     engine_log: str | os.PathLike[str] | None,
     let_go: Callable[[], str | None],
+    launch: Launch,
 ) -> TrainResult:
     started_at = time.perf_counter()
-    checked = plan(cfg, resume=resume)  # every check first: a refused run loads nothing and writes nothing
+    checked = plan(cfg, resume=resume, launch=launch)  # every check first: a refused run loads and writes nothing
     # the run's own config: gradient_checkpointing "auto" resolved by the memory plan (its records say which)
     cfg = cfg.replace(gradient_checkpointing=checked.gradient_checkpointing)
-    state = _engine.resolve_resume(cfg, checked.resume_from) if checked.resume_from else None
+    state = _engine.resolve_resume(cfg, checked.resume_from, launch.world_size) if checked.resume_from else None
     device_choice = _engine.device_choice(cfg)
     root = _engine.locate_engine(cfg.sd_scripts_dir)
     recorder = RunRecorder(
         cfg,
-        _engine.command_line(cfg, device_choice, state.path if state else None),
-        {"sd_scripts": str(root), "sd_scripts_commit": _engine.engine_commit(root) or "unknown"},
-    )
-    session = _Session((recorder, *((callbacks,) if callable(callbacks) else tuple(callbacks))), let_go)
+        _engine.command_line(cfg, device_choice, state.path if state else None, launch),
+        {"sd_scripts": str(root), "sd_scripts_commit": _engine.engine_commit(root) or "unknown",
+         **({"processes": launch.world_size, "machines": launch.num_machines} if launch.multi_process else {})},
+    )  # fmt: skip
+    own = (callbacks,) if callable(callbacks) else tuple(callbacks)
+    # the run's records are the main machine's (another machine of a multi-machine run only trains)
+    session = _Session((recorder, *own) if launch.main_machine else own, let_go)
     session.predicted_peak = checked.memory.peak_bytes if checked.memory is not None else None
     for note in checked.warnings:
         warnings.warn(note, SpykeLoraWarning, stacklevel=3)
@@ -183,8 +205,9 @@ def _train(
             stacklevel=3,
         )
     logger.info(
-        "training %s on %s (mixed precision %s)", cfg.output_name, device_choice.device, device_choice.mixed_precision
-    )
+        "training %s on %s (mixed precision %s)%s", cfg.output_name, device_choice.device,
+        device_choice.mixed_precision, f" in {launch.world_size} processes" if launch.multi_process else "",
+    )  # fmt: skip
     if checked.memory is not None:
         logger.info("predicted peak memory %s; gradient checkpointing %s: %s", gib(checked.memory.peak_bytes),
                     "on" if checked.memory.gradient_checkpointing else "off", checked.memory.reason)  # fmt: skip
@@ -193,7 +216,10 @@ def _train(
     try:
         try:
             log = engine_log_path(engine_log, cfg)
-            outcome = _engine.run(cfg, device_choice, session.emit, session.stop_requested, started_at, state, log)
+            if launch.multi_process:
+                outcome = _launched(cfg, device_choice, launch, session, started_at, state, engine_log)
+            else:
+                outcome = _engine.run(cfg, device_choice, session.emit, session.stop_requested, started_at, state, log)
         except KeyboardInterrupt:
             final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
             session.end("interrupted", session.step_reached(checked.resume_step), final)
@@ -224,9 +250,41 @@ def _train(
         stop_reason=session.stop_reason if outcome.stopped else None,
         resumed_from_step=checked.resume_step,
         validations=tuple(session.validations),
-        peak_memory_bytes=session.meter.peak(),
+        peak_memory_bytes=session.peak(),
         memory=checked.memory,
     )
+
+
+def _launched(
+    cfg: TrainConfig,
+    device_choice: Any,
+    launch: Launch,
+    session: _Session,
+    started_at: float,
+    state: Any,
+    engine_log: str | os.PathLike[str] | None,
+) -> _engine.Outcome:
+    """The run in ``launch.world_size`` worker processes (``_launch``), its output lock held and its files written
+    here first; rank 0's events go to ``session``."""
+    given = None if isinstance(engine_log, str) and engine_log == "auto" else engine_log
+    first = Path(given) if given is not None else cfg.output_dir / f"{cfg.output_name}.engine.log"
+    logs = [str(first.absolute())] + [
+        str((cfg.output_dir / f"{cfg.output_name}.engine.rank{r}.log").absolute()) for r in range(1, launch.world_size)
+    ]
+    spec = {
+        "config": cfg.to_dict(),
+        "device": device_choice.device,
+        "resume": str(state.path) if state is not None else None,
+        "started": time.time() - (time.perf_counter() - started_at),
+        "logs": logs,
+    }
+    with _engine.launched_run(cfg, state):
+        finished = run_processes(
+            cfg, launch, device_choice.mixed_precision, _engine.run_environment(device_choice), spec,
+            session.emit, session.stop_requested,
+        )  # fmt: skip
+    session.measured_peak = finished.peak_memory_bytes
+    return _engine.Outcome(finished.steps, finished.final_path, finished.stopped)
 
 
 def engine_log_path(engine_log: str | os.PathLike[str] | None, cfg: TrainConfig) -> Path | None:

@@ -39,6 +39,7 @@ class TrainStarted:
     device_name: str = ""  # what the device is: the GPU's name, the Mac's chip ("Apple M1 Pro"), the CPU's model
     # whether the engine runs with gradient checkpointing ("auto" resolved; plan().memory.reason says why)
     gradient_checkpointing: bool = True
+    processes: int = 1  # the run's processes over every machine (train(cfg, processes=N)); events come from rank 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from ._outputs import (
 )
 from ._process import free_memory, preserved_random_state
 from ._random_model import write_random_sd15_checkpoint
-from ._run import Outcome, run, sample, validate
+from ._run import Outcome, launched_run, run, sample, validate
 from ._state import SavedState, find_states, resolve_resume
 from ._streams import engine_output
 from ._validation import append_validation, validation_manifest_path
@@ -64,6 +64,7 @@ __all__ = [
     "free_memory",
     "host_for",
     "image_extensions",
+    "launched_run",
     "locate_engine",
     "parse_argv",
     "preserved_random_state",

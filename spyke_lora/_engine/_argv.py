@@ -323,12 +323,19 @@ def _image_count(cfg: TrainConfig) -> int:
     return sum(1 for folder in folders for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
 
 
-def command_line(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = None) -> str:
+def command_line(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = None, launch: Any = None) -> str:
     """The shell command that runs ``cfg`` with the sd-scripts command line: environment, this Python, the engine's
-    ``train_network.py`` and :func:`build_argv`'s arguments (the files they read are written by the run)."""
+    ``train_network.py`` and :func:`build_argv`'s arguments (the files they read are written by the run). With a
+    multi-process ``launch`` (a :class:`~spyke_lora.Launch`), the script is started by ``accelerate launch`` with the
+    same options the run's launcher gets."""
     env = [f"{k}={v}" for k, v in run_environment(plan).items()]
     script = locate_engine(cfg.sd_scripts_dir) / "train_network.py"
-    return " ".join(env + [shlex.join([sys.executable, str(script), *build_argv(cfg, plan, resume_from)])])
+    command = [sys.executable, str(script), *build_argv(cfg, plan, resume_from)]
+    if launch is not None and launch.multi_process:
+        from .._launch import launch_command
+
+        command = launch_command(launch, plan.mixed_precision, command[1:])
+    return " ".join(env + [shlex.join(command)])
 
 
 def run_environment(plan: DeviceChoice) -> dict[str, str]:

@@ -109,11 +109,18 @@ class StepCount:
     checkpoints: tuple[tuple[int, str], ...]  # (step, file name) of every step checkpoint
     final_name: str
     held_out: tuple[Path, ...] = ()  # the images sd-scripts' own split holds out (validation_split), sorted
+    processes: int = 1  # the world size the steps are counted for: each process takes its share of the batches
 
 
-def count_steps(cfg: TrainConfig, plan: DeviceChoice) -> StepCount:
-    """The step plan of ``cfg``, from sd-scripts' own dataset code (reads image sizes and captions, loads no
-    model). Python's ``random`` is left as it was (sd-scripts draws a dataset seed from it)."""
+def count_steps(cfg: TrainConfig, plan: DeviceChoice, processes: int = 1) -> StepCount:
+    """The step plan of ``cfg`` for a run of ``processes`` processes, from sd-scripts' own dataset code (reads image
+    sizes and captions, loads no model). Python's ``random`` is left as it was (sd-scripts draws a dataset seed from
+    it).
+
+    With several processes, accelerate gives each process ceil(batches / processes) batches of every epoch (its
+    ``BatchSamplerShard`` with ``even_batches``), and an optimizer step takes one batch on every process:
+    ``train()`` counts ``max_train_epochs`` as ``ceil(batches / processes / gradient_accumulation_steps)`` steps
+    per epoch (l.800) and its epochs from the prepared loader's length (l.979)."""
     host = host_for(cfg.sd_scripts_dir)
     with host.active():
         train_network = host.train_network()
@@ -141,7 +148,7 @@ def count_steps(cfg: TrainConfig, plan: DeviceChoice) -> StepCount:
             for s in dataset.subsets
         )
         batches = len(group)
-        steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
+        steps_per_epoch = math.ceil(math.ceil(batches / processes) / args.gradient_accumulation_steps)
         if args.max_train_epochs is not None:
             total = args.max_train_epochs * steps_per_epoch
         else:
@@ -154,7 +161,7 @@ def count_steps(cfg: TrainConfig, plan: DeviceChoice) -> StepCount:
         ) if every else ()  # fmt: skip
         return StepCount(
             subsets, batches, steps_per_epoch, total, epochs, checkpoints, train_util.get_last_ckpt_name(args, ext),
-            image_paths(held_out),
+            image_paths(held_out), processes,
         )
 
 

@@ -47,6 +47,8 @@ def finish_after_stop(stop: BaseException, train_network: ModuleType, probe: Pro
     network = accelerator.unwrap_model(local["network"])
     accelerator.end_training()
     local["optimizer_eval_fn"]()
+    if not accelerator.is_main_process:  # a multi-process run: rank 0 alone saves, as at the end of train()
+        return None
     if args.save_state:  # the state of the step reached, under the step-state name, unless that step saved one
         step = local["global_step"]
         state_name = train_network.train_util.STEP_STATE_NAME.format(args.output_name, step)

@@ -36,12 +36,13 @@ from ._process import (
     isolated_run,
     module_values_restored,
 )
+from ._ranks import RankSync
 from ._state import SavedState, remove_partial_states, state_record
 from ._streams import caller_output, engine_output, text_progress_bars
-from ._trainer import NonFiniteStop, Probe, StopRun, trainer_class
+from ._trainer import NonFiniteStop, Probe, SampleSpec, StopRun, trainer_class
 from ._validation import HeldOut, validate_files, validation_spec
 
-__all__ = ["Outcome", "run", "sample", "validate"]
+__all__ = ["Outcome", "launched_run", "run", "sample", "validate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +98,16 @@ def _engine_session(
     ending: Callable[[], bool],
     log: Path | None,
     append_log: bool,
+    locked: bool = True,
 ) -> Iterator[tuple[EngineHost, Any, RootLoggerSnapshot]]:
-    """What a training run and a sampling call share: this process's run slot, then the output's lock, then the
-    engine log (opened only now: a refused run must not empty a live run's log), then sd-scripts hosted in a
-    process state that is put back afterwards. Yields the host, ``train_network`` and the caller's logging."""
+    """What a training run and a sampling call share: this process's run slot, then the output's lock (not in a
+    worker of a multi-process run: the caller holds it, ``locked=False``), then the engine log (opened only now: a
+    refused run must not empty a live run's log), then sd-scripts hosted in a process state that is put back
+    afterwards. Yields the host, ``train_network`` and the caller's logging."""
     host = host_for(cfg.sd_scripts_dir)
+    lock = output_lock(cfg) if locked else contextlib.nullcontext()
     try:
-        with _SLOT.taken(ending), output_lock(cfg), engine_output(log, append=append_log), host.active() as logging:
+        with _SLOT.taken(ending), lock, engine_output(log, append=append_log), host.active() as logging:
             train_network = host.train_network()
             modules = host.engine_modules(cfg.network_module)
             with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
@@ -137,35 +141,62 @@ def run(
     started_at: float,
     resume: SavedState | None = None,
     log: Path | None = None,
+    ranks: RankSync | None = None,
 ) -> Outcome:
     """Train ``cfg`` in this process with sd-scripts (continuing the state ``resume`` when given). Events go to
     ``emit``; ``stop_requested`` is polled at safe points (and before anything is loaded); sd-scripts' output goes
     to the file ``log`` when given. sd-scripts' own exceptions come out as :class:`TrainingError`; others (a
-    callback's, Ctrl-C) unchanged."""
+    callback's, Ctrl-C) unchanged. ``ranks``: this process is one rank of a multi-process run (``_worker``): the
+    caller holds the output's lock and wrote the run's files (:func:`launched_run`); rank 0 alone samples and
+    validates."""
     argv = build_argv(cfg, plan, resume.path if resume else None)
     generator = device_generator(plan.device)
-    with _engine_session(cfg, plan, generator, stop_requested, log, resume is not None) as (host, train_network, logs):
+    with _engine_session(cfg, plan, generator, stop_requested, log, resume is not None, locked=ranks is None) as (
+        host, train_network, logs
+    ):
         if stop_requested():  # let go of before it started (an iter_events stream closed at once): load nothing
             return Outcome(resume.step if resume else 0, None, stopped=True)
-        remove_partial_files(cfg)
-        remove_partial_states(cfg)
-        write_dataset_toml(cfg)
-        spec = validation_spec(cfg)
-        if spec is not None and spec.manifest is not None and resume is None:
-            spec.manifest.unlink(missing_ok=True)  # a fresh run starts its own (a resumed one appends)
+        first = ranks is None or ranks.rank == 0
+        spec = validation_spec(cfg) if first else None
+        if ranks is None:
+            samples = _prepare_files(cfg, resume)
+        else:
+            samples = prepare_samples(cfg, fresh=False) if first else None
         generators = [generator] if generator is not None else []
+        processes = ranks.world_size if ranks is not None else 1
         probe = Probe(
             _to_caller(emit), stop_requested, started_at, logs.restore, cfg.max_nonfinite_steps,
-            resume=resume, state_record=state_record(cfg) if cfg.save_state else None,
-            samples=prepare_samples(cfg, fresh=resume is None), generator=generator,
+            resume=resume, state_record=state_record(cfg, processes) if cfg.save_state else None,
+            samples=samples, generator=generator,
             memory=memory_reader(plan.device), device_name=device_name(plan.device),
-            held_out=HeldOut(train_network, spec, generators) if spec is not None else None,
+            held_out=HeldOut(train_network, spec, generators) if spec is not None else None, ranks=ranks,
         )  # fmt: skip
         try:
             with _ctrl_c_stops_after_the_step(probe):
                 return _train(train_network, host, argv, probe)
         finally:
             probe.batch_context = None  # the run's models: let them go with the run
+
+
+def _prepare_files(cfg: TrainConfig, resume: SavedState | None) -> SampleSpec | None:
+    """Before a run: leftovers of a killed run removed, the dataset TOML and prompt file written, a fresh run's
+    manifests started. Returns what sampling needs (None: no sampling)."""
+    remove_partial_files(cfg)
+    remove_partial_states(cfg)
+    write_dataset_toml(cfg)
+    spec = validation_spec(cfg)
+    if spec is not None and spec.manifest is not None and resume is None:
+        spec.manifest.unlink(missing_ok=True)  # a fresh run starts its own (a resumed one appends)
+    return prepare_samples(cfg, fresh=resume is None)
+
+
+@contextlib.contextmanager
+def launched_run(cfg: TrainConfig, resume: SavedState | None) -> Iterator[None]:
+    """The caller's side of a multi-process run, around its workers: the output's lock, held for the whole run,
+    and the run's files written once, before any worker starts."""
+    with output_lock(cfg):
+        _prepare_files(cfg, resume)
+        yield
 
 
 def sample(

@@ -105,9 +105,10 @@ def find_states(cfg: TrainConfig) -> list[SavedState]:
     return sorted(found, key=lambda s: (s.step, s.path.name))
 
 
-def resolve_resume(cfg: TrainConfig, resume: str | os.PathLike[str]) -> SavedState:
-    """The state ``resume`` names ("latest", or a folder), checked against ``cfg``: a state another config (or
-    another dataset) produced is refused with every difference listed."""
+def resolve_resume(cfg: TrainConfig, resume: str | os.PathLike[str], processes: int = 1) -> SavedState:
+    """The state ``resume`` names ("latest", or a folder), checked against ``cfg`` and the run's world size
+    ``processes``: a state another config (or another dataset, or another number of processes) produced is refused
+    with every difference listed."""
     if isinstance(resume, str) and resume == "latest":
         states = find_states(cfg)
         if not states:
@@ -126,6 +127,13 @@ def resolve_resume(cfg: TrainConfig, resume: str | os.PathLike[str]) -> SavedSta
         )
     else:
         problems += config_differences(state.record, cfg)
+        saved_processes = int(state.record.get("processes", 1))
+        if saved_processes != processes:
+            problems.append(
+                f"it was saved by a run of {saved_processes} process(es), and this one has {processes}: an epoch's "
+                f"steps depend on the number of processes (sd-scripts divides its batches between them), so the "
+                f"schedule would not go on where it stopped; resume with processes={saved_processes}"
+            )
     if int(cfg.extra_args.get("gradient_accumulation_steps", 1) or 1) > 1:
         problems.append(
             "resuming with `extra_args.gradient_accumulation_steps` > 1 is refused: sd-scripts v0.10.1 skips the "
@@ -136,9 +144,9 @@ def resolve_resume(cfg: TrainConfig, resume: str | os.PathLike[str]) -> SavedSta
     return state
 
 
-def state_record(cfg: TrainConfig) -> dict[str, Any]:
-    """What is saved next to every state, to check a resume against."""
-    return {"config": cfg.to_dict(), "dataset": dataset_fingerprint(cfg)}
+def state_record(cfg: TrainConfig, processes: int = 1) -> dict[str, Any]:
+    """What is saved next to every state, to check a resume against (``processes``: the run's world size)."""
+    return {"config": cfg.to_dict(), "dataset": dataset_fingerprint(cfg), "processes": processes}
 
 
 def config_differences(record: dict[str, Any], cfg: TrainConfig) -> list[str]:

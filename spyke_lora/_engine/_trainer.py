@@ -37,6 +37,7 @@ from .._files import atomic_path
 from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarted, ValidationEnded
 from ._frames import set_frame_local
 from ._process import DeviceGenerator, generators_preserved
+from ._ranks import AbortRun, RankSync, frozen_models_unwrapped, sampling_on_this_rank_only
 from ._state import DEVICE_RNG_NAME, RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
 from ._validation import BatchContext, HeldOut, append_validation
 
@@ -77,8 +78,10 @@ class Probe:
         memory: Callable[[], int | None] = lambda: None,
         device_name: str = "",
         held_out: HeldOut | None = None,
+        ranks: RankSync | None = None,
     ) -> None:
         self._emit_to_callbacks = emit
+        self.ranks = ranks  # a multi-process run: what every rank agrees on (None: one process)
         # the training device's generator (MPS, CUDA): kept as it was across sampling, and saved with every state
         self.generator = generator
         self._memory = memory  # bytes in use on the training device now (StepEnded.memory_bytes)
@@ -230,7 +233,9 @@ class Probe:
         before = set(os.listdir(folder)) if folder.is_dir() else set()
         # sd-scripts' sampler seeds with torch.manual_seed (every generator) and puts back the CPU and CUDA ones
         # only: the training device's is kept here, so training after a sample draws the noise it would have drawn
-        with generators_preserved([self.generator] if self.generator is not None else []):
+        with generators_preserved([self.generator] if self.generator is not None else []), (
+            sampling_on_this_rank_only()
+        ):
             self.sampler(step)
         prefix = f"{self.samples.output_name}_{step:06d}_"
         made = sorted(p for p in folder.iterdir() if p.name not in before and p.name.startswith(prefix))
@@ -270,8 +275,12 @@ class Probe:
                 resumed_from_step=self.first_step,
                 device_name=self.device_name,
                 gradient_checkpointing=bool(args.gradient_checkpointing),
+                processes=int(accelerator.num_processes),
             )
         )
+        if self.ranks is not None:
+            self.ranks.device = accelerator.device
+            self._agree()
         self.raise_if_stopping()
 
     def before_micro_batch(self, accelerator: Any) -> None:
@@ -287,9 +296,12 @@ class Probe:
         """Deliver :class:`StepEnded`, then end the run on a NaN/Inf streak or a requested stop."""
         losses = [float(t.item()) for t in self._micro_losses]
         self._micro_losses.clear()
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        if self.ranks is not None:  # the effective batch's loss: every rank's step, averaged (NaN on any: NaN)
+            loss = self.ranks.mean(loss)
+            losses = [loss]
         self._recent_losses.extend(losses)
         self.steps_done = global_step
-        loss = sum(losses) / len(losses) if losses else float("nan")
         self.last_loss = loss
         self.nonfinite_streak = 0 if math.isfinite(loss) else self.nonfinite_streak + 1
         self._emit(
@@ -310,7 +322,16 @@ class Probe:
         every = self.held_out.spec.every_n_steps if self.held_out is not None else None
         if every and global_step % every == 0 and not self.nonfinite_streak:
             self.validate(global_step)
+        if self.ranks is not None:
+            self._agree()
         self.raise_if_stopping()
+
+    def _agree(self) -> None:
+        """Every rank takes the caller's answer at the same step (a multi-process run)."""
+        assert self.ranks is not None
+        self.ranks.agree()
+        if self.ranks.aborted:
+            raise AbortRun
 
     def _correct_resumed_step(self, frame: FrameType) -> None:
         """sd-scripts v0.10.1 resumes with ``global_step`` set to the steps done *within* the resumed epoch, not in
@@ -385,6 +406,9 @@ def trainer_class(train_network: ModuleType) -> type:
             super().post_process_network(args, accelerator, network, text_encoders, unet)
             self._probe._train_code = train_network.NetworkTrainer.train.__code__
             self._probe.attach(train_util, args, network, accelerator)
+            # before the U-Net and text encoders go through accelerator.prepare (l.880-887): on MULTI_CPU, frozen
+            # models stay out of DDP (see _ranks); nothing changes with one process or on CUDA
+            frozen_models_unwrapped(accelerator)
             self._probe.raise_if_stopping()  # the model is loaded: end before caching latents and training
 
         def process_batch(self, batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype,

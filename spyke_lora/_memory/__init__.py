@@ -116,21 +116,33 @@ def memory_plan(
     calibrated: Mapping[str, MemoryConstants] | None = None,
     model: ModelSize | None = None,
     resident: int | None = None,
+    sharing: int = 1,
 ) -> MemoryPlan:
     """The memory section of ``plan(cfg)`` on ``device``: the prediction, the budget (``device_budget(device)``
     unless given, capped by ``memory_limit``), ``gradient_checkpointing = "auto"`` resolved, and the fixes when the
     peak is over the budget. ``calibrated``: constants measured on this machine, by device (``_calibrate.load``).
     ``resident``: this process's resident memory now (read when None): on the CPU, the run's runtime when it is more
-    than a fresh process's (a notebook kernel that holds data, or an earlier run's freed memory)."""
+    than a fresh process's (a notebook kernel that holds data, or an earlier run's freed memory). ``sharing``: the
+    processes of a multi-process run that share this device's memory (several CPU workers on one machine): each
+    is a fresh process, and gets its share of the budget, less what this (the caller's) process holds."""
     from ._calibrate import load_calibrations
 
     model = model or read_model_size(Path(cfg.base_model))
     constants = constants_for(device, load_calibrations() if calibrated is None else calibrated)
+    held = 0
     if constants.resident:  # the run's process is this one: what it holds already is its runtime, if that is more
         held = resident_now() if resident is None else resident
-        if held and held > constants.runtime_bytes:
+        if held and held > constants.runtime_bytes and sharing <= 1:
             constants = dataclasses.replace(constants, runtime_bytes=held)
-    budget = (budget or device_budget(device)).limited(cfg.memory_limit)
+    if budget is None:
+        budget = device_budget(device)
+        if sharing > 1 and held and budget.bytes is not None:  # the CPU's budget counts the caller's own memory
+            budget = dataclasses.replace(budget, bytes=budget.bytes - held)
+    if sharing > 1 and budget.bytes is not None:
+        budget = dataclasses.replace(
+            budget, bytes=budget.bytes // sharing, source=f"{budget.source}, shared by {sharing} processes"
+        )
+    budget = budget.limited(cfg.memory_limit)
 
     def peak_with(**changes) -> MemoryPrediction:
         shape = run_shape(cfg.replace(**{k: v for k, v in changes.items() if k != "gc"}), device, mixed_precision,
