@@ -50,15 +50,39 @@ def _train(args: argparse.Namespace) -> int:
     from ._train import train
 
     cfg = _load(args)
-    train(cfg, callbacks=_printer(sys.stdout), resume=args.resume, engine_log=args.engine_log)
+    train(cfg, callbacks=_printer(sys.stdout), resume=args.resume, engine_log=args.engine_log, launch=_launch(args))
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
     from ._plan import plan
 
-    print(plan(_load(args), resume=args.resume))
+    print(plan(_load(args), resume=args.resume, launch=_launch(args)))
     return 0
+
+
+def _launch(args: argparse.Namespace):
+    """The run's :class:`~spyke_lora.Launch` from the command's launcher options."""
+    from ._launch import Launch
+
+    return Launch(
+        processes=args.processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        main_process_ip=args.main_process_ip, main_process_port=args.main_process_port,
+        config_file=args.accelerate_config,
+    )  # fmt: skip
+
+
+def _launch_options(p: argparse.ArgumentParser) -> None:
+    """accelerate launch's options for a multi-process run (docs/scaling.md)."""
+    group = p.add_argument_group("several processes or machines (accelerate launch; docs/scaling.md)")
+    group.add_argument("--processes", type=int, metavar="N",
+                       help="train in N processes over every machine (e.g. one per GPU); default 1, in-process")
+    group.add_argument("--num-machines", type=int, metavar="M", help="machines in the run (default 1)")
+    group.add_argument("--machine-rank", type=int, metavar="R", help="this machine's rank, 0 to M-1 (0: the main one)")
+    group.add_argument("--main-process-ip", metavar="IP", help="the address of machine rank 0")
+    group.add_argument("--main-process-port", type=int, metavar="PORT", help="its rendezvous port (default: 29500 with several machines, a free one with one)")
+    group.add_argument("--accelerate-config", type=Path, metavar="FILE",
+                       help="an accelerate config file (`accelerate config`); the options above override it")  # fmt: skip
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -220,12 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field for this run")
     p.add_argument("--resume", nargs="?", const="latest", metavar="STATE", help=_RESUME_HELP)
+    _launch_options(p)
     p.set_defaults(run=_train)
 
     p = sub.add_parser("plan", help="check a config and show what its run will do, without loading a model")
     p.add_argument("config", type=Path)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field")
     p.add_argument("--resume", nargs="?", const="latest", metavar="STATE", help=_RESUME_HELP)
+    _launch_options(p)
     p.set_defaults(run=_plan)
 
     p = sub.add_parser(

@@ -34,7 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from ._config import TrainConfig
-from ._errors import ConfigError, EngineError, NonFiniteLoss, OutputInUse, SpykeLoraError, TrainingError, WorkerFailed
+from ._errors import (
+    ConfigError,
+    DeployError,
+    DeviceError,
+    EngineError,
+    NonFiniteLoss,
+    OutputInUse,
+    SpykeLoraError,
+    TrainingError,
+    WorkerFailed,
+)
 from .events import Event
 
 __all__ = ["Launch", "launch_command", "run_processes", "worker_environment"]
@@ -43,7 +53,7 @@ CHANNEL_ENV = "SPYKE_LORA_CHANNEL"  # host:port of the caller's listener
 KEY_ENV = "SPYKE_LORA_CHANNEL_KEY"  # its authentication key, hex
 SPEC_ENV = "SPYKE_LORA_WORKER_SPEC"  # the JSON file that says what to run
 WORKER_MODULE = "spyke_lora._engine._worker"
-_ERRORS = {c.__name__: c for c in (ConfigError, EngineError, OutputInUse, TrainingError, SpykeLoraError)}
+_ERRORS = {c.__name__: c for c in (DeployError, DeviceError, EngineError, OutputInUse, TrainingError, SpykeLoraError)}
 _LAST_LINES = 20
 _ENDING_GRACE_S = 60.0  # after the launcher ends or a worker dies, how long the rest may take to say their last word
 
@@ -201,6 +211,14 @@ def worker_environment(address: tuple[str, int], key: bytes, spec: Path, run_env
     return env
 
 
+def cpu_threads(run_env: dict[str, str], local_processes: int) -> dict[str, str]:
+    """On the CPU, the machine's cores shared between its processes (torchrun sets OMP_NUM_THREADS=1 otherwise:
+    1 thread per process); a value the caller set is kept."""
+    if run_env.get("ACCELERATE_USE_CPU") != "true" or "OMP_NUM_THREADS" in os.environ:
+        return run_env
+    return dict(run_env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // local_processes)))
+
+
 @dataclasses.dataclass
 class _Worker:
     rank: int
@@ -209,6 +227,7 @@ class _Worker:
     conn: Connection
     log: Path
     last: tuple[Any, ...] | None = None  # its last word: ("done", ...), ("error", ...)
+    said_at: float | None = None  # when it said it
     closed_at: float | None = None
 
 
@@ -243,7 +262,7 @@ def run_processes(
         spec_path.write_text(json.dumps(dict(spec, caller=os.getpid())), encoding="utf-8")
         listener = Listener(("127.0.0.1", 0), authkey=key)
         stack.callback(listener.close)
-        env = worker_environment(listener.address, key, spec_path, run_env)
+        env = worker_environment(listener.address, key, spec_path, cpu_threads(run_env, launch.local_processes))
         launch_log = cfg.output_dir / f"{cfg.output_name}.launch.log"
         command = launch_command(launch, mixed_precision, ["-m", WORKER_MODULE])
         with open(launch_log, "wb") as out:
@@ -339,7 +358,7 @@ class _Driver:
         elif kind == "event":
             self._deliver(conn, message[1])
         elif worker is not None:
-            worker.last = message
+            worker.last, worker.said_at = message, time.monotonic()
 
     def _deliver(self, conn: Connection, event: Event) -> None:
         step = getattr(event, "step", None)
@@ -353,6 +372,8 @@ class _Driver:
                 if self.interrupts > 1:
                     _end_group(self.process)
                     raise
+                print("\nspyke-lora: stopping every rank after this step (Ctrl-C again to abort at once)",
+                      file=sys.stderr, flush=True)  # fmt: skip
             except BaseException as e:  # noqa: BLE001 - the caller's own: raised once every rank has stopped
                 self.callback_error = e
         stop = self.interrupts > 0 or (self.callback_error is None and self.stop_requested())
@@ -365,10 +386,17 @@ class _Driver:
         if self.callback_error is not None:
             raise self.callback_error
         reporter = min((w for w in self.workers.values()), key=lambda w: w.rank, default=None)
-        errors = [w for w in sorted(self.workers.values(), key=lambda w: w.rank) if w.last and w.last[0] == "error"]
-        if errors:
-            raise _rebuild(errors[0])
-        if self.died or reporter is None or reporter.last is None or self.process.returncode not in (0, None):
+        # what went wrong first: a worker's error (the others are then ended by the launcher, some without a word),
+        # or a worker's death (the others' errors are then its consequence: a collective with a dead peer)
+        troubles = sorted(
+            [(w.said_at or 0.0, w.rank, w) for w in self.workers.values() if w.last and w.last[0] == "error"]
+            + [(w.closed_at or 0.0, w.rank, None) for w in self.died],
+            key=lambda t: (t[0], t[1]),
+        )
+        if troubles:
+            first = troubles[0][2]
+            raise _rebuild(first) if first is not None else self._failure()
+        if reporter is None or reporter.last is None or self.process.returncode not in (0, None):
             raise self._failure()
         if self.interrupts:
             raise KeyboardInterrupt
@@ -380,8 +408,8 @@ class _Driver:
         last lines of output."""
         cause = _root_cause(_tail(self.launch_log, 200))
         rank = cause.get("rank")
-        if rank is None and self.died:
-            rank = self.died[0].rank
+        if self.died and (rank is None or rank not in {w.rank for w in self.died}):
+            rank, cause = self.died[0].rank, {}
         worker = self.workers.get(rank) if rank is not None else None
         how = cause.get("how") or ("ended without a word" if worker is not None else "")
         if worker is not None and worker.log.is_file():
@@ -405,10 +433,9 @@ def _rebuild(worker: _Worker) -> SpykeLoraError:
     where = f" (on rank {worker.rank})" if worker.rank else ""
     if name == "NonFiniteLoss":
         return NonFiniteLoss(message + where, step=extra["step"], loss=extra["loss"])
-    cls = _ERRORS.get(name, TrainingError)
-    if cls is ConfigError:
-        return ConfigError(message + where)
-    return cls(message + where)
+    if name == "ConfigError":
+        return ConfigError([p + where for p in extra.get("problems", [message])], source=extra.get("source"))
+    return _ERRORS.get(name, TrainingError)(message + where)
 
 
 _ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)(?:.*?traceback\s*:\s*([^\n]*))?", re.S)

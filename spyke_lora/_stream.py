@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 from ._config import TrainConfig
+from ._launch import Launch, resolve_launch
 from ._train import TrainResult, run_training
 from .events import Event
 
@@ -31,9 +32,10 @@ class _Channel:
         self.result: TrainResult | None = None
         self.error: BaseException | None = None
 
-    def work(self, cfg: TrainConfig, resume: str | os.PathLike[str] | None) -> None:
+    def work(self, cfg: TrainConfig, resume: str | os.PathLike[str] | None, launch: Launch | None = None) -> None:
         try:
-            self.result = run_training(cfg, self.deliver, resume=resume, engine_log="auto", let_go=self.let_go_reason)
+            self.result = run_training(cfg, self.deliver, resume=resume, engine_log="auto", let_go=self.let_go_reason,
+                                       launch=launch)  # fmt: skip
         except BaseException as e:  # noqa: BLE001 - handed to the loop's thread, which raises it
             self.error = e
         finally:
@@ -90,10 +92,12 @@ class EventStream:
     stops before loading the model). ``result`` is the :class:`TrainResult` once the run has ended; an error the
     run raised (a refused config, ``NonFiniteLoss``, ...) is raised by the loop, or by :meth:`close`."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, launch: Launch | None = None
+    ) -> None:
         self._channel = _Channel()
         self._thread = threading.Thread(
-            target=self._channel.work, args=(cfg, resume), name="spyke-lora-run", daemon=True
+            target=self._channel.work, args=(cfg, resume, launch), name="spyke-lora-run", daemon=True
         )
         self._thread.start()
         self._events = _generate(self._channel, self._thread)
@@ -129,7 +133,13 @@ class EventStream:
             _end(self._channel, self._thread)
 
 
-def iter_events(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> EventStream:
+def iter_events(
+    cfg: TrainConfig,
+    *,
+    resume: str | os.PathLike[str] | None = None,
+    processes: int | None = None,
+    launch: Launch | None = None,
+) -> EventStream:
     """Train ``cfg`` and yield its events as they happen::
 
         for event in iter_events(cfg):
@@ -137,5 +147,6 @@ def iter_events(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = Non
             if isinstance(event, StepEnded) and event.loss > 1:
                 break  # the run stops after this step, its LoRA saved
 
-    The same events, in the same order, as ``train(cfg, callbacks=...)`` delivers; see :class:`EventStream`."""
-    return EventStream(cfg, resume)
+    The same events, in the same order, as ``train(cfg, callbacks=...)`` delivers (``processes``/``launch``: a
+    multi-process run, as for :func:`~spyke_lora.train`); see :class:`EventStream`."""
+    return EventStream(cfg, resume, resolve_launch(processes, launch))

@@ -228,7 +228,7 @@ def _train(
             session.end("failed", session.step_reached(checked.resume_step), None)
             raise
         status = "stopped" if outcome.stopped else "completed"
-        if outcome.final_path is None and outcome.steps > checked.resume_step:
+        if outcome.final_path is None and outcome.steps > checked.resume_step and launch.main_machine:
             warnings.warn(
                 f"no final LoRA was written at step {outcome.steps}: the loss was not finite there (NaN/Inf), and no "
                 f"file is saved from such weights. Files written before: "

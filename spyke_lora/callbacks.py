@@ -28,8 +28,9 @@ def describe(event: Event) -> str:
     if isinstance(event, TrainStarted):
         resumed = f", resuming after step {event.resumed_from_step}" if event.resumed_from_step else ""
         name = f"{event.device_name}, " if event.device_name else ""
+        where = f"{event.processes} processes on {event.device}" if event.processes > 1 else event.device
         return (
-            f"started: {event.total_steps} steps on {event.device} ({name}mixed precision {event.mixed_precision}, "
+            f"started: {event.total_steps} steps on {where} ({name}mixed precision {event.mixed_precision}, "
             f"gradient checkpointing {'on' if event.gradient_checkpointing else 'off'}), writing to "
             f"{event.output_dir}{resumed}"
         )

@@ -11,6 +11,7 @@ answer (stop, abort).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -36,13 +37,15 @@ def main() -> int:
     threading.Thread(target=_end_with, args=(int(spec["caller"]),), name="spyke-lora-caller", daemon=True).start()
 
     from .._config import TrainConfig
-    from .._errors import NonFiniteLoss, SpykeLoraError
+    from .._errors import ConfigError, NonFiniteLoss, SpykeLoraError
     from .._memory._peak import PeakMeter
     from ._argv import device_choice
     from ._ranks import AbortRun, RankSync
     from ._run import run
     from ._state import read_state
 
+    # this process is the library's own, not the caller's: sd-scripts' log lines go to the rank's log
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
     ranks = RankSync(world_size, rank)
     reports = local_rank == 0
 
@@ -76,12 +79,15 @@ def main() -> int:
         return 0
     except NonFiniteLoss as e:
         conn.send(("error", "NonFiniteLoss", str(e), {"step": e.step, "loss": e.loss}))
+    except ConfigError as e:
+        traceback.print_exc()
+        conn.send(("error", "ConfigError", str(e), {"problems": list(e.problems), "source": e.source}))
     except SpykeLoraError as e:
         traceback.print_exc()
         conn.send(("error", type(e).__name__, str(e), {}))
     except BaseException as e:  # noqa: BLE001 - reported to the caller, whatever it is
         traceback.print_exc()
-        conn.send(("error", "TrainingError", f"rank {rank} failed: {type(e).__name__}: {e}", {}))
+        conn.send(("error", "TrainingError", f"{type(e).__name__}: {e}", {}))
     return 1
 
 

@@ -137,7 +137,7 @@ def memory_plan(
     if budget is None:
         budget = device_budget(device)
         if sharing > 1 and held and budget.bytes is not None:  # the CPU's budget counts the caller's own memory
-            budget = dataclasses.replace(budget, bytes=budget.bytes - held)
+            budget = dataclasses.replace(budget, bytes=budget.bytes - held, source="available RAM (psutil)")
     if sharing > 1 and budget.bytes is not None:
         budget = dataclasses.replace(
             budget, bytes=budget.bytes // sharing, source=f"{budget.source}, shared by {sharing} processes"

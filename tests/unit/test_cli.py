@@ -11,6 +11,7 @@ import tqdm.std
 
 from spyke_lora import (
     CheckpointSaved,
+    Launch,
     SampleSaved,
     SpykeLoraWarning,
     StepEnded,
@@ -223,12 +224,26 @@ def test_progress_in_jupyter_without_ipywidgets_prints_lines_and_no_warning(monk
 def test_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
     import spyke_lora._train
 
-    def interrupted(cfg, callbacks=(), resume=None, engine_log=None):
+    def interrupted(cfg, callbacks=(), resume=None, engine_log=None, launch=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(spyke_lora._train, "train", interrupted)
     assert main(["train", str(write_config(tmp_path))]) == 130
     assert "spyke-lora: interrupted" in capsys.readouterr().err
+
+
+def test_train_passes_the_launcher_options(tmp_path, monkeypatch):
+    import spyke_lora._train
+
+    seen = []
+    monkeypatch.setattr(spyke_lora._train, "train", lambda cfg, **kw: seen.append(kw["launch"]))
+    config = str(write_config(tmp_path))
+    assert main(["train", config, "--processes", "8", "--num-machines", "2", "--machine-rank", "1",
+                 "--main-process-ip", "10.0.0.1", "--main-process-port", "29600"]) == 0  # fmt: skip
+    assert seen[-1] == Launch(processes=8, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
+                              main_process_port=29600)  # fmt: skip
+    assert main(["train", config]) == 0 and not seen[-1].multi_process
+    assert main(["train", config, "--processes", "3", "--num-machines", "2", "--main-process-ip", "h"]) == 2
 
 
 def test_sample_command_refuses_files_that_are_not_loras(tmp_path, capsys):
