@@ -100,7 +100,7 @@ class Launch:
             problems.append(
                 f"`processes` is the total over every machine (accelerate's --num_processes): {self.processes} "
                 f"processes cannot be split evenly over {self.num_machines} machines; use a multiple of "
-                f"{self.num_machines}, e.g. {self.num_machines * max(1, self.processes // self.num_machines)}"
+                f"{self.num_machines}, e.g. {self.num_machines * -(-self.processes // self.num_machines)}"
             )
         if not 0 <= self.machine_rank < max(1, self.num_machines):
             problems.append(

@@ -10,9 +10,11 @@ sd-scripts' multi-process path needs help in-process.
   is not needed when a module doesn't have any parameter that requires a gradient"). On MULTI_CPU only, a frozen
   model is prepared with ``evaluation_mode=True``: everything ``prepare_model`` does except the DDP wrap, which is
   what MULTI_GPU does for it. CUDA's path is sd-scripts' own, untouched.
-* :func:`sampling_on_this_rank_only`: sd-scripts' sampler splits the prompts between processes when there are
-  several (``train_util.sample_images_common``, ``distributed_state.num_processes > 1``), but spyke-lora samples
-  right after a file is saved, on rank 0 alone: there, every prompt is sampled by rank 0, as with one process.
+* :func:`alone_on_this_rank`: spyke-lora samples and validates right after a file is saved, on rank 0 alone (the
+  other ranks go on to the next step and wait for it there). sd-scripts' sampler would split the prompts between
+  processes (``train_util.sample_images_common``, ``distributed_state.num_processes > 1``), and the held-out
+  dataset's latent caching ends with ``accelerator.wait_for_everyone()`` (``train_util`` l.2629), a barrier the
+  other ranks never reach: while rank 0 works alone, accelerate's shared state says one process, not distributed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["AbortRun", "RankSync", "frozen_models_unwrapped", "sampling_on_this_rank_only"]
+__all__ = ["AbortRun", "RankSync", "alone_on_this_rank", "frozen_models_unwrapped"]
 
 
 class AbortRun(BaseException):
@@ -91,17 +93,20 @@ def frozen_models_unwrapped(accelerator: Any) -> None:
 
 
 @contextlib.contextmanager
-def sampling_on_this_rank_only() -> Iterator[None]:
-    """While sampling on one rank, sd-scripts' sampler sees one process and samples every prompt itself."""
+def alone_on_this_rank() -> Iterator[None]:
+    """While one rank samples or validates on its own: accelerate's ``PartialState`` (what sd-scripts' sampler and
+    ``wait_for_everyone`` read) says one process, not distributed, so the sampler samples every prompt and a barrier
+    does not wait for ranks that are not there. Put back afterwards; nothing changes with one process."""
     from accelerate import PartialState
+    from accelerate.utils import DistributedType
 
     shared = PartialState._shared_state
-    count = shared.get("num_processes", 1)
+    count, kind = shared.get("num_processes", 1), shared.get("distributed_type")
     if count <= 1:
         yield
         return
-    shared["num_processes"] = 1
+    shared["num_processes"], shared["distributed_type"] = 1, DistributedType.NO
     try:
         yield
     finally:
-        shared["num_processes"] = count
+        shared["num_processes"], shared["distributed_type"] = count, kind

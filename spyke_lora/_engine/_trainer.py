@@ -37,7 +37,7 @@ from .._files import atomic_path
 from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarted, ValidationEnded
 from ._frames import set_frame_local
 from ._process import DeviceGenerator, generators_preserved
-from ._ranks import AbortRun, RankSync, frozen_models_unwrapped, sampling_on_this_rank_only
+from ._ranks import AbortRun, RankSync, alone_on_this_rank, frozen_models_unwrapped
 from ._state import DEVICE_RNG_NAME, RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
 from ._validation import BatchContext, HeldOut, append_validation
 
@@ -234,7 +234,7 @@ class Probe:
         # sd-scripts' sampler seeds with torch.manual_seed (every generator) and puts back the CPU and CUDA ones
         # only: the training device's is kept here, so training after a sample draws the noise it would have drawn
         with generators_preserved([self.generator] if self.generator is not None else []), (
-            sampling_on_this_rank_only()
+            alone_on_this_rank()
         ):
             self.sampler(step)
         prefix = f"{self.samples.output_name}_{step:06d}_"
@@ -255,7 +255,8 @@ class Probe:
         if self.held_out is None or self.batch_context is None or step in self._validated_steps:
             return
         self._validated_steps.add(step)
-        loss = self.held_out.loss(self.batch_context)
+        with alone_on_this_rank():  # rank 0's own pass (a multi-process run); nothing changes with one process
+            loss = self.held_out.loss(self.batch_context)
         spec = self.held_out.spec
         if spec.manifest is not None:
             append_validation(spec.manifest, step, checkpoint, spec.folder, loss, self.held_out.images, True)

@@ -60,8 +60,8 @@ def main() -> int:
         choice = device_choice(cfg)
         if choice.device != spec["device"]:
             raise SpykeLoraError(
-                f"rank {rank} would train on {choice.device}, the run was planned for {spec['device']}: every "
-                f"machine of a run needs the same kind of device"
+                f"rank {rank} would train on {choice.device}, but its caller planned the run for {spec['device']}: "
+                f"check that the workers see the same devices as the caller (CUDA_VISIBLE_DEVICES)"
             )
         state = read_state(Path(spec["resume"])) if spec["resume"] else None
         started_at = time.perf_counter() - (time.time() - float(spec["started"]))

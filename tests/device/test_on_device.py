@@ -138,6 +138,31 @@ def test_cuda_honours_fp16(world, tmp_path):
     assert result.final_path.is_file()
 
 
+@pytest.mark.gpu
+def test_two_cuda_processes_train_with_nccl_and_stop_together(world, tmp_path):
+    """Proves, on a machine with 2 CUDA GPUs: `train(cfg, processes=2)` starts 2 ranks through accelerate launch
+    (MULTI_GPU, NCCL; the frozen models go through sd-scripts' own prepare, untouched), with the device policy's
+    fp16; rank 0's events arrive in order; a Stop at step 2 stops both ranks with step 2's LoRA saved once."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, this machine has {torch.cuda.device_count()}")
+    events = []
+
+    def stop_at_2(event):
+        events.append(event)
+        return Stop("enough") if isinstance(event, StepEnded) and event.step == 2 else None
+
+    cfg = world.config(output_dir=tmp_path, device="cuda", max_train_steps=6)
+    result = train(cfg, stop_at_2, processes=2)
+    started = events[0]
+    assert (started.device, started.mixed_precision, started.processes) == ("cuda", "fp16", 2)
+    assert [e.step for e in events if isinstance(e, StepEnded)] == [1, 2]
+    assert all(math.isfinite(e.loss) for e in events if isinstance(e, StepEnded))
+    assert (result.status, result.steps) == ("stopped", 2)
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == [result.final_path.name]
+
+
 @pytest.mark.mps
 def test_the_memory_model_calibrated_on_this_mac_predicts_a_point_it_was_not_fitted_to(tmp_path, monkeypatch):
     """Issue 14 on a Mac: `spyke-lora calibrate` measures MPS's allocator (not the CPU's resident memory) at 64 and
