@@ -53,14 +53,50 @@ def one(processes: int, samples: int, work: Path, out: Path) -> None:
     }))  # fmt: skip
 
 
+_PROBE = """from accelerate import PartialState
+state = PartialState()  # joins the gloo group when launched
+print(state.process_index, state.num_processes)
+"""
+
+
+def launcher_overhead(work: Path, reps: int) -> list[str]:
+    """The launcher alone: ``accelerate launch --multi_gpu --num_processes 2`` of two trivial workers (import
+    accelerate, join the gloo group) against one such process run directly; alternating."""
+    from spyke_lora import Launch
+    from spyke_lora._launch import launch_command
+
+    probe = work / "launcher_probe.py"
+    probe.write_text(_PROBE)
+    env = dict(__import__("os").environ, ACCELERATE_USE_CPU="true")
+    direct, launched = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, str(probe)], check=True, env=env, capture_output=True)
+        direct.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        subprocess.run(launch_command(Launch(processes=2), "no", [str(probe)]), check=True, env=env,
+                       capture_output=True)  # fmt: skip
+        launched.append(time.perf_counter() - t)
+    return [
+        f"\nThe launcher alone ({reps} alternating repetitions): two trivial workers through `accelerate launch "
+        f"--multi_gpu --num_processes 2` took {', '.join(f'{x:.1f}' for x in launched)} s; one such process run "
+        f"directly {', '.join(f'{x:.1f}' for x in direct)} s (medians {statistics.median(launched):.1f} against "
+        f"{statistics.median(direct):.1f} s)."
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=8, help="training samples per run (default 8)")
     parser.add_argument("--reps", type=int, default=2, help="repetitions of each side (default 2)")
     parser.add_argument("--write", type=Path, help="write the Markdown report here too")
+    parser.add_argument("--launcher-only", action="store_true", help="only time the launcher with trivial workers")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.launcher_only:
+        print("\n".join(launcher_overhead(args.work, max(3, args.reps))))
+        return
     rows: dict[int, list[dict]] = {1: [], 2: []}
     for rep in range(args.reps):
         for processes in (1, 2) if rep % 2 == 0 else (2, 1):
@@ -82,6 +118,7 @@ def main() -> None:
     overhead = [y["ready_s"] - x["ready_s"] for x, y in zip(rows[1], rows[2])]
     lines.append(f"\nLauncher overhead (time to TrainStarted, 2 processes minus 1): "
                  f"{', '.join(f'{o:+.1f} s' for o in overhead)}")  # fmt: skip
+    lines += launcher_overhead(args.work, max(3, args.reps))
     report = "\n".join(lines) + "\n"
     print(report)
     if args.write:
