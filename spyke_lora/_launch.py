@@ -324,8 +324,12 @@ class _Driver:
         while not self.arrivals.empty():
             self.pending.append(self.arrivals.get())
         conns = self.pending + [w.conn for w in self.workers.values() if w.closed_at is None]
-        for conn in wait(conns, timeout=0.2) if conns else []:
-            self._read(conn)  # type: ignore[arg-type]
+        if conns:
+            for conn in wait(conns, timeout=0.2):
+                self._read(conn)  # type: ignore[arg-type]
+        else:  # no worker has connected yet: wait for one (never spin: the workers need the cores to start)
+            with contextlib.suppress(queue.Empty):
+                self.pending.append(self.arrivals.get(timeout=0.2))
         if self.process.poll() is not None and self.ended_at is None:
             self.ended_at = time.monotonic()
         open_workers = [w for w in self.workers.values() if w.closed_at is None]
