@@ -311,13 +311,17 @@ class _Driver:
                 if self._turn():
                     break
             except KeyboardInterrupt:
-                self.interrupts += 1
-                if self.interrupts > 1:
-                    _end_group(self.process)
-                    raise
-                print("\nspyke-lora: stopping every rank after this step (Ctrl-C again to abort at once)",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                self._interrupted()
         return self._result()
+
+    def _interrupted(self) -> None:
+        """A Ctrl-C in the caller: the first stops every rank after the current step, the second ends them now."""
+        self.interrupts += 1
+        if self.interrupts > 1:
+            _end_group(self.process)
+            raise KeyboardInterrupt
+        print("\nspyke-lora: stopping every rank after this step (Ctrl-C again to abort at once)",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def _turn(self) -> bool:
         """One wait for messages; True when the run is over (every worker ended, or the launcher has ended)."""
@@ -372,12 +376,7 @@ class _Driver:
             try:
                 self.emit(event)
             except KeyboardInterrupt:
-                self.interrupts += 1
-                if self.interrupts > 1:
-                    _end_group(self.process)
-                    raise
-                print("\nspyke-lora: stopping every rank after this step (Ctrl-C again to abort at once)",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                self._interrupted()
             except BaseException as e:  # noqa: BLE001 - the caller's own: raised once every rank has stopped
                 self.callback_error = e
         stop = self.interrupts > 0 or (self.callback_error is None and self.stop_requested())

@@ -221,3 +221,15 @@ def test_worker_environment_carries_the_channel_and_the_device(tmp_path):
     assert env["SPYKE_LORA_CHANNEL"] == "127.0.0.1:4000" and env["SPYKE_LORA_CHANNEL_KEY"] == "0102"
     assert env["ACCELERATE_USE_CPU"] == "true" and env["SPYKE_LORA_WORKER_SPEC"] == "/s.json"
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_a_first_ctrl_c_in_the_caller_stops_every_rank_after_the_step_then_is_raised(tmp_path, capsys):
+    def press_ctrl_c(event):
+        if isinstance(event, StepEnded):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _drive(tmp_path, "ok", press_ctrl_c)
+    # go on after TrainStarted; stop (not abort) after the StepEnded the Ctrl-C came in
+    assert json.loads((tmp_path / "answers.json").read_text()) == [[False, False], [True, False]]
+    assert "stopping every rank after this step (Ctrl-C again to abort at once)" in capsys.readouterr().err
