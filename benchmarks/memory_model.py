@@ -113,7 +113,7 @@ def report(work: Path, write: Path | None) -> None:
     speed target (when ``speed`` has run)."""
     from spyke_lora._memory import CPU, predict
     from spyke_lora._memory._calibrate import _shape, fit
-    from spyke_lora._memory._model import SD15_FP16
+    from spyke_lora._memory._predict import SD15_FP16
 
     points = [json.loads(line) for line in (work / "points.jsonl").open()]
     fitted = fit(points, SD15_FP16, "cpu")

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spyke_lora import CheckpointSaved, StepEnded, train  # noqa: E402
-from spyke_lora._engine import _validation  # noqa: E402
+from spyke_lora._engine import _held_out  # noqa: E402
 from spyke_lora.tiny_world import build_tiny_world  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     world_root, resolution, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     world = build_tiny_world(world_root / f"world{resolution}", resolution=resolution)
     passes: list[float] = []
-    original = _validation.HeldOut.loss
+    original = _held_out.HeldOut.loss
 
     def timed_loss(self, context):
         t = time.perf_counter()
@@ -44,13 +44,13 @@ def main() -> None:
         elif isinstance(event, CheckpointSaved):
             busy.add(event.step)
 
-    _validation.HeldOut.loss = timed_loss
+    _held_out.HeldOut.loss = timed_loss
     try:
         cfg = world.config(output_dir=world_root / f"validation{resolution}", max_train_steps=steps,
                            save_every_n_steps=2, overwrite=True, validation_dir=world.validation_dir)  # fmt: skip
         result = train(cfg, callbacks=watch)
     finally:
-        _validation.HeldOut.loss = original
+        _held_out.HeldOut.loss = original
     gaps = [b - a for (step, a), (_, b) in zip(ends, ends[1:]) if step not in busy]
     step_s = statistics.median(gaps)
     later = passes[1:] or passes

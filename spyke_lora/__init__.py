@@ -16,7 +16,7 @@ _os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import logging as _logging  # noqa: E402
 
 from . import callbacks, events  # noqa: E402
-from ._choose import (  # noqa: E402
+from ._compare import (  # noqa: E402
     Cell,
     ColourHistogramScorer,
     Review,
@@ -44,15 +44,15 @@ from ._errors import (  # noqa: E402
     TrainingError,
     WorkerFailed,
 )
+from ._iter_events import EventStream, iter_events  # noqa: E402
 from ._launch import Launch  # noqa: E402
 from ._memory import MemoryBudget, MemoryPlan  # noqa: E402
 from ._pipeline import diffusers_pipeline  # noqa: E402
 from ._plan import Plan, SubsetPlan, ValidationPlan, plan  # noqa: E402
 from ._records import RunRecord, config_diff, loss_chart, runs  # noqa: E402
-from ._sampling import sample  # noqa: E402
-from ._stream import EventStream, iter_events  # noqa: E402
+from ._sample import sample  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
-from ._validate import HeldOutLoss, validation_loss  # noqa: E402
+from ._validation_loss import HeldOutLoss, validation_loss  # noqa: E402
 from .events import (  # noqa: E402
     CheckpointSaved,
     Event,

@@ -86,7 +86,7 @@ def _launch_options(p: argparse.ArgumentParser) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from ._sampling import sample
+    from ._sample import sample
 
     cfg = _load(args)
     made = sample(args.checkpoints, cfg, callbacks=_printer(sys.stdout), engine_log=args.engine_log)
@@ -95,7 +95,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ._validate import validation_loss
+    from ._validation_loss import validation_loss
 
     cfg = _load(args)
     files = ([None] if args.base else []) + list(args.checkpoints)
@@ -177,7 +177,7 @@ def _compare(args: argparse.Namespace) -> int:
     """Write the sheet, print its path, every warning, the ranking, and the held-out figures with the recommended
     checkpoint when the run has them. Exit status 0 even with warnings: they are for a person to look at (errors,
     such as no samples, exit 2)."""
-    from ._choose import ColourHistogramScorer, review, sheet_layout, write_sheet
+    from ._compare import ColourHistogramScorer, review, sheet_layout, write_sheet
 
     sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
     scorer = ColourHistogramScorer() if args.rank else None

@@ -132,7 +132,7 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
     memory_model = ""
     if device is not None:
         from ._memory._calibrate import load_calibrations
-        from ._memory._model import constants_for
+        from ._memory._predict import constants_for
 
         constants = constants_for(device, load_calibrations((device,)))
         memory_model = constants.source

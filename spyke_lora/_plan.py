@@ -169,7 +169,7 @@ def plan(
     ``processes`` (or ``launch``, for several machines) plans a multi-process run: the step math for that world
     size (each process takes its share of an epoch's batches), and on the CPU each process's share of the memory
     budget."""
-    from ._model import check_base_model
+    from ._header import check_base_model
 
     launch = resolve_launch(processes, launch)
     device_choice = _engine.device_choice(cfg)  # DeviceError: the machine, not the data

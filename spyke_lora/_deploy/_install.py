@@ -21,7 +21,7 @@ from pathlib import Path
 from .._config import TrainConfig
 from .._errors import DeployError
 from .._files import atomic_path
-from ._checks import (
+from ._preconditions import (
     _CHUNK,
     _check_comfyui,
     _check_lora,

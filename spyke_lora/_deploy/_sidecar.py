@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import atomic_path
-from ._checks import _Checked
+from ._preconditions import _Checked
 
 SIDECAR_SUFFIX = ".spyke-lora.json"
 

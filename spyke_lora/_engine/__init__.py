@@ -27,6 +27,8 @@ from ._argv import (
 )
 from ._dataset import Folder, StepCount, count_steps, dataset_folders, image_extensions
 from ._diffusers import diffusers_pipeline
+from ._engine_log import engine_output
+from ._held_out import append_validation, validation_manifest_path
 from ._host import PINNED_COMMIT, PINNED_VERSION, engine_commit, host_for, locate_engine
 from ._outputs import (
     existing_outputs,
@@ -38,8 +40,6 @@ from ._process import free_memory, preserved_random_state
 from ._random_model import write_random_sd15_checkpoint
 from ._run import Outcome, launched_run, run, sample, validate
 from ._state import SavedState, find_states, resolve_resume
-from ._streams import engine_output
-from ._validation import append_validation, validation_manifest_path
 
 __all__ = [
     "append_validation",

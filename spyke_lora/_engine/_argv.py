@@ -19,7 +19,7 @@ from typing import Any
 from .._config import TrainConfig, repeats_from_folder_name
 from .._device import DeviceChoice, available_devices, choose_device, resolve_device
 from .._errors import ConfigError, DeviceError, EngineError, SpykeLoraWarning
-from .._model import inspect_model
+from .._header import inspect_model
 from ._host import host_for, locate_engine
 
 # Options the library sets itself from config fields or the device policy: extra_args may not set them.
@@ -306,8 +306,8 @@ def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
 def resolve_checkpointing(cfg: TrainConfig, plan: DeviceChoice, *, here: bool = True) -> bool:
     """``gradient_checkpointing = "auto"`` on ``plan``'s device: the memory plan's choice against this machine's
     budget (``here``), or on, the safe setting, for a device that is not this machine's."""
+    from .._header import HeaderError
     from .._memory import MemoryBudget, memory_plan
-    from .._model import HeaderError
 
     budget = None if here else MemoryBudget(None, f"another machine's {plan.device}")
     try:

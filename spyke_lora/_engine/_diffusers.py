@@ -63,7 +63,7 @@ def build_pipeline(host: EngineHost, base_model: Path, tokenizer_cache_dir: Path
 def diffusers_pipeline(cfg: TrainConfig) -> Any:
     """A diffusers ``StableDiffusionPipeline`` of ``cfg.base_model`` (SD1.x), converted offline by sd-scripts'
     ``model_util``, with ``cfg.tokenizer_cache_dir``'s tokenizer when set. See :mod:`._diffusers`."""
-    from .._model import check_base_model
+    from .._header import check_base_model
 
     if check_base_model(cfg.base_model).family != "sd1":
         raise ConfigError(f"`base_model` {str(cfg.base_model)!r} is SD2.x; diffusers_pipeline() converts SD1.x only")

@@ -56,7 +56,7 @@ def existing_outputs(cfg: TrainConfig, after_step: int | None = None) -> list[Pa
 
 def _saved_at_step(path: Path) -> float:
     """The step a LoRA file was saved at (sd-scripts' ``ss_steps``); infinity when unknown, so it is kept."""
-    from .._model import inspect_model
+    from .._header import inspect_model
 
     try:
         return int(inspect_model(path).metadata.get("ss_steps", ""))

@@ -24,7 +24,9 @@ from .._errors import NonFiniteLoss, SpykeLoraError, TrainingError
 from .._lock import output_lock
 from ..events import Event
 from ._argv import build_argv, parse_argv, run_environment
+from ._engine_log import caller_output, engine_output, text_progress_bars
 from ._frames import finish_after_stop
+from ._held_out import HeldOut, validate_files, validation_spec
 from ._host import EngineHost, RootLoggerSnapshot, host_for, random_untouched_by_logging
 from ._outputs import prepare_samples, remove_partial_files, write_dataset_toml
 from ._process import (
@@ -38,9 +40,7 @@ from ._process import (
 )
 from ._ranks import RankSync
 from ._state import SavedState, remove_partial_states, state_record
-from ._streams import caller_output, engine_output, text_progress_bars
 from ._trainer import NonFiniteStop, Probe, SampleSpec, StopRun, trainer_class
-from ._validation import HeldOut, validate_files, validation_spec
 
 __all__ = ["Outcome", "launched_run", "run", "sample", "validate"]
 
@@ -209,7 +209,7 @@ def sample(
 ) -> None:
     """Sample LoRA files on disk (``(step, path)`` pairs) with ``cfg``'s prompts, CFG scales and seed, into
     ``cfg.output_dir``, with sd-scripts' own sampler; events (:class:`SampleSaved`) go to ``emit``."""
-    from ._sample import sample_files
+    from ._sample_files import sample_files
 
     argv = build_argv(cfg, plan)
     generator = device_generator(plan.device)

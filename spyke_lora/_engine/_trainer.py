@@ -36,10 +36,10 @@ from .._errors import EngineError, TrainingError
 from .._files import atomic_path
 from ..events import CheckpointSaved, Event, SampleSaved, StepEnded, TrainStarted, ValidationEnded
 from ._frames import set_frame_local
+from ._held_out import BatchContext, HeldOut, append_validation
 from ._process import DeviceGenerator, generators_preserved
 from ._ranks import AbortRun, RankSync, alone_on_this_rank, frozen_models_unwrapped
 from ._state import DEVICE_RNG_NAME, RECORD_NAME, SavedState, partial_state_dir, replace_state_dir
-from ._validation import BatchContext, HeldOut, append_validation
 
 
 class StopRun(BaseException):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ._budget import MemoryBudget, device_budget, resident_now
-from ._model import (
+from ._predict import (
     CPU,
     MemoryConstants,
     MemoryPrediction,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from ._model import MemoryConstants, ModelSize, RunShape, _latent_pixels, predict
+from ._predict import MemoryConstants, ModelSize, RunShape, _latent_pixels, predict
 
 __all__ = ["calibrate", "calibration_path", "fit", "load_calibrations", "training_residual"]
 
@@ -112,7 +112,7 @@ def fit(points: Sequence[Mapping], model: ModelSize, device: str, *, images: int
 def _sampling_constant(points: Sequence[Mapping], model: ModelSize, constants: MemoryConstants, images: int) -> float:
     """Bytes per latent pixel and guidance sample of sampling, from the points measured with ``--sample`` (the
     sampling peak less what training holds between steps); the CPU's figure when no point sampled."""
-    from ._model import CPU
+    from ._predict import CPU
 
     key = "sample_peak_bytes" if constants.resident else "device_sample_peak_bytes"
     per_pixel = []
@@ -153,7 +153,7 @@ def calibrate(
             figure = points[-1].get("device_peak_bytes", points[-1]["peak_bytes"])
             report(f"  peak {figure / 2**30:.2f} GiB ({time.perf_counter() - started:.0f} s)")
     world = build_tiny_world(work / f"world{resolutions[0]}", resolution=resolutions[0])
-    from ._model import read_model_size
+    from ._predict import read_model_size
 
     model = read_model_size(world.base_model)
     constants = fit(points, model, device, source=f"calibrated on this machine's {device.upper()} ({time.strftime('%Y-%m-%d')})")

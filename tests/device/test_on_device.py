@@ -175,7 +175,7 @@ def test_the_memory_model_calibrated_on_this_mac_predicts_a_point_it_was_not_fit
     from spyke_lora._memory import predict
     from spyke_lora._memory._budget import device_budget
     from spyke_lora._memory._calibrate import _shape, calibrate
-    from spyke_lora._memory._model import read_model_size
+    from spyke_lora._memory._predict import read_model_size
 
     monkeypatch.setenv("SPYKE_LORA_CACHE", str(tmp_path / "cache"))
     constants, points = calibrate("mps", tmp_path / "work", resolutions=(64, 512), steps=3, report=print)

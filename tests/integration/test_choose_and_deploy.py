@@ -19,7 +19,7 @@ from spyke_lora import (
     review,
     train,
 )
-from spyke_lora._choose import sheet_layout
+from spyke_lora._compare import sheet_layout
 
 from .helpers import read_lora
 

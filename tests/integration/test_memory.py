@@ -9,7 +9,7 @@ import pytest
 
 from spyke_lora._memory import CPU, predict
 from spyke_lora._memory._calibrate import _shape, training_residual
-from spyke_lora._memory._model import read_model_size
+from spyke_lora._memory._predict import read_model_size
 from spyke_lora.tiny_world import build_tiny_world
 
 

@@ -55,7 +55,7 @@ def test_a_split_validates_on_exactly_the_images_sd_scripts_holds_out_of_trainin
     library validates on is built apart, and must hold the very images sd-scripts' split left out of training."""
     from spyke_lora._engine import build_argv, device_choice, host_for, parse_argv
     from spyke_lora._engine._dataset import image_paths
-    from spyke_lora._engine._validation import held_out_group, validation_spec
+    from spyke_lora._engine._held_out import held_out_group, validation_spec
 
     cfg = world.config(validation_split=0.34, reg_dir=None)  # 3 images: 2 trained on, 1 held out
     planned = plan(cfg)

@@ -256,7 +256,7 @@ def test_sample_command_refuses_files_that_are_not_loras(tmp_path, capsys):
 
 
 def test_validate_command_prints_each_files_held_out_loss_against_the_base_model(tmp_path, monkeypatch, capsys):
-    import spyke_lora._validate
+    import spyke_lora._validation_loss
     from spyke_lora import HeldOutLoss
 
     calls = []
@@ -267,7 +267,7 @@ def test_validate_command_prints_each_files_held_out_loss_against_the_base_model
         return (HeldOutLoss(0, None, 1.2, folder, 3), HeldOutLoss(200, tmp_path / "x-step00000200.safetensors", 1.25,
                                                                   folder, 3))  # fmt: skip
 
-    monkeypatch.setattr(spyke_lora._validate, "validation_loss", measured)
+    monkeypatch.setattr(spyke_lora._validation_loss, "validation_loss", measured)
     lora = tmp_path / "x-step00000200.safetensors"
     assert main(["validate", str(write_config(tmp_path)), str(lora), "--base", "--folder", str(folder)]) == 0
     assert calls == [([None, lora], folder)]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spyke_lora._choose import (
+from spyke_lora._cli import main
+from spyke_lora._compare import (
     ColourHistogramScorer,
     check_sample,
     contact_sheet,
@@ -14,8 +15,7 @@ from spyke_lora._choose import (
     review,
     sheet_layout,
 )
-from spyke_lora._choose._sheet import MISSING
-from spyke_lora._cli import main
+from spyke_lora._compare._sheet import MISSING
 from spyke_lora._errors import ConfigError
 
 NAME = "spyke_plasma_v1"

@@ -11,7 +11,7 @@ from spyke_lora import ConfigError, TrainConfig, plan
 from spyke_lora._config import parse_size
 from spyke_lora._memory import AUTO_MARGIN, CPU, MemoryBudget, RunShape, device_budget, memory_plan, predict
 from spyke_lora._memory._calibrate import fit, load_calibrations
-from spyke_lora._memory._model import SD15_FP16, constants_for, read_model_size
+from spyke_lora._memory._predict import SD15_FP16, constants_for, read_model_size
 
 GB = 10**9
 
@@ -255,7 +255,7 @@ def test_calibrate_measures_each_point_fits_and_writes_what_plan_reads(tmp_path,
 
     monkeypatch.setattr("spyke_lora.tiny_world.build_tiny_world", lambda root, resolution: type(
         "W", (), {"base_model": tmp_path / "unused"})())  # fmt: skip
-    monkeypatch.setattr("spyke_lora._memory._model.read_model_size", lambda path: SD15_FP16)
+    monkeypatch.setattr("spyke_lora._memory._predict.read_model_size", lambda path: SD15_FP16)
     said = []
     constants, points = _calibrate.calibrate("mps", tmp_path / "work", resolutions=(128, 512), steps=2,
                                              report=said.append, run=fake_run)  # fmt: skip

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from spyke_lora import ConfigError, TrainConfig, sd_scripts_argv
-from spyke_lora._model import check_base_model, inspect_model
+from spyke_lora._header import check_base_model, inspect_model
 
 
 def write(path, keys, tail=b""):

@@ -9,9 +9,9 @@ import warnings
 import pytest
 
 from spyke_lora import SpykeLoraError, SpykeLoraWarning
+from spyke_lora._engine._engine_log import caller_output, engine_output
 from spyke_lora._engine._host import VENDORED, host_for, imported_names
 from spyke_lora._engine._run import _RunSlot
-from spyke_lora._engine._streams import caller_output, engine_output
 
 
 def in_thread(target):
@@ -163,7 +163,7 @@ def test_diffusers_progress_bars_are_text_during_a_run(monkeypatch):
     import tqdm.auto
     import tqdm.std
 
-    from spyke_lora._engine._streams import text_progress_bars
+    from spyke_lora._engine._engine_log import text_progress_bars
 
     class Widget(tqdm.std.tqdm):  # what tqdm.auto gives in a kernel with ipywidgets
         pass

@@ -4,7 +4,7 @@ import pytest
 
 from spyke_lora import ConfigError, ValidationPlan, plan
 from spyke_lora._engine import dataset_toml_text
-from spyke_lora._engine._validation import validation_spec
+from spyke_lora._engine._held_out import validation_spec
 
 from .conftest import write_images
 

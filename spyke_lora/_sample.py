@@ -11,7 +11,7 @@ from pathlib import Path
 from . import _engine
 from ._config import TrainConfig
 from ._errors import ConfigError, SpykeLoraWarning
-from ._model import check_base_model, inspect_model
+from ._header import check_base_model, inspect_model
 from ._train import Callback, engine_log_path
 from .events import Event, SampleSaved
 

@@ -15,8 +15,8 @@ import numpy as np
 
 from .._errors import ConfigError
 from .._files import atomic_path
-from ._checks import PathLike, _open, _to_array
 from ._review import Cell, Review, StepSummary, review
+from ._sample_checks import PathLike, _open, _to_array
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._scorers import Scorer

@@ -9,7 +9,7 @@ When the run measured a held-out validation loss (``NAME.validation.jsonl``), :f
 step of the lowest held-out loss whose samples are not broken. The choice itself is made by looking at the sheet:
 see docs/choosing.md. Where things live:
 
-* ``_checks``: the checks on one sample image (:func:`check_sample`);
+* ``_sample_checks``: the checks on one sample image (:func:`check_sample`);
 * ``_scorers``: :class:`Scorer` and :class:`ColourHistogramScorer`;
 * ``_figures``: reading ``NAME.validation.jsonl``, the figures' table and the recommendation (:class:`StepLoss`);
 * ``_review``: reading the manifest and checking every sample (:func:`review`);
@@ -17,10 +17,10 @@ see docs/choosing.md. Where things live:
 * ``_sheet``: drawing and writing the contact sheet (:func:`contact_sheet`).
 """
 
-from ._checks import SampleWarning, check_sample
 from ._figures import StepLoss
 from ._rank import rank_checkpoints
 from ._review import Cell, Review, StepSummary, review
+from ._sample_checks import SampleWarning, check_sample
 from ._scorers import ColourHistogramScorer, Scorer
 from ._sheet import SheetLayout, contact_sheet, sheet_layout, write_sheet
 

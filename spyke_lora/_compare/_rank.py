@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._errors import ConfigError
-from ._checks import PathLike
+from ._sample_checks import PathLike
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._review import Cell, StepSummary

@@ -248,6 +248,6 @@ def host_loading_bytes(model: ModelSize, constants: MemoryConstants) -> int:
 
 def read_model_size(path: Path) -> ModelSize:
     """:class:`ModelSize` of a safetensors checkpoint, from its header."""
-    from .._model import read_header
+    from .._header import read_header
 
     return ModelSize.from_header(read_header(path, complete=False).tensors)

@@ -221,7 +221,7 @@ def validate_files(train_network: ModuleType, args: argparse.Namespace, files: S
     loaded into it, and the base model is the network at multiplier 0 (it adds exactly zero)."""
     import torch
 
-    from ._sample import _alphas, _load_into
+    from ._sample_files import _alphas, _load_into
 
     train_util = train_network.train_util
     strategy_base = train_network.strategy_base

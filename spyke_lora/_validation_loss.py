@@ -11,9 +11,9 @@ from pathlib import Path
 from . import _engine
 from ._config import TrainConfig
 from ._errors import ConfigError, SpykeLoraWarning
-from ._model import check_base_model
+from ._header import check_base_model
 from ._preflight import check_folder
-from ._sampling import checkpoint_files
+from ._sample import checkpoint_files
 from ._train import engine_log_path
 
 __all__ = ["HeldOutLoss", "validation_loss"]

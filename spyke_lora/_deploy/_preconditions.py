@@ -16,7 +16,7 @@ from typing import Any
 from .._config import TrainConfig, tomllib
 from .._errors import ConfigError, DeployError, SpykeLoraWarning
 from .._files import sha256
-from .._model import HeaderError, read_header
+from .._header import HeaderError, read_header
 
 _CHUNK = 2**20
 _LORA_KEY = re.compile(

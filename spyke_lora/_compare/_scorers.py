@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .._errors import ConfigError
-from ._checks import PathLike, _open
+from ._sample_checks import PathLike, _open
 
 __all__ = ["ColourHistogramScorer", "Scorer"]
 

@@ -1,7 +1,7 @@
 """The review of a run's samples: reading ``NAME.samples.jsonl``, checking every sample, one row per checkpoint.
 
 A run's ``NAME.samples.jsonl`` lists every sample image (step, prompt, CFG scale, seed, path, checkpoint).
-:func:`review` reads it, finds the training images, runs :func:`~spyke_lora._choose._checks.check_sample` on each
+:func:`review` reads it, finds the training images, runs :func:`~spyke_lora._compare._sample_checks.check_sample` on each
 sample and, with a scorer, ranks the steps; when the run also has held-out figures (``NAME.validation.jsonl``, see
 :mod:`._figures`) it adds them, ranks the steps by held-out loss and recommends one. Its :class:`Review` is what the
 contact sheet draws.
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from .._config import tomllib
 from .._errors import ConfigError
-from ._checks import _BROKEN, PathLike, SampleWarning, _References, check_sample
 from ._figures import Figures, StepLoss, loss_order, read_figures, recommend, table
 from ._rank import _order, _scores
+from ._sample_checks import _BROKEN, PathLike, SampleWarning, _References, check_sample
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._scorers import Scorer

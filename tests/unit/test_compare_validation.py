@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spyke_lora._choose import StepLoss, contact_sheet, rank_checkpoints, review, sheet_layout
-from spyke_lora._choose._sheet import figure_lines
 from spyke_lora._cli import main
+from spyke_lora._compare import StepLoss, contact_sheet, rank_checkpoints, review, sheet_layout
+from spyke_lora._compare._sheet import figure_lines
 from spyke_lora._errors import ConfigError
 
 from .test_compare import NAME, Brightness, fake_run, noise_image, region
