@@ -1,4 +1,6 @@
+import argparse
 import io
+import json
 import re
 import shlex
 import warnings
@@ -85,7 +87,9 @@ def test_event_lines():
     assert describe(StepEnded(3, 920, 1, 0.12345, 0.2, 1e-4, 5e-5, 12.0)) == (
         "step   3/920  epoch 1  loss 0.1235  avg 0.2000  lr 1.00e-04  te lr 5.00e-05  12.0s"
     )
-    assert describe(CheckpointSaved(200, 1, Path("/o/x.safetensors"), False)) == "checkpoint (step 200): /o/x.safetensors"
+    assert (
+        describe(CheckpointSaved(200, 1, Path("/o/x.safetensors"), False)) == "checkpoint (step 200): /o/x.safetensors"
+    )
     assert describe(TrainEnded("stopped", 3, None)) == "ended: stopped after 3 steps"
     assert describe(TrainEnded("completed", 5, Path("/o/x.safetensors"), int(7.25 * 2**30), int(7 * 2**30))) == (
         "ended: completed after 5 steps; final LoRA /o/x.safetensors; peak memory 7.25 GiB (predicted 7.00)"
@@ -204,7 +208,10 @@ def test_progress_in_jupyter_is_tqdms_widget_bar_and_lines_for_files(monkeypatch
     left, widget, right = bar.container.children
     assert (widget.value, widget.max) == (2, 4)
     assert left.value.replace("\u2007", " ") == " 50%"
-    assert "2/4" in right.value and "loss=0.4000,\u2007avg=0.4500,\u2007lr=1.00e-04,\u2007mem=1.50\u2007GiB]" in right.value
+    assert (
+        "2/4" in right.value
+        and "loss=0.4000,\u2007avg=0.4500,\u2007lr=1.00e-04,\u2007mem=1.50\u2007GiB]" in right.value
+    )
     feed(progress, EVENTS[3:])
     assert (widget.value, widget.max, widget.bar_style) == (4, 4, "success")  # closed at TrainEnded, complete
     assert progress._bar is None
@@ -286,3 +293,62 @@ def test_sample_event_line():
 
     line = describe(SampleSaved(200, "spyke_plasma_v1, x", 7.0, 1234, Path("/r/sample/a.png"), None))
     assert line == "sample (step 200, CFG 7): /r/sample/a.png"
+
+
+# --- the subcommands' table: every subcommand, option, help text and default as before (issue 21) ---------------
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing: the parser ``main`` built is in ``parser``."""
+
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> dict:
+    """Everything a user sees of ``parser`` and its subcommands, independent of argparse's help layout."""
+    default_groups = (parser._positionals, parser._optionals)  # titled by the Python version ("options:" since 3.10)
+    groups = {id(a): g.title for g in parser._action_groups if g not in default_groups for a in g._group_actions}
+    actions, subcommands = [], {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            subcommands = {name: dict(_describe(sub), help=helps[name]) for name, sub in action.choices.items()}
+        fields = ("option_strings", "dest", "nargs", "const", "default", "required", "help", "metavar", "choices")
+        row = {name: getattr(action, name) for name in fields if name != "choices" or action.choices is None}
+        row = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in row.items()}
+        row |= {
+            "kind": type(action).__name__,
+            "type": getattr(action.type, "__name__", None),
+            "group": groups.get(id(action)),
+        }
+        if isinstance(action.choices, (list, tuple)):
+            row["choices"] = list(action.choices)
+        if isinstance(action.default, type(lambda: 0)):
+            row["default"] = action.default.__name__
+        actions.append(row)
+    return {
+        "prog": parser.prog,
+        "description": parser.description,
+        "actions": actions,
+        "subcommands": subcommands,
+        "defaults": {k: getattr(v, "__name__", v) for k, v in parser._defaults.items()},
+    }
+
+
+def parser_of_main(monkeypatch) -> argparse.ArgumentParser:
+    """The parser ``main`` builds (no ``COMFYUI_DIR``: ``--comfyui`` required)."""
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+
+    def parse_args(self, args=None, namespace=None):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    with pytest.raises(_Parsed) as parsed:
+        main(["plan", "x.toml"])
+    return parsed.value.parser
+
+
+def test_every_subcommand_option_and_help_is_as_before(monkeypatch):
+    expected = json.loads((Path(__file__).parent / "data" / "cli_parser.json").read_text(encoding="utf-8"))
+    assert _describe(parser_of_main(monkeypatch)) == expected
