@@ -1,4 +1,4 @@
-"""Writing files whole: every file spyke-lora writes goes through here.
+"""Writing files whole: every file spyke-lora writes goes through here; and where spyke-lora keeps its cache.
 
 A file is written under a hidden temporary name in its own folder, flushed and fsynced, then renamed over its final
 name (atomic on one filesystem), and the folder is fsynced so the rename survives a power cut. A kill at any moment
@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "fsync_dir", "fsync_file", "sha256", "temporary_name", "write_atomically"]
+__all__ = ["atomic_path", "cache_dir", "fsync_dir", "fsync_file", "sha256", "temporary_name", "write_atomically"]
 
 
 _SERIAL = itertools.count(1)  # two writers of one file in one process (two threads) never share a temporary
@@ -31,7 +31,17 @@ def temporary_name(final: Path, *, keep_suffix: bool = False) -> Path:
     return final.with_name(f".{final.name}.{unique}.partial")
 
 
+def cache_dir() -> Path:
+    """Where spyke-lora keeps what it builds or measures once (the tiny model, the memory calibrations).
+
+    Returns:
+        ``$SPYKE_LORA_CACHE``, else ``~/.cache/spyke-lora``.
+    """
+    return Path(os.environ.get("SPYKE_LORA_CACHE") or Path.home() / ".cache" / "spyke-lora").expanduser()
+
+
 def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to the disk."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

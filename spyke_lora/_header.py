@@ -24,17 +24,28 @@ _MAX_HEADER = 100 * 2**20
 
 # (family, test on a key, what the file is) in the order they are tried
 _FAMILIES = (
-    ("lora", lambda k: k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))
-     or any(m in k for m in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a")),
-     "a LoRA/LyCORIS file (lora_* keys)"),
+    (
+        "lora",
+        lambda k: (
+            k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))
+            or any(m in k for m in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a"))
+        ),
+        "a LoRA/LyCORIS file (lora_* keys)",
+    ),
     ("sdxl", lambda k: k.startswith("conditioner.embedders."), "an SDXL checkpoint (conditioner.embedders.* keys)"),
     ("sd3", lambda k: "joint_blocks." in k or k.startswith("text_encoders."), "a Stable Diffusion 3 checkpoint"),
     ("flux", lambda k: "double_blocks." in k or "single_blocks." in k, "a Flux checkpoint"),
-    ("sd2", lambda k: k.startswith("cond_stage_model.model."),
-     "a Stable Diffusion 2.x checkpoint (cond_stage_model.model.* keys)"),
-    ("sd1", lambda k: k.startswith("cond_stage_model.transformer."),
-     "a Stable Diffusion 1.x checkpoint (cond_stage_model.transformer.* keys)"),
-)  # fmt: skip
+    (
+        "sd2",
+        lambda k: k.startswith("cond_stage_model.model."),
+        "a Stable Diffusion 2.x checkpoint (cond_stage_model.model.* keys)",
+    ),
+    (
+        "sd1",
+        lambda k: k.startswith("cond_stage_model.transformer."),
+        "a Stable Diffusion 1.x checkpoint (cond_stage_model.transformer.* keys)",
+    ),
+)
 
 
 # inspect_model's words for what read_header finds (HeaderError.problem -> message)
@@ -73,9 +84,14 @@ class HeaderError(ValueError):
     ``length``: the header length read; ``detail``: the JSON error."""
 
     def __init__(
-        self, problem: str, path: Path, size: int, length: int | None = None, expected: int | None = None,
+        self,
+        problem: str,
+        path: Path,
+        size: int,
+        length: int | None = None,
+        expected: int | None = None,
         detail: str = "",
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(f"{path} is not a complete .safetensors file ({problem})")
         self.problem, self.path, self.size = problem, path, size
         self.length, self.expected, self.detail = length, expected, detail

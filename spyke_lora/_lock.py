@@ -72,8 +72,16 @@ def output_lock(cfg: TrainConfig) -> Iterator[Path]:
         with contextlib.suppress(OSError):  # the owner is information only: a full disk must not cost the lock
             _rewrite(fd, json.dumps(owner).encode())
 
-    lock = FileLock(path, timeout=0, blocking=False, thread_local=False, is_singleton=False, fallback_to_soft=False,
-                    preserve_lock_file=True, on_acquired=write_owner)  # fmt: skip
+    lock = FileLock(
+        path,
+        timeout=0,
+        blocking=False,
+        thread_local=False,
+        is_singleton=False,
+        fallback_to_soft=False,
+        preserve_lock_file=True,
+        on_acquired=write_owner,
+    )
     try:
         lock.acquire()
     except Timeout:

@@ -80,15 +80,20 @@ class RunRecorder:
                     loss_chart(history, self.paths["loss_chart"], title=self.cfg.output_name, validations=validations)
         except OSError as e:
             self.enabled = False
-            warnings.warn(f"could not write the run records in {self.cfg.output_dir}: {e}; training goes on without "
-                          f"them", SpykeLoraWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"could not write the run records in {self.cfg.output_dir}: {e}; training goes on without them",
+                SpykeLoraWarning,
+                stacklevel=2,
+            )
 
     def _start(self, event: TrainStarted) -> None:
         if not event.resumed_from_step:
             self.paths["events"].unlink(missing_ok=True)
         write_atomically(self.paths["config"], self.cfg.to_toml_string())
-        write_atomically(self.paths["command"], f"#!/bin/sh\n# {self.cfg.output_name}: the same run with sd-scripts' command "
-               f"line\n{self.command}\n")  # fmt: skip
+        write_atomically(
+            self.paths["command"],
+            f"#!/bin/sh\n# {self.cfg.output_name}: the same run with sd-scripts' command line\n{self.command}\n",
+        )
         os.chmod(self.paths["command"], 0o755)
         environment = {
             "python": sys.version.split()[0],
@@ -213,8 +218,9 @@ def read_run(events_path: str | os.PathLike[str]) -> RunRecord:
         checkpoints=sum(1 for e in events if e["event"] == "CheckpointSaved"),
         config=path.with_name(f"{name}.config.toml"),
         peak_memory_bytes=max(peaks) if peaks else None,
-        predicted_peak_bytes=next((e["predicted_peak_bytes"] for e in reversed(ends) if e.get("predicted_peak_bytes")),
-                                  None),  # fmt: skip
+        predicted_peak_bytes=next(
+            (e["predicted_peak_bytes"] for e in reversed(ends) if e.get("predicted_peak_bytes")), None
+        ),
     )
 
 
@@ -261,9 +267,14 @@ _GREY, _BLUE, _RED, _ORANGE = "#aaaaaa", "#1f5fbf", "#d62728", "#ff7f0e"
 _SAGE = "#7a9e7a"  # the memory line: a muted green, apart from the loss per step's grey and the other colours
 
 
-def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.PathLike[str] | IO[bytes], *,
-               title: str = "", size: tuple[int, int] = (800, 400),
-               validations: Sequence[ValidationEnded | dict[str, Any]] = ()) -> Path | None:  # fmt: skip
+def loss_chart(
+    history: Sequence[StepEnded | dict[str, Any]],
+    path: str | os.PathLike[str] | IO[bytes],
+    *,
+    title: str = "",
+    size: tuple[int, int] = (800, 400),
+    validations: Sequence[ValidationEnded | dict[str, Any]] = (),
+) -> Path | None:
     """A PNG line chart, ``size`` pixels: the loss per step (grey), its running average (blue), the held-out
     validation loss of each pass (orange dots), a red line at each step whose loss was NaN or infinite, and, when
     the steps recorded it, the memory in use on the training device (a thin muted green line, in GiB, on a second y
@@ -282,14 +293,21 @@ def loss_chart(history: Sequence[StepEnded | dict[str, Any]], path: str | os.Pat
     return out
 
 
-def _loss_figure(history: Sequence[StepEnded | dict[str, Any]], *, title: str, size: tuple[int, int],
-                 validations: Sequence[ValidationEnded | dict[str, Any]] = ()) -> Figure:
+def _loss_figure(
+    history: Sequence[StepEnded | dict[str, Any]],
+    *,
+    title: str,
+    size: tuple[int, int],
+    validations: Sequence[ValidationEnded | dict[str, Any]] = (),
+) -> Figure:
     """The chart as a matplotlib figure, not drawn yet (what :func:`loss_chart` saves; the tests look into it)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    points = [(h["step"], _number(h["loss"]), _number(h["avg_loss"])) if isinstance(h, dict)
-              else (h.step, h.loss, h.avg_loss) for h in history]  # fmt: skip
+    points = [
+        (h["step"], _number(h["loss"]), _number(h["avg_loss"])) if isinstance(h, dict) else (h.step, h.loss, h.avg_loss)
+        for h in history
+    ]
     steps = [step for step, _, _ in points]
     width, height = size
     # a hair over the size, so that the canvas' int() of inches x dpi never loses a pixel to floating point
@@ -302,8 +320,15 @@ def _loss_figure(history: Sequence[StepEnded | dict[str, Any]], *, title: str, s
         axes.plot(steps, values, color=colour, linewidth=width_pt, marker=marker, markersize=4, label=label)
     held_out = [(v["step"], _number(v["loss"])) if isinstance(v, dict) else (v.step, v.loss) for v in validations]
     if held_out:
-        axes.plot([s for s, _ in held_out], [v if math.isfinite(v) else math.nan for _, v in held_out],
-                  color=_ORANGE, linewidth=1.5, marker="o", markersize=5, label="held-out loss")  # fmt: skip
+        axes.plot(
+            [s for s, _ in held_out],
+            [v if math.isfinite(v) else math.nan for _, v in held_out],
+            color=_ORANGE,
+            linewidth=1.5,
+            marker="o",
+            markersize=5,
+            label="held-out loss",
+        )
     for n, (step, loss, _) in enumerate(s for s in points if not math.isfinite(s[1])):
         axes.axvline(step, color=_RED, linewidth=1.5, label="non-finite loss" if n == 0 else "_nolegend_")
     axes.set_xlabel("step")
@@ -316,8 +341,15 @@ def _loss_figure(history: Sequence[StepEnded | dict[str, Any]], *, title: str, s
     memory = [(h.get("memory_bytes") if isinstance(h, dict) else h.memory_bytes) for h in history]  # old records: none
     if any(m is not None for m in memory):
         right = axes.twinx()  # its own y axis at the right, sharing the steps
-        right.plot(steps, [m / 2**30 if m is not None else math.nan for m in memory], color=_SAGE,
-                   linewidth=0.8, marker=marker, markersize=3, label="memory (GiB)")  # fmt: skip
+        right.plot(
+            steps,
+            [m / 2**30 if m is not None else math.nan for m in memory],
+            color=_SAGE,
+            linewidth=0.8,
+            marker=marker,
+            markersize=3,
+            label="memory (GiB)",
+        )
         right.set_ylabel("memory in use, GiB")
         right.set_ylim(bottom=0)  # from zero: a flat 5.2 GiB is not drawn as a swing
         axes.set_zorder(right.get_zorder() + 1)  # the loss curves and the legend over the memory line

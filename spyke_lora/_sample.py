@@ -58,7 +58,7 @@ def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[Sampl
         for callback in callbacks:
             callback(event)
 
-    _engine.sample(cfg, plan, files, emit, started_at, engine_log_path(engine_log, cfg))
+    _engine.sample_checkpoints(cfg, plan, files, emit, started_at, engine_log_path(engine_log, cfg))
     return tuple(made)
 
 
@@ -96,11 +96,13 @@ def checkpoint_files(checkpoints, cfg: TrainConfig, verb: str, stacklevel: int =
         step_text = info.metadata.get("ss_steps", "")
         step = int(step_text) if step_text.isdigit() else position
         if not step_text.isdigit():
-            warnings.warn(f"{path.name} has no ss_steps metadata: it is shown as step {step}", SpykeLoraWarning,
-                          stacklevel)  # fmt: skip
+            warnings.warn(
+                f"{path.name} has no ss_steps metadata: it is shown as step {step}", SpykeLoraWarning, stacklevel
+            )
         if step in seen:  # NAME-step00000920 and NAME (the final file) of one run are the same weights
-            warnings.warn(f"{path.name} is step {step} like {seen[step].name}: {verb} once", SpykeLoraWarning,
-                          stacklevel)  # fmt: skip
+            warnings.warn(
+                f"{path.name} is step {step} like {seen[step].name}: {verb} once", SpykeLoraWarning, stacklevel
+            )
             continue
         seen[step] = path
         files.append((step, path))

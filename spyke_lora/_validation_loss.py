@@ -70,7 +70,9 @@ def _validation_loss(checkpoints, cfg: TrainConfig, folder, engine_log) -> tuple
     if problems:
         raise ConfigError(problems)
     base = any(item is None for item in items)
-    files = checkpoint_files([item for item in items if item is not None], cfg, "validated") if len(items) > base else []
+    files = (
+        checkpoint_files([item for item in items if item is not None], cfg, "validated") if len(items) > base else []
+    )
     check_base_model(cfg.base_model)
     plan = _engine.device_choice(cfg)
     for note in plan.corrections:
@@ -88,5 +90,7 @@ def _validation_loss(checkpoints, cfg: TrainConfig, folder, engine_log) -> tuple
             own = folder is None or where == cfg.validation_dir  # the config's held-out images, not another folder
             _engine.append_validation(manifest, figure.step, path, where, loss, images, own)
 
-    _engine.validate(cfg, plan, ordered, None if folder is None else where, report, engine_log_path(engine_log, cfg))
+    _engine.validate_checkpoints(
+        cfg, plan, ordered, None if folder is None else where, report, engine_log_path(engine_log, cfg)
+    )
     return tuple(results)

@@ -107,8 +107,9 @@ class Progress:
             self._say(event)
 
     def _open(self, total: int, initial: int) -> None:
-        self._bar = self._tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True,
-                               mininterval=0, miniters=1)  # fmt: skip
+        self._bar = self._tqdm(
+            total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True, mininterval=0, miniters=1
+        )
 
     def _close(self) -> None:
         if self._bar is not None:
@@ -278,4 +279,3 @@ class StopOnPlateau:
                 f"average loss has not improved on {self.best:.4f} (step {self.best_step}) for {self.patience} steps"
             )
         return None
-

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Literal, Union
 
 __all__ = [
-    "CheckpointSaved", "Event", "SampleSaved", "StepEnded", "Stop", "TrainEnded", "TrainStarted", "ValidationEnded",
+    "CheckpointSaved",
+    "Event",
+    "SampleSaved",
+    "StepEnded",
+    "Stop",
+    "TrainEnded",
+    "TrainStarted",
+    "ValidationEnded",
 ]
 
 Status = Literal["completed", "stopped", "failed", "interrupted"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import TrainConfig
+from ._files import cache_dir
 
 __all__ = ["TinyWorld", "build_tiny_world", "cache_dir"]
 
@@ -35,11 +36,6 @@ _TRAIN_CAPTIONS = (
 )
 _REG_CAPTIONS = ("person, grey background", "person, orange background")
 _HELD_OUT_CAPTIONS = (f"{TRIGGER}, cyan ring, black background", f"{TRIGGER}, orange cross, white background")
-
-
-def cache_dir() -> Path:
-    """Where the tiny model and tokenizer are cached: ``$SPYKE_LORA_CACHE``, else ``~/.cache/spyke-lora``."""
-    return Path(os.environ.get("SPYKE_LORA_CACHE") or Path.home() / ".cache" / "spyke-lora").expanduser()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +119,12 @@ def write_tokenizer(folder: Path) -> Path:
             }
         ),
         "special_tokens_map.json": json.dumps(
-            {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-             "pad_token": "<|endoftext|>"}  # fmt: skip
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
         ),
     }
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")

@@ -9,24 +9,32 @@ When the run measured a held-out validation loss (``NAME.validation.jsonl``), :f
 step of the lowest held-out loss whose samples are not broken. The choice itself is made by looking at the sheet:
 see docs/choosing.md. Where things live:
 
-* ``_sample_checks``: the checks on one sample image (:func:`check_sample`);
-* ``_scorers``: :class:`Scorer` and :class:`ColourHistogramScorer`;
+* ``_sample_checks``: the checks on one sample image (:func:`check_sample`) and the image helpers;
+* ``_rows``: the review's data, a :class:`Cell` per sample and a :class:`StepSummary` per checkpoint;
+* ``_scorers``: :class:`Scorer`, :class:`ColourHistogramScorer`, the steps scored and ordered by one;
 * ``_figures``: reading ``NAME.validation.jsonl``, the figures' table and the recommendation (:class:`StepLoss`);
 * ``_review``: reading the manifest and checking every sample (:func:`review`);
 * ``_rank``: ordering the steps by score or held-out loss (:func:`rank_checkpoints`);
 * ``_sheet``: drawing and writing the contact sheet (:func:`contact_sheet`).
+
+Imports go one way, down this list: ``_rank`` and ``_sheet`` use ``_review``, which uses the modules above it.
 """
 
-from ._figures import StepLoss
+from ._figures import Figures, StepLoss, loss_order, read_figures, recommend, table
 from ._rank import rank_checkpoints
-from ._review import Cell, Review, StepSummary, review
-from ._sample_checks import SampleWarning, check_sample
-from ._scorers import ColourHistogramScorer, Scorer
-from ._sheet import SheetLayout, contact_sheet, sheet_layout, write_sheet
+from ._review import Review, review
+from ._rows import Cell, StepSummary
+from ._sample_checks import BROKEN, PathLike, References, SampleWarning, check_sample, open_image, to_array
+from ._scorers import ColourHistogramScorer, Scorer, score_order, score_steps
+from ._sheet import SheetLayout, contact_sheet, figure_lines, sheet_layout, write_sheet
 
 __all__ = [
+    "BROKEN",
     "Cell",
     "ColourHistogramScorer",
+    "Figures",
+    "PathLike",
+    "References",
     "Review",
     "SampleWarning",
     "Scorer",
@@ -35,8 +43,17 @@ __all__ = [
     "StepSummary",
     "check_sample",
     "contact_sheet",
+    "figure_lines",
+    "loss_order",
+    "open_image",
     "rank_checkpoints",
+    "read_figures",
+    "recommend",
     "review",
+    "score_order",
+    "score_steps",
     "sheet_layout",
+    "table",
+    "to_array",
     "write_sheet",
 ]

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._review import StepSummary
+    from ._rows import StepSummary
 
-__all__ = ["StepLoss"]
+__all__ = ["Figures", "StepLoss", "loss_order", "read_figures", "recommend", "table"]
 
 NOISE = 0.005  # best two held-out losses closer than this (relative): say they are within noise of each other
 
@@ -101,8 +101,12 @@ def read_figures(manifest: Path) -> Figures | None:
         if folder not in seen:
             seen.append(folder)
         lines.pop((step, folder), None)  # the newest line for a (step, folder) wins
-        lines[(step, folder)] = {"loss": loss, "held_out": held_out, "images": item.get("images"),
-                                 "checkpoint": Path(str(checkpoint)).name if checkpoint else None}  # fmt: skip
+        lines[(step, folder)] = {
+            "loss": loss,
+            "held_out": held_out,
+            "images": item.get("images"),
+            "checkpoint": Path(str(checkpoint)).name if checkpoint else None,
+        }
         if held_out:
             held_out_folder = folder  # the newest held-out folder is the run's (validation_dir)
     if not lines:
@@ -117,11 +121,15 @@ def read_figures(manifest: Path) -> Figures | None:
     for step in sorted({step for step, _ in lines}):
         mine = {folder: item for (s, folder), item in lines.items() if s == step}
         held = mine.get(held_out_folder) if held_out_folder is not None else None
-        checkpoint = next((item["checkpoint"] for item in ([held] if held else []) + list(mine.values())
-                           if item["checkpoint"]), None)  # fmt: skip
+        checkpoint = next(
+            (item["checkpoint"] for item in ([held] if held else []) + list(mine.values()) if item["checkpoint"]), None
+        )
         class_loss = tuple((labels[f], mine[f]["loss"]) for f in others if f in mine)
-        drift = () if step == 0 else tuple((labels[f], mine[f]["loss"] - base[f]) for f in others
-                                           if f in mine and f in base)  # fmt: skip
+        drift = (
+            ()
+            if step == 0
+            else tuple((labels[f], mine[f]["loss"] - base[f]) for f in others if f in mine and f in base)
+        )
         rows.append(StepLoss(step, checkpoint, held["loss"] if held else None, class_loss, drift))
     images = None
     if held_out_folder is not None:
@@ -132,6 +140,7 @@ def read_figures(manifest: Path) -> Figures | None:
 
 def loss_order(losses: Mapping[int, float], broken: set[int]) -> tuple[tuple[int, float], ...]:
     """Lowest loss first; broken steps and non-finite losses last; the base model (step 0) left out."""
+
     def key(item: tuple[int, float]) -> tuple[bool, float, int]:
         step, loss = item
         return (step in broken or not math.isfinite(loss), loss if math.isfinite(loss) else 0.0, step)
@@ -154,8 +163,10 @@ def recommend(figures: Figures, samples: Mapping[int, StepSummary]) -> tuple[int
         return None, None
     held = {r.step: r.held_out_loss for r in figures.rows if r.step != 0 and r.held_out_loss is not None}
     if not held:
-        return None, ("no recommendation: only the base model has a held-out loss; measure the saved files with "
-                      "validation_loss(files, cfg)")  # fmt: skip
+        return None, (
+            "no recommendation: only the base model has a held-out loss; measure the saved files with "
+            "validation_loss(files, cfg)"
+        )
     broken = {step for step, state in samples.items() if state.broken}
     order = loss_order(held, broken)
     candidates = [(s, v) for s, v in order if s not in broken and math.isfinite(v)]
@@ -172,16 +183,18 @@ def recommend(figures: Figures, samples: Mapping[int, StepSummary]) -> tuple[int
     base_class = dict(base.class_loss) if base else {}
     for label, value in row.class_loss:
         if label in drift:
-            parts.append(f"class drift on {label} {_drift(drift[label])} ({_loss(value)}, base model "
-                         f"{_loss(base_class[label])})")  # fmt: skip
+            parts.append(
+                f"class drift on {label} {_drift(drift[label])} ({_loss(value)}, base model {_loss(base_class[label])})"
+            )
         else:
             parts.append(f"loss on {label} {_loss(value)} (no base-model figure on it, so no drift)")
     state = samples.get(step)
     if state is None:
         parts.append("it has no samples to look at")
     elif state.warnings:
-        parts.append(f"its samples have {state.warnings} warning{'s' if state.warnings != 1 else ''}: look at them "
-                     "on the sheet")  # fmt: skip
+        parts.append(
+            f"its samples have {state.warnings} warning{'s' if state.warnings != 1 else ''}: look at them on the sheet"
+        )
     else:
         parts.append("its samples have no warnings")
     if len(candidates) > 1:
@@ -190,8 +203,10 @@ def recommend(figures: Figures, samples: Mapping[int, StepSummary]) -> tuple[int
         if gap < NOISE:
             images = figures.held_out_images
             on = f"on {images} held-out image{'s' if images != 1 else ''}" if images else "on a small held-out set"
-            parts.append(f"step {second} ({_loss(value)}) is within {gap * 100:.2f}% of it, which is noise {on}: "
-                         "compare the two on the sheet")  # fmt: skip
+            parts.append(
+                f"step {second} ({_loss(value)}) is within {gap * 100:.2f}% of it, which is noise {on}: "
+                "compare the two on the sheet"
+            )
     lower = [s for s, v in order if s in broken and math.isfinite(v) and v < loss]
     if lower:
         steps = ", ".join(f"step {s} ({_loss(held[s])})" for s in sorted(lower, key=lambda s: held[s]))
@@ -241,17 +256,23 @@ def table(figures: Figures, samples: Mapping[int, StepSummary], recommended: int
     if figures.has_held_out:
         images = figures.held_out_images
         count = f"{images} image{'s' if images != 1 else ''}" if images else "the images"
-        out.append(f"held-out loss: sd-scripts' validation loss on {count} in {figures.held_out_folder}, never "
-                   "trained on (lower is better):")  # fmt: skip
+        out.append(
+            f"held-out loss: sd-scripts' validation loss on {count} in {figures.held_out_folder}, never "
+            "trained on (lower is better):"
+        )
     else:
         out.append("validation loss on other folders (lower is better):")
     out.append(line(heads))
     out += [line(cells, note) for cells, note in zip(header_rows, notes)]
     for label, folder in figures.class_folders:
         if label in drift_folders:
-            out.append(f"drift {label}: the loss on {folder} minus the base model's (in brackets on its row); "
-                       "positive: the LoRA has pulled the class away from the base model")  # fmt: skip
+            out.append(
+                f"drift {label}: the loss on {folder} minus the base model's (in brackets on its row); "
+                "positive: the LoRA has pulled the class away from the base model"
+            )
         else:
-            out.append(f"{label} loss: the base model has no figure on {folder}, so no drift; measure it with "
-                       f'validation_loss([None, *files], cfg, folder="{folder}")')  # fmt: skip
+            out.append(
+                f"{label} loss: the base model has no figure on {folder}, so no drift; measure it with "
+                f'validation_loss([None, *files], cfg, folder="{folder}")'
+            )
     return "\n".join(out)

@@ -1,8 +1,8 @@
 """The review of a run's samples: reading ``NAME.samples.jsonl``, checking every sample, one row per checkpoint.
 
 A run's ``NAME.samples.jsonl`` lists every sample image (step, prompt, CFG scale, seed, path, checkpoint).
-:func:`review` reads it, finds the training images, runs :func:`~spyke_lora._compare._sample_checks.check_sample` on each
-sample and, with a scorer, ranks the steps; when the run also has held-out figures (``NAME.validation.jsonl``, see
+:func:`review` reads it, finds the training images, runs :func:`~._sample_checks.check_sample` on each sample and,
+with a scorer, ranks the steps (:mod:`._scorers`); when the run also has held-out figures (``NAME.validation.jsonl``, see
 :mod:`._figures`) it adds them, ranks the steps by held-out loss and recommends one. Its :class:`Review` is what the
 contact sheet draws.
 """
@@ -19,54 +19,16 @@ from typing import TYPE_CHECKING, Any
 from .._config import tomllib
 from .._errors import ConfigError
 from ._figures import Figures, StepLoss, loss_order, read_figures, recommend, table
-from ._rank import _order, _scores
-from ._sample_checks import _BROKEN, PathLike, SampleWarning, _References, check_sample
+from ._rows import Cell, StepSummary
+from ._sample_checks import BROKEN, PathLike, References, SampleWarning, check_sample
+from ._scorers import score_order, score_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._scorers import Scorer
 
-__all__ = ["Cell", "Review", "StepSummary", "review"]
+__all__ = ["Review", "review"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One sample of the sheet: a step x (prompt, CFG scale). ``path`` is None when no image was made."""
-
-    step: int
-    prompt: str
-    cfg_scale: float
-    seed: int | None
-    path: Path | None
-    checkpoint: str | None  # the LoRA file's name; None for the base model (step 0) or an unknown file
-    warnings: tuple[SampleWarning, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        """True when the sample has no warnings."""
-        return not self.warnings
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSummary:
-    """One row: a checkpoint. ``broken``: one of its samples is black, flat or NaN (do not use the file).
-
-    With the run's held-out figures (``NAME.validation.jsonl``): ``held_out_loss``, the step's held-out validation
-    loss (None: not measured); ``class_loss``, ``(folder label, loss)`` on every other folder measured (class
-    images); ``class_drift``, ``(folder label, loss minus the base model's)`` for the folders the base model was
-    measured on too (none on the base model's own row)."""
-
-    step: int
-    checkpoint: str | None
-    images: int  # samples found on disk
-    missing: int  # cells without an image
-    warnings: int
-    broken: bool
-    score: float | None = None  # the scorer's, when one was given
-    held_out_loss: float | None = None
-    class_loss: tuple[tuple[str, float], ...] = ()
-    class_drift: tuple[tuple[str, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +80,7 @@ class Review:
         figure on that folder); "" when the run has no validation figures."""
         if self.validation is None or not self.figures:
             return ""
-        figures = Figures(self.validation, self.figures, self.held_out_folder, self.held_out_images,
-                          self.class_folders)  # fmt: skip
+        figures = Figures(self.validation, self.figures, self.held_out_folder, self.held_out_images, self.class_folders)
         return table(figures, {s.step: s for s in self.steps}, self.recommended)
 
 
@@ -135,13 +96,17 @@ def _manifest(run_dir: PathLike, name: str | None) -> tuple[Path, str]:
         if not manifest.is_file():
             others = sorted(p.name[: -len(".samples.jsonl")] for p in path.glob("*.samples.jsonl"))
             hint = f" (it has the samples of {', '.join(others)})" if others else ""
-            raise ConfigError(f"{path} has no {name}.samples.jsonl{hint}; check the name, or make samples with "
-                              "`sample_prompts` in training or `spyke-lora sample`")  # fmt: skip
+            raise ConfigError(
+                f"{path} has no {name}.samples.jsonl{hint}; check the name, or make samples with "
+                "`sample_prompts` in training or `spyke-lora sample`"
+            )
         return manifest, name
     found = sorted(path.glob("*.samples.jsonl"))
     if not found:
-        raise ConfigError(f"{path} has no NAME.samples.jsonl, so there are no samples to compare; train with "
-                          "`sample_prompts` set, or sample the saved files with `spyke-lora sample`")  # fmt: skip
+        raise ConfigError(
+            f"{path} has no NAME.samples.jsonl, so there are no samples to compare; train with "
+            "`sample_prompts` set, or sample the saved files with `spyke-lora sample`"
+        )
     if len(found) > 1:
         names = ", ".join(p.name[: -len(".samples.jsonl")] for p in found)
         raise ConfigError(f"{path} holds the samples of several runs ({names}); pick one with name= (--name)")
@@ -176,8 +141,13 @@ def _sample_path(text: Any, run_dir: Path) -> Path | None:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # fmt: skip
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _training_images(run_dir: Path, name: str, given: PathLike | Sequence[PathLike] | None) -> list[Path]:
@@ -244,11 +214,23 @@ def review(
 ) -> Review:
     """Check every sample of a run and, with a ``scorer``, rank the steps (:func:`rank_checkpoints`).
 
-    Reads ``RUN_DIR/NAME.samples.jsonl`` (``name`` picks the run when the folder holds several; ``run_dir`` may also
-    be the manifest itself) and runs :func:`check_sample` on each image.
+    Reads ``RUN_DIR/NAME.samples.jsonl`` and runs :func:`check_sample` on each image; with the run's held-out
+    figures (``NAME.validation.jsonl``) it adds them, ranks the steps by held-out loss and recommends one.
 
-    ``train_images``: image files or folders to look for near-duplicates in; None: the ``train_dir`` of the run's
-    ``NAME.config.toml`` when it still exists; ``()``: no near-duplicate check."""
+    Args:
+        run_dir: the run's ``output_dir``, or its ``NAME.samples.jsonl`` itself.
+        name: the run's ``output_name``, when the folder holds the samples of several runs.
+        train_images: image files or folders to look for near-duplicates in; None: the ``train_dir`` of the run's
+            ``NAME.config.toml`` when it still exists; ``()``: no near-duplicate check.
+        scorer: ranks the steps by their samples (:class:`Scorer`); None: no score ranking.
+
+    Returns:
+        The :class:`Review`: a cell per sample, a row per step, the warning lines ``spyke-lora compare`` prints.
+
+    Raises:
+        ConfigError: ``run_dir`` is not a run's folder, has no samples manifest (or several and no ``name``), the
+            manifest lists no samples, or a training image given does not exist.
+    """
     manifest, name = _manifest(run_dir, name)
     folder = manifest.parent
     entries = _read_manifest(manifest)
@@ -260,55 +242,72 @@ def review(
     by_key = {item["_key"]: item for item in entries}
     steps = sorted({item["_key"][0] for item in entries})
     train = _training_images(folder, name, train_images)
-    references = _References(train)
+    references = References(train)
 
     cells, lines = [], []
     for step in steps:
         for prompt, cfg in columns:
-            item = by_key.get((step, prompt, cfg))
-            where = f'{_step_text(step)}, CFG {cfg:g}, "{_prompt_text(prompt)}"'
-            if item is None:
-                found = (SampleWarning("missing", "no sample in the manifest", "missing"),)
-                cells.append(Cell(step, prompt, cfg, None, None, None, found))
-                lines.append(f"{where}: no sample in the manifest")
-                continue
-            path = _sample_path(item.get("path"), folder)
-            checkpoint = Path(str(item["checkpoint"])).name if item.get("checkpoint") else None
-            seed = item.get("seed") if isinstance(item.get("seed"), int) else None
-            if path is None or not path.is_file():
-                shown = _shown(path, folder) if path else "(no path)"
-                found = (SampleWarning("missing", f"image missing: {shown}", "missing"),)
-            else:
-                try:
-                    found = tuple(check_sample(path, references))
-                except (OSError, ValueError) as e:
-                    found = (SampleWarning("unreadable", f"image cannot be read ({e})", "unreadable"),)
-            cells.append(Cell(step, prompt, cfg, seed, path, checkpoint, found))
-            suffix = f" — {_shown(path, folder)}" if path is not None and path.is_file() else ""
-            lines += [f"{where}: {w.message}{suffix}" for w in found]
-
-    summaries = []
-    for step in steps:
-        row = [c for c in cells if c.step == step]
-        images = [c for c in row if c.path is not None and not any(w.kind in ("missing", "unreadable")
-                                                                   for w in c.warnings)]  # fmt: skip
-        broken = [c for c in images if any(w.kind in _BROKEN for w in c.warnings)]
-        checkpoint = next((c.checkpoint for c in row if c.checkpoint), None)
-        summaries.append(StepSummary(step, checkpoint, len(images), len(row) - len(images),
-                                     sum(len(c.warnings) for c in row), bool(broken)))  # fmt: skip
-        if images and len(broken) == len(images):
-            lines.append(f"{_step_text(step)}: every sample is black, flat or NaN: the weights are broken; do not "
-                         "use this file")  # fmt: skip
+            cell, found = _check_cell(step, prompt, cfg, by_key.get((step, prompt, cfg)), folder, references)
+            cells.append(cell)
+            lines += found
+    summaries = [_summary(step, [c for c in cells if c.step == step], lines) for step in steps]
 
     ranking = None
     if scorer is not None:
-        scores = _scores(cells, summaries, scorer, train)
-        ranking = _order(scores, {s.step for s in summaries if s.broken})
+        scores = score_steps(cells, summaries, scorer, train)
+        ranking = score_order(scores, {s.step for s in summaries if s.broken})
         summaries = [dataclasses.replace(s, score=scores.get(s.step)) for s in summaries]
-    rv = Review(name, folder, manifest, tuple(columns), tuple(cells), tuple(summaries), tuple(train),
-                tuple(lines), ranking, getattr(scorer, "name", type(scorer).__name__) if scorer else None)  # fmt: skip
+    scorer_name = getattr(scorer, "name", type(scorer).__name__) if scorer else None
+    rv = Review(
+        name,
+        folder,
+        manifest,
+        tuple(columns),
+        tuple(cells),
+        tuple(summaries),
+        tuple(train),
+        tuple(lines),
+        ranking,
+        scorer_name,
+    )
     figures = read_figures(folder / f"{name}.validation.jsonl")
     return rv if figures is None else _with_figures(rv, figures)
+
+
+def _check_cell(
+    step: int, prompt: str, cfg: float, item: dict[str, Any] | None, folder: Path, references: References
+) -> tuple[Cell, list[str]]:
+    """One cell of the sheet, its sample checked, and the warning lines it adds."""
+    where = f'{_step_text(step)}, CFG {cfg:g}, "{_prompt_text(prompt)}"'
+    if item is None:
+        found = (SampleWarning("missing", "no sample in the manifest", "missing"),)
+        return Cell(step, prompt, cfg, None, None, None, found), [f"{where}: no sample in the manifest"]
+    path = _sample_path(item.get("path"), folder)
+    checkpoint = Path(str(item["checkpoint"])).name if item.get("checkpoint") else None
+    seed = item.get("seed") if isinstance(item.get("seed"), int) else None
+    if path is None or not path.is_file():
+        shown = _shown(path, folder) if path else "(no path)"
+        found = (SampleWarning("missing", f"image missing: {shown}", "missing"),)
+    else:
+        try:
+            found = tuple(check_sample(path, references))
+        except (OSError, ValueError) as e:
+            found = (SampleWarning("unreadable", f"image cannot be read ({e})", "unreadable"),)
+    suffix = f" — {_shown(path, folder)}" if path is not None and path.is_file() else ""
+    return Cell(step, prompt, cfg, seed, path, checkpoint, found), [f"{where}: {w.message}{suffix}" for w in found]
+
+
+def _summary(step: int, row: list[Cell], lines: list[str]) -> StepSummary:
+    """The row of ``step`` from its cells; a line added to ``lines`` when every sample of it is broken."""
+    images = [c for c in row if c.path is not None and not any(w.kind in ("missing", "unreadable") for w in c.warnings)]
+    broken = [c for c in images if any(w.kind in BROKEN for w in c.warnings)]
+    checkpoint = next((c.checkpoint for c in row if c.checkpoint), None)
+    warnings = sum(len(c.warnings) for c in row)
+    if images and len(broken) == len(images):
+        lines.append(
+            f"{_step_text(step)}: every sample is black, flat or NaN: the weights are broken; do not use this file"
+        )
+    return StepSummary(step, checkpoint, len(images), len(row) - len(images), warnings, bool(broken))
 
 
 def _with_figures(rv: Review, figures: Figures) -> Review:
@@ -317,16 +316,27 @@ def _with_figures(rv: Review, figures: Figures) -> Review:
     summaries = []
     for s in rv.steps:
         r = by_step.get(s.step)
-        summaries.append(s if r is None else dataclasses.replace(
-            s, held_out_loss=r.held_out_loss, class_loss=r.class_loss, class_drift=r.class_drift))  # fmt: skip
+        summaries.append(
+            s
+            if r is None
+            else dataclasses.replace(
+                s, held_out_loss=r.held_out_loss, class_loss=r.class_loss, class_drift=r.class_drift
+            )
+        )
     loss_ranking = None
     if figures.has_held_out:
         held = {r.step: r.held_out_loss for r in figures.rows if r.held_out_loss is not None}
         loss_ranking = loss_order(held, {s.step for s in rv.steps if s.broken})
     recommended, recommendation = recommend(figures, {s.step: s for s in rv.steps})
     return dataclasses.replace(
-        rv, steps=tuple(summaries), validation=figures.manifest, figures=figures.rows,
-        held_out_folder=figures.held_out_folder, held_out_images=figures.held_out_images,
-        class_folders=figures.class_folders, loss_ranking=loss_ranking, recommended=recommended,
+        rv,
+        steps=tuple(summaries),
+        validation=figures.manifest,
+        figures=figures.rows,
+        held_out_folder=figures.held_out_folder,
+        held_out_images=figures.held_out_images,
+        class_folders=figures.class_folders,
+        loss_ranking=loss_ranking,
+        recommended=recommended,
         recommendation=recommendation,
-    )  # fmt: skip
+    )

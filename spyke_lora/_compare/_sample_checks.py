@@ -18,7 +18,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
 
-__all__ = ["PathLike", "SampleWarning", "check_sample"]
+__all__ = ["BROKEN", "PathLike", "References", "SampleWarning", "check_sample", "open_image", "to_array"]
 
 # --- thresholds of the sample checks (on pixel values scaled to 0..1) ---------------------------------------------
 BLACK_MEAN = 4 / 255  # "black": mean below this ...
@@ -28,7 +28,7 @@ THUMB = 32  # near-duplicate: both images reduced to THUMB x THUMB
 DUPLICATE_CORRELATION = 0.95  # ... grey-level correlation of the thumbnails at least this
 DUPLICATE_MEAN_DIFF = 0.08  # ... and mean absolute RGB difference of the thumbnails at most this
 
-_BROKEN = ("black", "uniform", "nan")  # kinds that mean the weights are unusable
+BROKEN = ("black", "uniform", "nan")  # the warnings' kinds that mean the weights are unusable
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -48,7 +48,7 @@ class SampleWarning:
         return self.message
 
 
-class _References:
+class References:
     """Thumbnails of the training images (and their mirror images), made once per review."""
 
     def __init__(self, paths: Iterable[PathLike]) -> None:
@@ -56,7 +56,7 @@ class _References:
         grey, rgb = [], []
         for path in paths:
             try:
-                thumb = _thumbnail(_to_array(_open(Path(path))))
+                thumb = _thumbnail(to_array(open_image(Path(path))))
             except (OSError, ValueError):
                 continue  # an unreadable training image is sd-scripts' problem to report, not the sheet's
             g = _normalised_grey(thumb)
@@ -89,7 +89,7 @@ class _References:
         return None if best is None else (best[1], best[2])
 
 
-def _open(path: Path) -> PILImage.Image:
+def open_image(path: Path) -> PILImage.Image:
     """The image, fully loaded so its file is closed."""
     from PIL import Image
 
@@ -98,7 +98,7 @@ def _open(path: Path) -> PILImage.Image:
         return image
 
 
-def _to_array(image: Any) -> np.ndarray:
+def to_array(image: Any) -> np.ndarray:
     """An H x W x 3 float array; 0..1 for 8- and 16-bit images, the values themselves for float images."""
     if isinstance(image, np.ndarray):
         array = image.astype(np.float64)
@@ -146,7 +146,7 @@ def _short_name(path: Path) -> str:
 
 
 def check_sample(
-    image: PathLike | PILImage.Image | np.ndarray, train_images: Sequence[PathLike] | _References = ()
+    image: PathLike | PILImage.Image | np.ndarray, train_images: Sequence[PathLike] | References = ()
 ) -> list[SampleWarning]:
     """What looks wrong with one sample image (a path, a PIL image or an array): an empty list when nothing does.
 
@@ -157,7 +157,7 @@ def check_sample(
     * ``near-duplicate``: the sample, reduced to 32 x 32, is a copy of a training image or of its mirror image
       (grey-level correlation >= 0.95 and mean colour difference <= 0.08): the LoRA memorised it.
     """
-    array = _to_array(_open(Path(image)) if isinstance(image, (str, os.PathLike)) else image)
+    array = to_array(open_image(Path(image)) if isinstance(image, (str, os.PathLike)) else image)
     found = []
     finite = np.isfinite(array)
     if not finite.all():
@@ -169,11 +169,17 @@ def check_sample(
         rgb = ", ".join(str(round(float(v) * 255)) for v in array.reshape(-1, 3).mean(axis=0))
         found.append(SampleWarning("uniform", f"one flat colour (rgb {rgb}): no picture", "uniform"))
     else:
-        references = train_images if isinstance(train_images, _References) else _References(train_images)
+        references = train_images if isinstance(train_images, References) else References(train_images)
         match = references.match(_thumbnail(array))
         if match is not None:
             path, mirrored = match
             what = f"{_short_name(path)}{' (mirrored)' if mirrored else ''}"
-            found.append(SampleWarning("near-duplicate", f"near-duplicate of training image {what} (memorised?)",
-                                       f"near-duplicate of {what}", path))  # fmt: skip
+            found.append(
+                SampleWarning(
+                    "near-duplicate",
+                    f"near-duplicate of training image {what} (memorised?)",
+                    f"near-duplicate of {what}",
+                    path,
+                )
+            )
     return found

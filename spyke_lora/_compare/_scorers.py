@@ -1,17 +1,22 @@
-"""Scorers of a checkpoint's samples: the :class:`Scorer` protocol and :class:`ColourHistogramScorer`."""
+"""Scorers of a checkpoint's samples: the :class:`Scorer` protocol, :class:`ColourHistogramScorer`, and the steps
+scored and ordered by one (:func:`score_steps`, :func:`score_order`), for :func:`~spyke_lora.review`'s ranking."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from .._errors import ConfigError
-from ._sample_checks import PathLike, _open
+from ._sample_checks import PathLike, open_image
 
-__all__ = ["ColourHistogramScorer", "Scorer"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ._rows import Cell, StepSummary
+
+__all__ = ["ColourHistogramScorer", "Scorer", "score_order", "score_steps"]
 
 
 @runtime_checkable
@@ -41,7 +46,7 @@ class ColourHistogramScorer:
 
     def histogram(self, path: PathLike) -> np.ndarray:
         """The normalised joint HSV histogram of an image (greys, whose hue means nothing, go to hue bin 0)."""
-        image = _open(Path(path)).convert("RGB")
+        image = open_image(Path(path)).convert("RGB")
         image.thumbnail((self.size, self.size))
         hsv = np.asarray(image.convert("HSV"), dtype=np.int64).reshape(-1, 3)
         h, s, v = (hsv[:, i] * n // 256 for i, n in enumerate(self.bins))
@@ -60,8 +65,10 @@ class ColourHistogramScorer:
                 except OSError:
                     continue
             if not hists:
-                raise ConfigError("the colour histogram scorer needs the training images (none could be read); "
-                                  "give them with train_images= (--train-images)")  # fmt: skip
+                raise ConfigError(
+                    "the colour histogram scorer needs the training images (none could be read); "
+                    "give them with train_images= (--train-images)"
+                )
             self._reference = (key, np.mean(hists, axis=0))
         return self._reference[1]
 
@@ -69,3 +76,45 @@ class ColourHistogramScorer:
         palette = self._palette(train_images)
         scores = [float(np.minimum(self.histogram(p), palette).sum()) for p in samples]
         return float(np.mean(scores)) if scores else float("nan")
+
+
+def score_steps(
+    cells: Sequence[Cell], summaries: Sequence[StepSummary], scorer: Scorer, train: Sequence[Path]
+) -> dict[int, float]:
+    """The score of every step but 0 with a sample image on disk.
+
+    Args:
+        cells: the review's cells, every step's samples.
+        summaries: the review's rows, one per step.
+        scorer: called once per step with that step's sample images and ``train``.
+        train: the training images.
+
+    Returns:
+        ``{step: score}``; the base model (step 0) and steps without an image on disk are left out.
+    """
+    scores: dict[int, float] = {}
+    for summary in summaries:
+        if summary.step == 0:
+            continue  # the base model is the reference, not a candidate
+        samples = [c.path for c in cells if c.step == summary.step and c.path is not None and c.path.is_file()]
+        if samples:
+            scores[summary.step] = float(scorer(samples, list(train)))
+    return scores
+
+
+def score_order(scores: dict[int, float], broken: set[int]) -> tuple[tuple[int, float], ...]:
+    """The steps ranked by score.
+
+    Args:
+        scores: ``{step: score}``, higher is better (:func:`score_steps`).
+        broken: the steps with a black, flat or NaN sample.
+
+    Returns:
+        ``(step, score)`` pairs, best score first; broken steps and non-finite scores last.
+    """
+
+    def key(item: tuple[int, float]) -> tuple[int, float, int]:
+        step, score = item
+        return (step in broken or not math.isfinite(score), -score if math.isfinite(score) else 0.0, step)
+
+    return tuple(sorted(scores.items(), key=key))

@@ -15,8 +15,9 @@ import numpy as np
 
 from .._errors import ConfigError
 from .._files import atomic_path
-from ._review import Cell, Review, StepSummary, review
-from ._sample_checks import PathLike, _open, _to_array
+from ._review import Review, review
+from ._rows import Cell, StepSummary
+from ._sample_checks import PathLike, open_image, to_array
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._scorers import Scorer
@@ -83,9 +84,17 @@ def sheet_layout(rows: int, cols: int, cell: int = 256) -> SheetLayout:
     small = max(9, round(font * 0.75))
     line = round(font * 1.3)
     gap = max(4, cell // 32)
-    return SheetLayout(rows=rows, cols=cols, cell=cell, gap=gap, label_width=11 * font,
-                       header_height=(PROMPT_LINES + 1) * line + 2 * gap, font_size=font, small_font_size=small,
-                       line_height=line)  # fmt: skip
+    return SheetLayout(
+        rows=rows,
+        cols=cols,
+        cell=cell,
+        gap=gap,
+        label_width=11 * font,
+        header_height=(PROMPT_LINES + 1) * line + 2 * gap,
+        font_size=font,
+        small_font_size=small,
+        line_height=line,
+    )
 
 
 def _font(size: int):
@@ -137,9 +146,9 @@ def _paste(sheet, path: Path, box: tuple[int, int, int, int]) -> bool:
     from PIL import Image
 
     try:
-        image = _open(path)
+        image = open_image(path)
         if image.mode not in ("RGB", "L"):
-            array = np.nan_to_num(np.clip(_to_array(image), 0, 1))
+            array = np.nan_to_num(np.clip(to_array(image), 0, 1))
             image = Image.fromarray((array * 255 + 0.5).astype(np.uint8), "RGB")
         image = image.convert("RGB")
     except (OSError, ValueError):
@@ -149,8 +158,9 @@ def _paste(sheet, path: Path, box: tuple[int, int, int, int]) -> bool:
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
     elif max(image.size) < size:  # small samples are enlarged to the cell, keeping the aspect
         scale = size / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.LANCZOS)  # fmt: skip
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+        )
     sheet.paste(LETTERBOX, box)
     sheet.paste(image, (box[0] + (size - image.width) // 2, box[1] + (size - image.height) // 2))
     return True
@@ -190,8 +200,15 @@ def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
             draw.line([x0, layout.header_height - line - 3, x1 - 1, layout.header_height - line - 3], fill=SMALL_TEXT)
         for c in range(col, col + span):
             hx0, _, hx1, _ = layout.header_box(c)
-            _draw_lines(draw, (hx0, layout.header_height - line - 1), [f"CFG {rv.columns[c][1]:g}"], font, TEXT,
-                        line, centre=hx1 - hx0)  # fmt: skip
+            _draw_lines(
+                draw,
+                (hx0, layout.header_height - line - 1),
+                [f"CFG {rv.columns[c][1]:g}"],
+                font,
+                TEXT,
+                line,
+                centre=hx1 - hx0,
+            )
         col += span
 
     # rows: the step, its file, its score, its held-out figures; then the cells
@@ -202,8 +219,9 @@ def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
         title = "base" if summary.step == 0 else f"step {summary.step}"
         y = _draw_lines(draw, (x0 + gap, y0 + 2), [title], font, TEXT, line)
         name = "base model" if summary.step == 0 else (summary.checkpoint or "")
-        y = _draw_lines(draw, (x0 + gap, y), _wrap(draw, name, small, x1 - x0 - 2 * gap, 4), small, SMALL_TEXT,
-                        small_line)  # fmt: skip
+        y = _draw_lines(
+            draw, (x0 + gap, y), _wrap(draw, name, small, x1 - x0 - 2 * gap, 4), small, SMALL_TEXT, small_line
+        )
         if summary.score is not None:
             text = f"score {summary.score:.3f}" + (f" (#{rank[summary.step]})" if summary.step in rank else "")
             y = _draw_lines(draw, (x0 + gap, y + 4), [text], small, TEXT, small_line)
@@ -251,8 +269,9 @@ def _draw_cell(draw, sheet, layout: SheetLayout, cell: Cell, box, font, small) -
     if not pasted:
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=MISSING)
         word = "unreadable" if any(w.kind == "unreadable" for w in cell.warnings) else "missing"
-        _draw_lines(draw, (x0, (y0 + y1) // 2 - layout.line_height // 2), [word], font, TEXT, layout.line_height,
-                    centre=x1 - x0)  # fmt: skip
+        _draw_lines(
+            draw, (x0, (y0 + y1) // 2 - layout.line_height // 2), [word], font, TEXT, layout.line_height, centre=x1 - x0
+        )
         if word == "missing":
             return
     marks = [w for w in cell.warnings if w.kind not in ("missing",)]

@@ -20,18 +20,17 @@ from pathlib import Path
 
 from .._config import TrainConfig
 from .._errors import DeployError
-from .._files import atomic_path
+from .._files import atomic_path, sha256
 from ._preconditions import (
-    _CHUNK,
-    _check_comfyui,
-    _check_lora,
-    _Checked,
-    _read_metadata,
-    _resolve_config,
-    _resolve_name,
-    _sha256,
+    CHUNK,
+    CheckedLora,
+    check_comfyui,
+    check_lora,
+    read_metadata,
+    resolve_config,
+    resolve_name,
 )
-from ._sidecar import SIDECAR_SUFFIX, _int, _sidecar_record, _write_sidecar
+from ._sidecar import SIDECAR_SUFFIX, metadata_int, sidecar_record, write_sidecar
 
 # ComfyUI's folder_paths.supported_pt_extensions (the current set; older releases had a subset of it)
 COMFYUI_MODEL_EXTENSIONS = frozenset({".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"})
@@ -68,34 +67,49 @@ def deploy(
     overwrite: bool = False,
     config: TrainConfig | str | os.PathLike[str] | None = None,
 ) -> DeployResult:
-    """Check ``checkpoint`` (a kohya-format LoRA .safetensors: complete, LoRA keys only, finite values) and install it
-    as ``COMFYUI/models/loras/NAME.safetensors`` with a ``NAME.spyke-lora.json`` provenance sidecar.
+    """Check a trained LoRA file and install it into ComfyUI, with a provenance sidecar.
 
-    ``name``: the file stem in ComfyUI; default the file's ``ss_output_name`` metadata, else its own stem.
-    ``overwrite``: replace a different file of that name (moved to ``models/loras/.spyke-lora-backup/`` first);
-    without it such a file is refused. The same bytes already installed: nothing is copied (status "unchanged").
-    ``config``: the run's :class:`TrainConfig` or its TOML, recorded in the sidecar; default ``NAME.config.toml`` next
-    to the checkpoint, if there is one. Raises :class:`DeployError` before anything is written when a check fails.
+    The file becomes ``COMFYUI/models/loras/NAME.safetensors``, copied atomically (ComfyUI never lists a half-written
+    file), with ``NAME.spyke-lora.json`` beside it saying where it came from.
+
+    Args:
+        checkpoint: a kohya-format LoRA .safetensors, checked first: complete, LoRA keys only, finite values.
+        comfyui_dir: the ComfyUI folder (the one holding ``main.py`` and ``models/``).
+        name: the file's stem in ComfyUI; None: the file's ``ss_output_name`` metadata, else its own stem.
+        overwrite: replace a different file of that name, moved to ``models/loras/.spyke-lora-backup/`` first;
+            without it such a file is refused. The same bytes already installed: nothing is copied.
+        config: the run's :class:`TrainConfig` or its TOML, recorded in the sidecar; None: ``NAME.config.toml`` next
+            to the checkpoint, if there is one.
+
+    Returns:
+        What was done: ``status`` "installed", "replaced" or "unchanged", the installed path, its sha256 and step,
+        the backup of a replaced file, the sidecar's path.
+
+    Raises:
+        DeployError: a check failed (nothing is written then), or the copy or the sidecar could not be written (the
+            file installed before, if any, is untouched).
+        ConfigError: the ``config`` file given is not a valid config.
     """
     source = Path(checkpoint).expanduser().absolute()
-    checked = _check_lora(source)
-    name = _resolve_name(name, checked)
-    root = _check_comfyui(Path(comfyui_dir).expanduser().absolute())
-    config_data, config_path = _resolve_config(config, checked)
+    checked = check_lora(source)
+    name = resolve_name(name, checked)
+    root = check_comfyui(Path(comfyui_dir).expanduser().absolute())
+    config_data, config_path = resolve_config(config, checked)
 
     loras = root / "models" / "loras"
     final = loras / f"{name}.safetensors"
     sidecar = loras / f"{name}{SIDECAR_SUFFIX}"
-    step = _int(checked.metadata.get("ss_steps"))
+    step = metadata_int(checked.metadata.get("ss_steps"))
     if final.is_dir() or sidecar.is_dir():
-        raise DeployError(f"`{final if final.is_dir() else sidecar}` is a folder; move it away, or choose another "
-                          f"`name` (--name)")  # fmt: skip
+        raise DeployError(
+            f"`{final if final.is_dir() else sidecar}` is a folder; move it away, or choose another `name` (--name)"
+        )
 
     backup: Path | None = None
     try:
         loras.mkdir(parents=True, exist_ok=True)
         if final.exists():
-            installed = _sha256(final)
+            installed = sha256(final)
             if installed == checked.sha256:
                 status = "unchanged"
             elif not overwrite:
@@ -112,15 +126,17 @@ def deploy(
             f"partial file remains; fix the cause (disk space, permissions) and deploy again"
         ) from e
     try:
-        record = _sidecar_record(name, checked, step, config_data, config_path, backup)
-        _write_sidecar(sidecar, record, keep_install_time=status == "unchanged")
+        record = sidecar_record(name, checked, step, config_data, config_path, backup)
+        write_sidecar(sidecar, record, keep_install_time=status == "unchanged")
     except OSError as e:
-        raise DeployError(f"{final} is {status}, but its provenance file {sidecar} could not be written: {e}; fix the "
-                          f"cause and deploy again (the same file: nothing is copied)") from e  # fmt: skip
+        raise DeployError(
+            f"{final} is {status}, but its provenance file {sidecar} could not be written: {e}; fix the "
+            f"cause and deploy again (the same file: nothing is copied)"
+        ) from e
     return DeployResult(final, status, checked.sha256, step, backup, sidecar)
 
 
-def _different_message(final: Path, installed: str, checked: _Checked, step: int | None) -> str:
+def _different_message(final: Path, installed: str, checked: CheckedLora, step: int | None) -> str:
     old_step = None
     try:
         old = json.loads(final.with_name(final.name[: -len(".safetensors")] + SIDECAR_SUFFIX).read_text("utf-8"))
@@ -129,12 +145,14 @@ def _different_message(final: Path, installed: str, checked: _Checked, step: int
     except (OSError, ValueError):
         pass
     if old_step is None:
-        old_step = _int(_read_metadata(final).get("ss_steps"))
+        old_step = metadata_int(read_metadata(final).get("ss_steps"))
     new = f"sha256 {checked.sha256[:8]}" + (f", step {step}" if step is not None else "")
     old_text = f"sha256 {installed[:8]}" + (f", step {old_step}" if old_step is not None else "")
-    return (f"{final} already exists and is a different file ({old_text}) from {checked.path} ({new}); pass "
-            f"overwrite=True (--overwrite) to replace it (the old file is kept in {final.parent / BACKUP_DIR}), or "
-            f"choose another `name` (--name)")  # fmt: skip
+    return (
+        f"{final} already exists and is a different file ({old_text}) from {checked.path} ({new}); pass "
+        f"overwrite=True (--overwrite) to replace it (the old file is kept in {final.parent / BACKUP_DIR}), or "
+        f"choose another `name` (--name)"
+    )
 
 
 def _copy_checked(source: Path, temp: Path, expected_sha256: str | None) -> None:
@@ -142,7 +160,7 @@ def _copy_checked(source: Path, temp: Path, expected_sha256: str | None) -> None
     be ``expected_sha256`` (the file must not change between the check and the copy)."""
     digest = hashlib.sha256()
     with temp.open("wb") as out, source.open("rb") as src:
-        for chunk in iter(lambda: src.read(_CHUNK), b""):
+        for chunk in iter(lambda: src.read(CHUNK), b""):
             digest.update(chunk)
             out.write(chunk)
     if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
@@ -158,7 +176,7 @@ def _copy_atomic(source: Path, final: Path, expected_sha256: str | None) -> None
         _copy_checked(source, temp, expected_sha256)
 
 
-def _replace(checked: _Checked, final: Path, installed_sha: str, sidecar: Path) -> Path:
+def _replace(checked: CheckedLora, final: Path, installed_sha: str, sidecar: Path) -> Path:
     """Install over a different file, never losing it: the new file is copied next to it first, the old one copied
     to the backup folder (complete and fsynced), then the new one renamed over it. ``final`` is never absent."""
     with atomic_path(final) as temp:
@@ -168,7 +186,7 @@ def _replace(checked: _Checked, final: Path, installed_sha: str, sidecar: Path) 
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         stem = final.name[: -len(".safetensors")]
         backup = backups / f"{stem}.{stamp}.{installed_sha[:8]}.safetensors.bak"
-        if not (backup.is_file() and _sha256(backup) == installed_sha):
+        if not (backup.is_file() and sha256(backup) == installed_sha):
             _copy_atomic(final, backup, installed_sha)
         if sidecar.is_file():  # the old file's provenance goes with it
             _copy_atomic(sidecar, backups / f"{stem}.{stamp}.{installed_sha[:8]}{SIDECAR_SUFFIX}", None)

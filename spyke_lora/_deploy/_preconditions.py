@@ -18,7 +18,9 @@ from .._errors import ConfigError, DeployError, SpykeLoraWarning
 from .._files import sha256
 from .._header import HeaderError, read_header
 
-_CHUNK = 2**20
+__all__ = ["CHUNK", "CheckedLora", "check_comfyui", "check_lora", "read_metadata", "resolve_config", "resolve_name"]
+
+CHUNK = 2**20  # bytes read at a time when a LoRA file is hashed or copied
 _LORA_KEY = re.compile(
     r"^(?P<module>lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$"
 )
@@ -28,7 +30,9 @@ _COMFYUI_MARKERS = ("main.py", "comfy/", "custom_nodes/", "models/checkpoints/")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Checked:
+class CheckedLora:
+    """A LoRA file that passed :func:`check_lora`: what the install and the sidecar need to know of it."""
+
     path: Path
     size: int
     sha256: str
@@ -51,12 +55,25 @@ _NOT_SAFETENSORS = {
 }
 
 
-def _check_lora(path: Path) -> _Checked:
-    """``path`` checked as a complete safetensors file of finite kohya LoRA weights, or a DeployError saying why not."""
+def check_lora(path: Path) -> CheckedLora:
+    """Check ``path`` as a complete safetensors file of finite kohya LoRA weights.
+
+    Args:
+        path: the LoRA file, absolute.
+
+    Returns:
+        Its size, sha256, sd-scripts metadata and tensor count. A file without sd-scripts metadata (``ss_*``) passes
+        with a :class:`SpykeLoraWarning`.
+
+    Raises:
+        DeployError: the file is missing, a folder, not safetensors, cut short, holds other keys than a kohya LoRA's,
+            an unpaired ``lora_down``/``lora_up``, or NaN or infinite weights.
+    """
     where = f"`checkpoint` {str(path)!r}"
     if not path.exists():
-        raise DeployError(f"{where} does not exist; check the path (a run writes NAME-stepNNNNNNNN.safetensors into "
-                          f"its output_dir)")  # fmt: skip
+        raise DeployError(
+            f"{where} does not exist; check the path (a run writes NAME-stepNNNNNNNN.safetensors into its output_dir)"
+        )
     if not path.is_file():
         raise DeployError(f"{where} must be a LoRA .safetensors file, got a folder; pass one of the files in it")
     try:
@@ -73,7 +90,7 @@ def _check_lora(path: Path) -> _Checked:
             SpykeLoraWarning,
             stacklevel=3,
         )
-    return _Checked(path, header.size, _sha256(path), metadata, len(header.tensors))
+    return CheckedLora(path, header.size, sha256(path), metadata, len(header.tensors))
 
 
 def _check_keys(where: str, keys: list[str]) -> None:
@@ -120,12 +137,15 @@ def _check_tensors(where: str, path: Path) -> None:
                 if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
                     bad.append(key)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise DeployError(f"{where} must be a readable .safetensors file, got an error reading its tensors ({e}); "
-                          f"copy the file again") from e  # fmt: skip
+        raise DeployError(
+            f"{where} must be a readable .safetensors file, got an error reading its tensors ({e}); copy the file again"
+        ) from e
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise DeployError(f"{where} must hold finite weights, got NaN or infinite values in {len(bad)} tensor(s): "
-                          f"{shown}; the training diverged by this step: deploy an earlier checkpoint")  # fmt: skip
+        raise DeployError(
+            f"{where} must hold finite weights, got NaN or infinite values in {len(bad)} tensor(s): "
+            f"{shown}; the training diverged by this step: deploy an earlier checkpoint"
+        )
 
 
 def _valid_name(name: str) -> str | None:
@@ -139,13 +159,27 @@ def _valid_name(name: str) -> str | None:
     return name
 
 
-def _resolve_name(name: str | None, checked: _Checked) -> str:
-    """The stem in ComfyUI: ``name``, else the file's ``ss_output_name`` metadata, else the file's own stem."""
+def resolve_name(name: str | None, checked: CheckedLora) -> str:
+    """The file's stem in ComfyUI.
+
+    Args:
+        name: the stem asked for (a trailing ``.safetensors`` is dropped); None: the file's ``ss_output_name``
+            metadata, else the file's own stem.
+        checked: the checked LoRA file.
+
+    Returns:
+        The stem.
+
+    Raises:
+        DeployError: ``name`` (or, without it, the file's name) is not a plain file stem.
+    """
     if name is not None:
         stem = _valid_name(name)
         if stem is None:
-            raise DeployError(f"`name` must be a plain file stem such as 'spyke_plasma_v1' (no '/', '\\', ':' or "
-                              f"leading '.', not empty), got {name!r}; try --name spyke_plasma_v1")  # fmt: skip
+            raise DeployError(
+                f"`name` must be a plain file stem such as 'spyke_plasma_v1' (no '/', '\\', ':' or "
+                f"leading '.', not empty), got {name!r}; try --name spyke_plasma_v1"
+            )
         return stem
     output_name = checked.metadata.get("ss_output_name")
     if output_name and _valid_name(output_name):
@@ -170,8 +204,19 @@ def _comfyui_problem(root: Path) -> str | None:
     return None
 
 
-def _check_comfyui(root: Path) -> Path:
-    """``root`` when it is a ComfyUI folder; else a DeployError naming a nearby folder that is one, if any."""
+def check_comfyui(root: Path) -> Path:
+    """Check that ``root`` is a ComfyUI folder: ``models/`` and one of ``main.py``, ``comfy/``, ``custom_nodes/``,
+    ``models/checkpoints/``.
+
+    Args:
+        root: the folder given as ``comfyui_dir``, absolute.
+
+    Returns:
+        ``root``.
+
+    Raises:
+        DeployError: it is not one; the message names a nearby folder that is, if any.
+    """
     problem = _comfyui_problem(root)
     if problem is None:
         return root
@@ -184,17 +229,31 @@ def _check_comfyui(root: Path) -> Path:
     raise DeployError(f"`comfyui_dir` {str(root)!r} must be a ComfyUI folder, but {problem}; {hint}")
 
 
-def _resolve_config(
-    config: TrainConfig | str | os.PathLike[str] | None, checked: _Checked
+def resolve_config(
+    config: TrainConfig | str | os.PathLike[str] | None, checked: CheckedLora
 ) -> tuple[dict[str, Any] | None, Path | None]:
-    """The config the sidecar records, and its TOML: ``config``, else ``NAME.config.toml`` next to the checkpoint."""
+    """The run's config the sidecar records.
+
+    Args:
+        config: the run's config or its TOML; None: ``NAME.config.toml`` next to the checkpoint, if there is one (one
+            that is no longer valid is recorded as written, with a :class:`SpykeLoraWarning`).
+        checked: the checked LoRA file.
+
+    Returns:
+        ``(the config as a dict, its TOML file)``; either is None when unknown.
+
+    Raises:
+        DeployError: the ``config`` file given does not exist.
+        ConfigError: the ``config`` file given is not a valid config.
+    """
     if isinstance(config, TrainConfig):
         return config.to_dict(), None
     if config is not None:
         path = Path(config).expanduser().absolute()
         if not path.is_file():
-            raise DeployError(f"`config` {str(path)!r} does not exist; pass the run's NAME.config.toml, or leave it "
-                              f"out")  # fmt: skip
+            raise DeployError(
+                f"`config` {str(path)!r} does not exist; pass the run's NAME.config.toml, or leave it out"
+            )
         return TrainConfig.from_toml(path).to_dict(), path  # a ConfigError names what is wrong in it
     folder = checked.path.parent
     stems = [checked.metadata.get("ss_output_name"), checked.path.stem, _STEP_SUFFIX.sub("", checked.path.stem)]
@@ -204,8 +263,9 @@ def _resolve_config(
             try:
                 return TrainConfig.from_toml(path).to_dict(), path
             except ConfigError as e:  # an older or edited config: record what the file says
-                warnings.warn(f"{path} is not a valid config now ({e}); recorded as written", SpykeLoraWarning,
-                              stacklevel=3)  # fmt: skip
+                warnings.warn(
+                    f"{path} is not a valid config now ({e}); recorded as written", SpykeLoraWarning, stacklevel=3
+                )
                 try:
                     return tomllib.loads(path.read_text(encoding="utf-8")), path
                 except (tomllib.TOMLDecodeError, UnicodeDecodeError):
@@ -213,15 +273,17 @@ def _resolve_config(
     return None, None
 
 
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors file (its tensors are not checked).
 
-def _read_metadata(path: Path) -> dict[str, Any]:
-    """The ``__metadata__`` of a safetensors file, or {} when it cannot be read (its tensors are not checked)."""
+    Args:
+        path: the file.
+
+    Returns:
+        The metadata; ``{}`` when the file cannot be read.
+    """
     try:
         metadata = read_header(path, complete=False).metadata
     except (OSError, HeaderError):
         return {}
     return metadata if isinstance(metadata, dict) else {}
-
-
-def _sha256(path: Path) -> str:
-    return sha256(path)

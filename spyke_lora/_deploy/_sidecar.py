@@ -11,14 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from .._files import atomic_path
-from ._preconditions import _Checked
+from .._version import __version__
+from ._preconditions import CheckedLora
+
+__all__ = ["SIDECAR_SUFFIX", "metadata_int", "sidecar_record", "write_sidecar"]
 
 SIDECAR_SUFFIX = ".spyke-lora.json"
 
 
-def _write_sidecar(path: Path, record: dict[str, Any], *, keep_install_time: bool) -> None:
-    """Write ``record`` atomically, unless the file already says it; ``keep_install_time``: the same file deployed
-    again keeps its first ``installed_at`` and ``backup``."""
+def write_sidecar(path: Path, record: dict[str, Any], *, keep_install_time: bool) -> None:
+    """Write the sidecar ``record`` to ``path`` atomically, unless the file already says it.
+
+    Args:
+        path: ``COMFYUI/models/loras/NAME.spyke-lora.json``.
+        record: the provenance (:func:`sidecar_record`); its ``installed_at`` and ``backup`` may be replaced.
+        keep_install_time: the same file deployed again: keep the sidecar's first ``installed_at`` and ``backup``.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -33,7 +44,8 @@ def _write_sidecar(path: Path, record: dict[str, Any], *, keep_install_time: boo
         os.chmod(temp, 0o644)  # as the LoRA beside it
 
 
-def _int(value: Any) -> int | None:
+def metadata_int(value: Any) -> int | None:
+    """A whole number from sd-scripts' string metadata (``ss_steps``); None when absent or not one."""
     try:
         return int(str(value))
     except (TypeError, ValueError):
@@ -58,16 +70,28 @@ def _text(value: str | None) -> str | None:
     return None if value in (None, "", "None") else value
 
 
-def _sidecar_record(
+def sidecar_record(
     name: str,
-    checked: _Checked,
+    checked: CheckedLora,
     step: int | None,
     config: dict[str, Any] | None,
     config_path: Path | None,
     backup: Path | None,
 ) -> dict[str, Any]:
-    from .. import __version__
+    """The provenance record of an installed LoRA file.
 
+    Args:
+        name: its stem in ComfyUI.
+        checked: the checked LoRA file.
+        step: the step it was saved at (``ss_steps``), if known.
+        config: the run's config, if known.
+        config_path: the config's TOML file, if any.
+        backup: where a replaced file went, if one was.
+
+    Returns:
+        The sidecar's JSON object: the file, its sd-scripts metadata, base model, network, config and the
+        spyke-lora version.
+    """
     meta = checked.metadata
     finished = _number(meta.get("ss_training_finished_at"))
     return {
@@ -77,13 +101,14 @@ def _sidecar_record(
         "sha256": checked.sha256,
         "size": checked.size,
         "step": step,
-        "epoch": _int(meta.get("ss_epoch")),
+        "epoch": metadata_int(meta.get("ss_epoch")),
         "output_name": _text(meta.get("ss_output_name")),
         "training_comment": _text(meta.get("ss_training_comment")),
         "training_finished_at": (
             _dt.datetime.fromtimestamp(finished, _dt.timezone.utc).isoformat(timespec="seconds")
-            if finished is not None else None
-        ),  # fmt: skip
+            if finished is not None
+            else None
+        ),
         "base_model": {
             "name": _text(meta.get("ss_sd_model_name")),
             "hash": _text(meta.get("ss_new_sd_model_hash")) or _text(meta.get("ss_sd_model_hash")),

@@ -20,9 +20,14 @@ from ._host import EngineHost, host_for
 
 # The scheduler of the SD1.5 release (its scheduler_config.json), written out so that nothing is downloaded.
 SD15_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-    set_alpha_to_one=False, steps_offset=1,
-)  # fmt: skip
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 TOKENIZER_ID = "openai/clip-vit-large-patch14"  # what sd-scripts loads for SD1.x
 TOKENIZER_FOLDER = "openai_clip-vit-large-patch14"  # its name inside sd-scripts' --tokenizer_cache_dir
 
@@ -48,16 +53,23 @@ def build_pipeline(host: EngineHost, base_model: Path, tokenizer_cache_dir: Path
     if tokenizer_cache_dir is not None:
         folder = Path(tokenizer_cache_dir) / TOKENIZER_FOLDER
         if not folder.is_dir():
-            raise ConfigError(f"`tokenizer_cache_dir` {tokenizer_cache_dir} has no {TOKENIZER_FOLDER} folder; "
-                              f"point it at the folder sd-scripts' --tokenizer_cache_dir uses")  # fmt: skip
+            raise ConfigError(
+                f"`tokenizer_cache_dir` {tokenizer_cache_dir} has no {TOKENIZER_FOLDER} folder; "
+                f"point it at the folder sd-scripts' --tokenizer_cache_dir uses"
+            )
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     else:
         tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_ID)  # the Hugging Face cache, as sd-scripts does
     return diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
 
 
 def diffusers_pipeline(cfg: TrainConfig) -> Any:

@@ -47,6 +47,7 @@ from types import ModuleType
 from typing import Any
 
 from .._config import TrainConfig, repeats_from_folder_name
+from ._lora_weights import load_lora_weights, lora_alphas
 from ._process import DeviceGenerator, preserved_random_state
 
 NUM_TIMESTEPS = 4  # sd-scripts' NUM_VALIDATION_TIMESTEPS (not configurable in v0.10.1)
@@ -93,12 +94,21 @@ def validation_manifest_path(cfg: TrainConfig) -> Path:
     return cfg.output_dir / f"{cfg.output_name}.validation.jsonl"
 
 
-def append_validation(manifest: Path, step: int, checkpoint: Path | None, folder: Path, loss: float, images: int,
-                      held_out: bool) -> None:  # fmt: skip
+def append_validation(
+    manifest: Path, step: int, checkpoint: Path | None, folder: Path, loss: float, images: int, held_out: bool
+) -> None:
     """One line in the validation manifest (``checkpoint`` by name when it is in the manifest's folder)."""
-    where = None if checkpoint is None else (checkpoint.name if checkpoint.parent == manifest.parent else str(checkpoint))
-    record = {"step": step, "checkpoint": where, "folder": str(folder), "loss": loss, "images": images,
-              "held_out": held_out}  # fmt: skip
+    where = (
+        None if checkpoint is None else (checkpoint.name if checkpoint.parent == manifest.parent else str(checkpoint))
+    )
+    record = {
+        "step": step,
+        "checkpoint": where,
+        "folder": str(folder),
+        "loss": loss,
+        "images": images,
+        "held_out": held_out,
+    }
     with manifest.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -157,7 +167,9 @@ class HeldOut:
                 self._loader = self._build(context)
             args = argparse.Namespace(**vars(context.args))  # sd-scripts sets the timestep on args: on a copy here
             low = 0 if args.min_timestep is None else args.min_timestep
-            high = context.noise_scheduler.config.num_train_timesteps if args.max_timestep is None else args.max_timestep
+            high = (
+                context.noise_scheduler.config.num_train_timesteps if args.max_timestep is None else args.max_timestep
+            )
             timesteps = np.linspace(low, high, NUM_TIMESTEPS + 2, dtype=int)[1:-1]
             batches = len(self._loader)
             if self.spec.max_batches is not None:
@@ -173,16 +185,34 @@ class HeldOut:
                     if index >= batches:
                         break
                     for timestep in timesteps:
-                        context.trainer.on_step_start(args, context.accelerator, context.network,
-                                                      context.text_encoders, context.unet, batch,
-                                                      context.weight_dtype, is_train=False)  # fmt: skip
+                        context.trainer.on_step_start(
+                            args,
+                            context.accelerator,
+                            context.network,
+                            context.text_encoders,
+                            context.unet,
+                            batch,
+                            context.weight_dtype,
+                            is_train=False,
+                        )
                         args.min_timestep = args.max_timestep = timestep
                         loss = context.trainer.process_batch(
-                            batch, context.text_encoders, context.unet, context.network, context.vae,
-                            context.noise_scheduler, context.vae_dtype, context.weight_dtype, context.accelerator,
-                            args, context.text_encoding_strategy, context.tokenize_strategy, is_train=False,
-                            train_text_encoder=context.train_text_encoder, train_unet=context.train_unet,
-                        )  # fmt: skip
+                            batch,
+                            context.text_encoders,
+                            context.unet,
+                            context.network,
+                            context.vae,
+                            context.noise_scheduler,
+                            context.vae_dtype,
+                            context.weight_dtype,
+                            context.accelerator,
+                            args,
+                            context.text_encoding_strategy,
+                            context.tokenize_strategy,
+                            is_train=False,
+                            train_text_encoder=context.train_text_encoder,
+                            train_unet=context.train_unet,
+                        )
                         losses.append(float(loss.detach().item()))
             finally:
                 network.train(training)
@@ -211,17 +241,20 @@ class HeldOut:
         return torch.utils.data.DataLoader(group, batch_size=1, shuffle=False, collate_fn=collator, num_workers=0)
 
 
-def validate_files(train_network: ModuleType, args: argparse.Namespace, files: Sequence[Path | None],
-                   spec: ValidationSpec, generators: Sequence[DeviceGenerator],
-                   report: Callable[[Path | None, float, int], None]) -> None:  # fmt: skip
+def validate_files(
+    train_network: ModuleType,
+    args: argparse.Namespace,
+    files: Sequence[Path | None],
+    spec: ValidationSpec,
+    generators: Sequence[DeviceGenerator],
+    report: Callable[[Path | None, float, int], None],
+) -> None:
     """The held-out loss of each LoRA file (None: the base model alone), reported as ``(file, loss, images)``.
 
     The base model is loaded once, as ``NetworkTrainer.train()`` loads it; the network is built from the first file
     (or from the arguments when only the base model is asked for) and applied once; each file's weights are then
     loaded into it, and the base model is the network at multiplier 0 (it adds exactly zero)."""
     import torch
-
-    from ._sample_files import _alphas, _load_into
 
     train_util = train_network.train_util
     strategy_base = train_network.strategy_base
@@ -252,18 +285,28 @@ def validate_files(train_network: ModuleType, args: argparse.Namespace, files: S
         network, first_weights = module.create_network_from_weights(
             1.0, str(first), vae, text_encoder, unet, for_inference=False
         )
-        reference = _alphas(first_weights)
+        reference = lora_alphas(first_weights)
     else:
         network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet)
         reference = {}
     network.apply_to(text_encoder, unet, True, True)
     network.to(device, dtype=torch.float32)  # as in training: the LoRA in fp32, the model in the weight dtype
     context = BatchContext(
-        trainer=trainer, text_encoders=[text_encoder], unet=unet, network=network, vae=vae,
-        noise_scheduler=trainer.get_noise_scheduler(args, device), vae_dtype=vae_dtype, weight_dtype=weight_dtype,
-        accelerator=accelerator, args=args, text_encoding_strategy=text_encoding_strategy,
-        tokenize_strategy=tokenize_strategy, train_text_encoder=trainer.is_train_text_encoder(args), train_unet=True,
-    )  # fmt: skip
+        trainer=trainer,
+        text_encoders=[text_encoder],
+        unet=unet,
+        network=network,
+        vae=vae,
+        noise_scheduler=trainer.get_noise_scheduler(args, device),
+        vae_dtype=vae_dtype,
+        weight_dtype=weight_dtype,
+        accelerator=accelerator,
+        args=args,
+        text_encoding_strategy=text_encoding_strategy,
+        tokenize_strategy=tokenize_strategy,
+        train_text_encoder=trainer.is_train_text_encoder(args),
+        train_unet=True,
+    )
     held_out = HeldOut(train_network, spec, generators)
     with torch.no_grad():
         for path in files:
@@ -272,5 +315,5 @@ def validate_files(train_network: ModuleType, args: argparse.Namespace, files: S
             else:
                 network.set_multiplier(1.0)
                 if first is not None:
-                    _load_into(network, path, first, reference)
+                    load_lora_weights(network, path, first, reference)
             report(path, held_out.loss(context), held_out.images)

@@ -231,9 +231,7 @@ class EngineHost:
         such as ``networks.lora``, which sd-scripts imports only when a run starts). Call inside :meth:`active`."""
         for name in also:
             importlib.import_module(name)
-        found = {
-            id(m): m for n, m in list(sys.modules.items()) if self._is_engine_name(n) and self._owns(m)
-        }
+        found = {id(m): m for n, m in list(sys.modules.items()) if self._is_engine_name(n) and self._owns(m)}
         found.update({id(sys.modules[name]): sys.modules[name] for name in also})
         return list(found.values())
 
@@ -273,7 +271,9 @@ class EngineHost:
         stepping_aside = sorted(n for n in self._callers if "." not in n and n not in self._warned)
         if stepping_aside:
             self._warned.update(stepping_aside)
-            names = ", ".join(f"`{n}` ({getattr(self._callers[n], '__file__', None) or 'built in'})" for n in stepping_aside)
+            names = ", ".join(
+                f"`{n}` ({getattr(self._callers[n], '__file__', None) or 'built in'})" for n in stepping_aside
+            )
             warnings.warn(
                 f"your module {names} steps aside while sd-scripts runs: sd-scripts imports a top-level module of "
                 f"that name from {self.root}; yours is put back in sys.modules when the run ends (rename yours to "

@@ -30,12 +30,25 @@ def write_random_sd15_checkpoint(path: Path, *, seed: int = 0, sd_scripts_dir: P
             vae = AutoencoderKL(**model_util.create_vae_diffusers_config())
             text_encoder = CLIPTextModel._from_config(
                 CLIPTextConfig(  # the v1 config of model_util.load_models_from_stable_diffusion_checkpoint
-                    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-05,
-                    dropout=0.0, attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
-                    pad_token_id=1, bos_token_id=0, eos_token_id=2, model_type="clip_text_model",
-                    projection_dim=768, torch_dtype="float32",
-                )  # fmt: skip
+                    vocab_size=49408,
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    max_position_embeddings=77,
+                    hidden_act="quick_gelu",
+                    layer_norm_eps=1e-05,
+                    dropout=0.0,
+                    attention_dropout=0.0,
+                    initializer_range=0.02,
+                    initializer_factor=1.0,
+                    pad_token_id=1,
+                    bos_token_id=0,
+                    eos_token_id=2,
+                    model_type="clip_text_model",
+                    projection_dim=768,
+                    torch_dtype="float32",
+                )
             )
         finally:
             torch.set_rng_state(state)

@@ -44,15 +44,42 @@ _SD_SCRIPTS_STATE = "train_state.json"
 # Fields a resumed run may change: where and how it runs, how often it saves, what it does on errors; none of them
 # changes what is learned at a step.
 RESUMABLE_CHANGES = frozenset(
-    {"overwrite", "max_nonfinite_steps", "save_state", "save_every_n_steps", "sd_scripts_dir", "tokenizer_cache_dir",
-     "device", "gradient_checkpointing", "memory_limit", "tensorboard", "sample_prompts", "sample_cfg_scales", "sample_seed",
-     "sample_steps", "sample_size", "sample_sampler", "sample_negative_prompt", "sample_at_first"}
-)  # fmt: skip
+    {
+        "overwrite",
+        "max_nonfinite_steps",
+        "save_state",
+        "save_every_n_steps",
+        "sd_scripts_dir",
+        "tokenizer_cache_dir",
+        "device",
+        "gradient_checkpointing",
+        "memory_limit",
+        "tensorboard",
+        "sample_prompts",
+        "sample_cfg_scales",
+        "sample_seed",
+        "sample_steps",
+        "sample_size",
+        "sample_sampler",
+        "sample_negative_prompt",
+        "sample_at_first",
+    }
+)
 # extra_args that only change logging, saving or data-loading speed
 _RESUMABLE_EXTRA_ARGS = frozenset(
-    {"max_data_loader_n_workers", "persistent_data_loader_workers", "save_last_n_steps", "save_last_n_steps_state",
-     "logging_dir", "log_with", "log_prefix", "log_tracker_name", "training_comment", "save_state_on_train_end"}
-)  # fmt: skip
+    {
+        "max_data_loader_n_workers",
+        "persistent_data_loader_workers",
+        "save_last_n_steps",
+        "save_last_n_steps_state",
+        "logging_dir",
+        "log_with",
+        "log_prefix",
+        "log_tracker_name",
+        "training_comment",
+        "save_state_on_train_end",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,4 +294,3 @@ def remove_partial_states(cfg: TrainConfig) -> None:
 def states_after(cfg: TrainConfig, step: int) -> list[Path]:
     """State folders of ``cfg.output_name`` beyond ``step`` (a resumed run would replace them)."""
     return [s.path for s in find_states(cfg) if s.step > step]
-

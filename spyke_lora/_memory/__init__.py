@@ -1,6 +1,8 @@
 """Memory: the peak a run will need on its device, the device's budget, ``gradient_checkpointing = "auto"``, and
-what to change when a run does not fit. ``plan()`` calls :func:`memory_plan`; the model is in ``_model``, the
-budget in ``_budget``, the calibration of a device in ``_calibrate``."""
+what to change when a run does not fit. ``plan()`` calls :func:`memory_plan`; the model is in ``_predict``, the
+budget in ``_budget``, the constants fitted to a device's measurements and their files in ``_fit``, a run's measured
+peak in ``_peak``. Nothing here trains or imports the engine: ``spyke-lora calibrate`` (which trains) is
+``spyke_lora._calibrate``, a feature that uses this package."""
 
 from __future__ import annotations
 
@@ -9,21 +11,50 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ._budget import MemoryBudget, device_budget, resident_now
+from ._fit import calibration_path, fit, load_calibrations, point_shape, training_residual
+from ._peak import PeakMeter
 from ._predict import (
     CPU,
+    SD15_FP16,
     MemoryConstants,
     MemoryPrediction,
     ModelSize,
     RunShape,
     constants_for,
     host_loading_bytes,
+    latent_pixels,
     predict,
     read_model_size,
 )
 
 __all__ = [
-    "AUTO_MARGIN", "CPU", "ESTIMATE_MARGIN", "MemoryBudget", "MemoryConstants", "MemoryPlan", "MemoryPrediction", "ModelSize",
-    "RunShape", "device_budget", "gib", "memory_plan", "predict", "read_model_size", "run_shape",
+    "AUTO_MARGIN",
+    "CPU",
+    "ESTIMATE_MARGIN",
+    "SD15_FP16",
+    "UNDERESTIMATE",
+    "MemoryBudget",
+    "MemoryConstants",
+    "MemoryPlan",
+    "MemoryPrediction",
+    "ModelSize",
+    "PeakMeter",
+    "RunShape",
+    "calibration_path",
+    "constants_for",
+    "device_budget",
+    "fit",
+    "gib",
+    "host_loading_bytes",
+    "latent_pixels",
+    "load_calibrations",
+    "memory_plan",
+    "point_shape",
+    "predict",
+    "read_model_size",
+    "resident_now",
+    "run_shape",
+    "training_residual",
 ]
 
 # gradient_checkpointing = "auto" turns checkpointing off only when the predicted peak without it, times this, fits
@@ -51,7 +82,7 @@ class MemoryPlan:
 
     peak_bytes: int
     budget_bytes: int | None  # None: the device's budget cannot be read
-    parts: Mapping[str, int]  # bytes by part (``_model.predict``); the phases' totals are in ``phases``
+    parts: Mapping[str, int]  # bytes by part (``_predict.predict``); the phases' totals are in ``phases``
     phases: Mapping[str, int]  # "loading", "training", "sampling" -> the phase's predicted total
     gradient_checkpointing: bool  # what the run uses
     reason: str  # why, in words
@@ -65,15 +96,17 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
+        """True when the peak is within the budget (or the budget is unknown)."""
         return self.budget_bytes is None or self.peak_bytes <= self.budget_bytes
 
     def lines(self) -> list[str]:
         """The plan's memory section."""
         phase = max(self.phases, key=lambda k: self.phases[k])
         budget = (
-            f"budget {gib(self.budget_bytes)} ({self.budget_source})" if self.budget_bytes is not None
+            f"budget {gib(self.budget_bytes)} ({self.budget_source})"
+            if self.budget_bytes is not None
             else f"budget unknown ({self.budget_source} could not be read)"
-        )  # fmt: skip
+        )
         lines = [
             f"memory          peak {gib(self.peak_bytes)} while {phase}{' (estimate)' if self.estimate else ''}, "
             f"{budget}" + (f", RAM {gib(self.ram_bytes)}" if self.ram_bytes else ""),
@@ -118,15 +151,26 @@ def memory_plan(
     resident: int | None = None,
     sharing: int = 1,
 ) -> MemoryPlan:
-    """The memory section of ``plan(cfg)`` on ``device``: the prediction, the budget (``device_budget(device)``
-    unless given, capped by ``memory_limit``), ``gradient_checkpointing = "auto"`` resolved, and the fixes when the
-    peak is over the budget. ``calibrated``: constants measured on this machine, by device (``_calibrate.load``).
-    ``resident``: this process's resident memory now (read when None): on the CPU, the run's runtime when it is more
-    than a fresh process's (a notebook kernel that holds data, or an earlier run's freed memory). ``sharing``: the
-    processes of a multi-process run that share this device's memory (several CPU workers on one machine): each
-    is a fresh process, and gets its share of the budget, less what this (the caller's) process holds."""
-    from ._calibrate import load_calibrations
+    """The memory section of ``plan(cfg)`` on ``device``.
 
+    Args:
+        cfg: the run's :class:`~spyke_lora.TrainConfig`.
+        device: "cpu", "cuda" or "mps".
+        mixed_precision: the precision the run uses on that device.
+        images: the training images a step draws from (the latents cached).
+        budget: the device's memory budget; None: ``device_budget(device)``. Either way capped by ``memory_limit``.
+        calibrated: constants measured on this machine, by device; None: :func:`load_calibrations`.
+        model: the base model's sizes; None: read from ``cfg.base_model``'s header.
+        resident: this process's resident memory now (read when None): on the CPU, the run's runtime when it is
+            more than a fresh process's (a notebook kernel that holds data, or an earlier run's freed memory).
+        sharing: the processes of a multi-process run that share this device's memory (several CPU workers on one
+            machine): each is a fresh process, and gets its share of the budget, less what this (the caller's)
+            process holds.
+
+    Returns:
+        The prediction against the budget, ``gradient_checkpointing = "auto"`` resolved with its reason, and the
+        fixes when the peak is over the budget.
+    """
     model = model or read_model_size(Path(cfg.base_model))
     constants = constants_for(device, load_calibrations() if calibrated is None else calibrated)
     held = 0
@@ -134,41 +178,21 @@ def memory_plan(
         held = resident_now() if resident is None else resident
         if held and held > constants.runtime_bytes and sharing <= 1:
             constants = dataclasses.replace(constants, runtime_bytes=held)
-    if budget is None:
-        budget = device_budget(device)
-        if sharing > 1 and held and budget.bytes is not None:  # the CPU's budget counts the caller's own memory
-            budget = dataclasses.replace(budget, bytes=budget.bytes - held, source="available RAM (psutil)")
-    if sharing > 1 and budget.bytes is not None:
-        budget = dataclasses.replace(
-            budget, bytes=budget.bytes // sharing, source=f"{budget.source}, shared by {sharing} processes"
-        )
-    budget = budget.limited(cfg.memory_limit)
+    budget = _shared_budget(device, budget, held, sharing).limited(cfg.memory_limit)
 
     def peak_with(**changes) -> MemoryPrediction:
-        shape = run_shape(cfg.replace(**{k: v for k, v in changes.items() if k != "gc"}), device, mixed_precision,
-                          images, changes.get("gc", checkpointing))  # fmt: skip
+        shape = run_shape(
+            cfg.replace(**{k: v for k, v in changes.items() if k != "gc"}),
+            device,
+            mixed_precision,
+            images,
+            changes.get("gc", checkpointing),
+        )
         return predict(shape, model, constants)
 
     checkpointing = True if cfg.gradient_checkpointing == "auto" else bool(cfg.gradient_checkpointing)
     if cfg.gradient_checkpointing == "auto":
-        without = peak_with(gc=False)
-        margin = AUTO_MARGIN if constants.calibrated else ESTIMATE_MARGIN
-        needed = int(without.peak_bytes * margin)
-        kind = "" if constants.calibrated else f" (an estimate: {device.upper()} is not calibrated)"
-        if budget.bytes is None:
-            checkpointing, reason = True, "auto: on, because the device's memory budget cannot be read"
-        elif needed <= budget.bytes:
-            checkpointing = False
-            reason = (
-                f"auto: off (faster): without it the peak is {gib(without.peak_bytes)}{kind}, within the budget with "
-                f"the {margin:g}x margin ({gib(needed)})"
-            )
-        else:
-            reason = (
-                f"auto: on: without it the peak would be {gib(without.peak_bytes)}{kind}, which with the {margin:g}x "
-                f"margin ({gib(needed)}) is over the budget"
-                + ("" if constants.calibrated else "; `spyke-lora calibrate` measures this device, and may turn it off")
-            )
+        checkpointing, reason = _auto_checkpointing(peak_with(gc=False), budget, constants, device)
     else:
         reason = f"set in the config (gradient_checkpointing = {str(checkpointing).lower()})"
     prediction = peak_with()
@@ -189,6 +213,41 @@ def memory_plan(
         fixes=fixes,
         limit_bytes=cfg.memory_limit,
         host_loading_bytes=None if constants.resident else host_loading_bytes(model, constants),
+    )
+
+
+def _shared_budget(device: str, budget: MemoryBudget | None, held: int, sharing: int) -> MemoryBudget:
+    """``budget`` (``device_budget(device)`` when None), split between ``sharing`` processes on one device; the CPU's
+    budget read here less what this process already ``held``."""
+    if budget is None:
+        budget = device_budget(device)
+        if sharing > 1 and held and budget.bytes is not None:  # the CPU's budget counts the caller's own memory
+            budget = dataclasses.replace(budget, bytes=budget.bytes - held, source="available RAM (psutil)")
+    if sharing > 1 and budget.bytes is not None:
+        budget = dataclasses.replace(
+            budget, bytes=budget.bytes // sharing, source=f"{budget.source}, shared by {sharing} processes"
+        )
+    return budget
+
+
+def _auto_checkpointing(
+    without: MemoryPrediction, budget: MemoryBudget, constants: MemoryConstants, device: str
+) -> tuple[bool, str]:
+    """``gradient_checkpointing = "auto"`` resolved: off only when the peak ``without`` it, with the margin, fits."""
+    margin = AUTO_MARGIN if constants.calibrated else ESTIMATE_MARGIN
+    needed = int(without.peak_bytes * margin)
+    kind = "" if constants.calibrated else f" (an estimate: {device.upper()} is not calibrated)"
+    if budget.bytes is None:
+        return True, "auto: on, because the device's memory budget cannot be read"
+    if needed <= budget.bytes:
+        return False, (
+            f"auto: off (faster): without it the peak is {gib(without.peak_bytes)}{kind}, within the budget with "
+            f"the {margin:g}x margin ({gib(needed)})"
+        )
+    return True, (
+        f"auto: on: without it the peak would be {gib(without.peak_bytes)}{kind}, which with the {margin:g}x "
+        f"margin ({gib(needed)}) is over the budget"
+        + ("" if constants.calibrated else "; `spyke-lora calibrate` measures this device, and may turn it off")
     )
 
 
@@ -218,6 +277,7 @@ def _fixes(cfg, prediction: MemoryPrediction, budget: int, peak_with, checkpoint
         fixes.append(("cache_latents = true", peak_with(cache_latents=True)))
     if prediction.phase == "sampling" and (cfg.sample_size or cfg.resolution) > 256:
         fixes.append(("sample_size = 256", peak_with(sample_size=256)))
-    words = [f"{change} (peak {gib(p.peak_bytes)}{'' if p.peak_bytes <= budget else ', still over'})"
-             for change, p in fixes]  # fmt: skip
+    words = [
+        f"{change} (peak {gib(p.peak_bytes)}{'' if p.peak_bytes <= budget else ', still over'})" for change, p in fixes
+    ]
     return words or ["free memory (close other programs): no setting of this config brings the peak under it"]

@@ -47,9 +47,16 @@ class PeakMeter:
     files of the Linux CPU way; ``torch`` replaces the torch module of the CUDA and MPS ways; ``interval_s`` is the
     polling interval. A meter that polls holds a thread until it is closed: close it, or use it in a ``with``."""
 
-    def __init__(self, device: str, *, read: Callable[[], int] | None = None,
-                 clear_refs: str | os.PathLike[str] = _CLEAR_REFS, status: str | os.PathLike[str] = _STATUS,
-                 torch: Any = None, interval_s: float = 0.02) -> None:  # fmt: skip
+    def __init__(
+        self,
+        device: str,
+        *,
+        read: Callable[[], int] | None = None,
+        clear_refs: str | os.PathLike[str] = _CLEAR_REFS,
+        status: str | os.PathLike[str] = _STATUS,
+        torch: Any = None,
+        interval_s: float = 0.02,
+    ) -> None:
         kind = device.split(":")[0]
         if kind not in ("cuda", "mps", "cpu"):
             raise ValueError(f"PeakMeter measures 'cuda', 'mps' or 'cpu', not {device!r}")
@@ -114,8 +121,9 @@ class PeakMeter:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # --- each way -------------------------------------------------------------------------------------------------
@@ -165,8 +173,9 @@ class PeakMeter:
             self._max = None
         self._sample()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, args=(self._stop,), daemon=True,
-                                        name="spyke-lora-peak-meter")  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._poll, args=(self._stop,), daemon=True, name="spyke-lora-peak-meter"
+        )
         self._thread.start()
 
     def _poll(self, stop: threading.Event) -> None:

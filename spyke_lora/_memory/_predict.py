@@ -27,18 +27,52 @@ from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
-    "CPU", "MemoryConstants", "MemoryPrediction", "ModelSize", "RunShape", "constants_for", "lora_parameters",
+    "CPU",
+    "SD15_FP16",
+    "MemoryConstants",
+    "MemoryPrediction",
+    "ModelSize",
+    "RunShape",
+    "activation_bytes",
+    "constants_for",
+    "host_loading_bytes",
+    "latent_pixels",
+    "lora_parameters",
     "predict",
+    "read_model_size",
 ]
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 # Measured: an SD1.5 LoRA of network_dim 32 saved as fp32 is 75.6 MB (792 tensors); its size scales with dim.
 _LORA_PARAMETERS_PER_DIM = 75_600_000 / 32 / 4
 # Optimizer state per LoRA parameter, in parameter copies (AdamW: exp_avg and exp_avg_sq).
-_OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "adamw8bit": 0.5, "pagedadamw8bit": 0.5, "lion": 1, "lion8bit": 0.25,
-                     "sgdnesterov": 1, "sgdnesterov8bit": 0.25, "prodigy": 4, "dadaptation": 3, "dadaptadam": 3,
-                     "adafactor": 1}  # fmt: skip
+_OPTIMIZER_STATES = {
+    "adamw": 2,
+    "adam": 2,
+    "adamw8bit": 0.5,
+    "pagedadamw8bit": 0.5,
+    "lion": 1,
+    "lion8bit": 0.25,
+    "sgdnesterov": 1,
+    "sgdnesterov8bit": 0.25,
+    "prodigy": 4,
+    "dadaptation": 3,
+    "dadaptadam": 3,
+    "adafactor": 1,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,14 +217,15 @@ class MemoryPrediction:
         return max(self.phases, key=lambda k: self.phases[k])
 
 
-def _latent_pixels(size: int) -> int:
+def latent_pixels(size: int) -> int:
+    """The pixels of the latent of a ``size`` px square image (SD1.5's VAE: an eighth of each side)."""
     return (size // 8) ** 2
 
 
 def activation_bytes(constants: MemoryConstants, shape: RunShape, model: ModelSize) -> int:
     """The activations a training step keeps for its backward pass."""
     linear, quadratic = constants.activation_bytes[shape.gradient_checkpointing]
-    pixels = _latent_pixels(shape.resolution)
+    pixels = latent_pixels(shape.resolution)
     per_sample = linear * pixels + quadratic * pixels**2
     half = 0.5 if shape.mixed_precision in ("fp16", "bf16") else 1.0
     return int(per_sample * shape.batch_size * half * model.unet_channels / 320)
@@ -208,11 +243,11 @@ def predict(shape: RunShape, model: ModelSize, constants: MemoryConstants) -> Me
     if not shape.train_text_encoder:
         lora = int(lora * 0.87)  # the text encoder's modules are 13 % of an SD1.5 LoRA's parameters (dim 32)
     lora_and_optimizer = int(lora * (2 + _optimizer_states(shape.optimizer)))  # weights, gradients, states
-    latents = 4 * 4 * _latent_pixels(shape.resolution) * shape.images if shape.cache_latents else 0
+    latents = 4 * 4 * latent_pixels(shape.resolution) * shape.images if shape.cache_latents else 0
     activations = activation_bytes(constants, shape, model)
     sampling = 0
     if shape.sample_size:
-        sampling = int(constants.sampling_bytes_per_latent_pixel * 2 * _latent_pixels(shape.sample_size))
+        sampling = int(constants.sampling_bytes_per_latent_pixel * 2 * latent_pixels(shape.sample_size))
     if constants.resident:
         loading = model.file_tensor_bytes + fp32 + constants.load_overhead_bytes
     else:  # the device sees the VAE caching latents; the state dict and the fp32 models live in the host's RAM
@@ -223,7 +258,8 @@ def predict(shape: RunShape, model: ModelSize, constants: MemoryConstants) -> Me
         "training": runtime + weights + lora_and_optimizer + latents + activations + constants.train_overhead_bytes,
         # after a saved file, in the training's process: its optimizer state and buffers are still there
         "sampling": runtime + weights + lora_and_optimizer + latents + constants.train_overhead_bytes + sampling
-        if sampling else 0,
+        if sampling
+        else 0,
     }
     parts = {
         "runtime": runtime,
@@ -241,8 +277,11 @@ def predict(shape: RunShape, model: ModelSize, constants: MemoryConstants) -> Me
 def host_loading_bytes(model: ModelSize, constants: MemoryConstants) -> int:
     """What loading takes from the host's RAM on CUDA and MPS: the state dict and the fp32 models (with the CPU's
     runtime and overhead)."""
-    return CPU.runtime_bytes + model.file_tensor_bytes + 4 * (model.unet + model.text_encoder + model.vae) + (
-        CPU.load_overhead_bytes
+    return (
+        CPU.runtime_bytes
+        + model.file_tensor_bytes
+        + 4 * (model.unet + model.text_encoder + model.vae)
+        + (CPU.load_overhead_bytes)
     )
 
 

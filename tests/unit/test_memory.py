@@ -9,9 +9,20 @@ import pytest
 
 from spyke_lora import ConfigError, TrainConfig, plan
 from spyke_lora._config import parse_size
-from spyke_lora._memory import AUTO_MARGIN, CPU, MemoryBudget, RunShape, device_budget, memory_plan, predict
-from spyke_lora._memory._calibrate import fit, load_calibrations
-from spyke_lora._memory._predict import SD15_FP16, constants_for, read_model_size
+from spyke_lora._memory import (
+    AUTO_MARGIN,
+    CPU,
+    SD15_FP16,
+    MemoryBudget,
+    RunShape,
+    constants_for,
+    device_budget,
+    fit,
+    load_calibrations,
+    memory_plan,
+    predict,
+    read_model_size,
+)
 
 GB = 10**9
 
@@ -233,7 +244,7 @@ def test_on_the_cpu_what_the_process_holds_is_the_runs_runtime(sd15):
 def test_calibrate_measures_each_point_fits_and_writes_what_plan_reads(tmp_path, monkeypatch):
     """The orchestration of `spyke-lora calibrate` with the measuring process replaced by one that writes the figures
     a known model gives (the real measuring process runs in tests/integration/test_memory.py)."""
-    from spyke_lora._memory import _calibrate
+    from spyke_lora import _calibrate
 
     monkeypatch.setenv("SPYKE_LORA_CACHE", str(tmp_path / "cache"))
     truth = dataclasses.replace(constants_for("mps", {}), calibrated=True, train_overhead_bytes=123_000_000,
@@ -253,9 +264,9 @@ def test_calibrate_measures_each_point_fits_and_writes_what_plan_reads(tmp_path,
             figures["device_sample_peak_bytes"] = sampled.phases["sampling"]
         open(out, "w").write(json.dumps(figures))
 
-    monkeypatch.setattr("spyke_lora.tiny_world.build_tiny_world", lambda root, resolution: type(
+    monkeypatch.setattr("spyke_lora._calibrate.build_tiny_world", lambda root, resolution: type(
         "W", (), {"base_model": tmp_path / "unused"})())  # fmt: skip
-    monkeypatch.setattr("spyke_lora._memory._predict.read_model_size", lambda path: SD15_FP16)
+    monkeypatch.setattr("spyke_lora._calibrate.read_model_size", lambda path: SD15_FP16)
     said = []
     constants, points = _calibrate.calibrate("mps", tmp_path / "work", resolutions=(128, 512), steps=2,
                                              report=said.append, run=fake_run)  # fmt: skip

@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from spyke_lora._memory._peak import PeakMeter
+from spyke_lora._memory import PeakMeter
 
 
 def meter_threads():
