@@ -34,8 +34,9 @@ class _Channel:
 
     def work(self, cfg: TrainConfig, resume: str | os.PathLike[str] | None, launch: Launch | None = None) -> None:
         try:
-            self.result = run_training(cfg, self.deliver, resume=resume, engine_log="auto", let_go=self.let_go_reason,
-                                       launch=launch)  # fmt: skip
+            self.result = run_training(
+                cfg, self.deliver, resume=resume, engine_log="auto", let_go=self.let_go_reason, launch=launch
+            )
         except BaseException as e:  # noqa: BLE001 - handed to the loop's thread, which raises it
             self.error = e
         finally:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import TrainConfig
+from ._engine import CHANNEL_ENV, KEY_ENV, SPEC_ENV, WORKER_MODULE, Outcome
 from ._errors import (
     ConfigError,
     DeployError,
@@ -49,10 +50,6 @@ from .events import Event
 
 __all__ = ["Launch", "launch_command", "run_processes", "worker_environment"]
 
-CHANNEL_ENV = "SPYKE_LORA_CHANNEL"  # host:port of the caller's listener
-KEY_ENV = "SPYKE_LORA_CHANNEL_KEY"  # its authentication key, hex
-SPEC_ENV = "SPYKE_LORA_WORKER_SPEC"  # the JSON file that says what to run
-WORKER_MODULE = "spyke_lora._engine._worker"
 _ERRORS = {c.__name__: c for c in (DeployError, DeviceError, EngineError, OutputInUse, TrainingError, SpykeLoraError)}
 _LAST_LINES = 20
 _ENDING_GRACE_S = 60.0  # after the launcher ends or a worker dies, how long the rest may take to say their last word
@@ -231,16 +228,6 @@ class _Worker:
     closed_at: float | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    """What this machine's reporting worker said at its end."""
-
-    steps: int
-    final_path: Path | None
-    stopped: bool
-    peak_memory_bytes: int | None
-
-
 def run_processes(
     cfg: TrainConfig,
     launch: Launch,
@@ -249,7 +236,7 @@ def run_processes(
     spec: dict[str, Any],
     emit: Callable[[Event], None],
     stop_requested: Callable[[], bool],
-) -> Finished:
+) -> Outcome:
     """Start the launcher for ``launch`` on this machine and drive its workers: every event of this machine's first
     worker goes to ``emit`` in order, and its answer (``stop_requested()`` afterwards) goes back, to be shared by
     every rank. Returns when every worker has ended; raises the workers' error, :class:`WorkerFailed` when one died,
@@ -267,9 +254,14 @@ def run_processes(
         command = launch_command(launch, mixed_precision, ["-m", WORKER_MODULE])
         with open(launch_log, "wb") as out:
             process = subprocess.Popen(
-                command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=os.getcwd(),
-            )  # fmt: skip
+                command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=os.getcwd(),
+            )
         stack.callback(_end_group, process)
         driver = _Driver(process, listener, launch, launch_log, emit, stop_requested)
         return driver.drive()
@@ -278,8 +270,15 @@ def run_processes(
 class _Driver:
     """The caller's side of a multi-process run: accepts the workers, relays events and answers, watches for ends."""
 
-    def __init__(self, process: subprocess.Popen, listener: Listener, launch: Launch, launch_log: Path,
-                 emit: Callable[[Event], None], stop_requested: Callable[[], bool]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        listener: Listener,
+        launch: Launch,
+        launch_log: Path,
+        emit: Callable[[Event], None],
+        stop_requested: Callable[[], bool],
+    ) -> None:
         self.process = process
         self.launch = launch
         self.launch_log = launch_log
@@ -305,7 +304,7 @@ class _Driver:
             except Exception:  # noqa: BLE001 - a connection that failed authentication: not one of ours
                 continue
 
-    def drive(self) -> Finished:
+    def drive(self) -> Outcome:
         while True:
             try:
                 if self._turn():
@@ -320,8 +319,11 @@ class _Driver:
         if self.interrupts > 1:
             _end_group(self.process)
             raise KeyboardInterrupt
-        print("\nspyke-lora: stopping every rank after this step (Ctrl-C again to abort at once)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            "\nspyke-lora: stopping every rank after this step (Ctrl-C again to abort at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _turn(self) -> bool:
         """One wait for messages; True when the run is over (every worker ended, or the launcher has ended)."""
@@ -385,7 +387,7 @@ class _Driver:
         except (OSError, EOFError):
             pass  # the worker is gone; its end is read from its connection
 
-    def _result(self) -> Finished:
+    def _result(self) -> Outcome:
         if self.callback_error is not None:
             raise self.callback_error
         reporter = min((w for w in self.workers.values()), key=lambda w: w.rank, default=None)
@@ -404,7 +406,7 @@ class _Driver:
         if self.interrupts:
             raise KeyboardInterrupt
         _, steps, final, stopped, peak = reporter.last
-        return Finished(int(steps), Path(final) if final else None, bool(stopped), peak)
+        return Outcome(int(steps), Path(final) if final else None, bool(stopped), peak)
 
     def _failure(self) -> WorkerFailed:
         """The error for a run whose worker died (or that never started): the rank that failed first, how, and its
@@ -419,8 +421,11 @@ class _Driver:
             log, lines = worker.log, _tail(worker.log, _LAST_LINES)
         else:
             log, lines = self.launch_log, _tail(self.launch_log, _LAST_LINES)
-        who = f"worker rank {rank}" + (f" (pid {worker.pid})" if worker is not None else "") if rank is not None else (
-            "the launcher")  # fmt: skip
+        who = (
+            f"worker rank {rank}" + (f" (pid {worker.pid})" if worker is not None else "")
+            if rank is not None
+            else ("the launcher")
+        )
         started = f"after step {self.last_step}" if self.last_step else "before the first step"
         never = "" if self.workers else f"; no worker reached the caller (exit code {self.process.returncode})"
         message = (
@@ -441,7 +446,9 @@ def _rebuild(worker: _Worker) -> SpykeLoraError:
     return _ERRORS.get(name, TrainingError)(message + where)
 
 
-_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)(?:.*?traceback\s*:\s*([^\n]*))?", re.S)
+_ROOT_CAUSE = re.compile(
+    r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)(?:.*?traceback\s*:\s*([^\n]*))?", re.S
+)
 
 
 def _root_cause(lines: list[str]) -> dict[str, Any]:

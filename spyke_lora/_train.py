@@ -6,19 +6,19 @@ import dataclasses
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Union
 
 from . import _engine
 from ._config import TrainConfig
-from ._errors import SpykeLoraWarning
-from ._launch import Launch, resolve_launch, run_processes
+from ._device import DeviceChoice
+from ._launch import Launch, launch_command, resolve_launch, run_processes
 from ._memory import UNDERESTIMATE, MemoryPlan, gib
-from ._memory._peak import PeakMeter
-from ._plan import plan
+from ._memory._peak import PeakMeter  # TODO(lead): from ._memory once exported
+from ._plan import Plan, plan
 from ._records import RunRecorder
+from ._user_warnings import warn_caller
 from .events import CheckpointSaved, Event, StepEnded, Stop, TrainEnded, TrainStarted, ValidationEnded
 
 __all__ = ["Callback", "TrainResult", "train"]
@@ -102,12 +102,10 @@ class _Session:
             peak = self.peak()
             self.emit(TrainEnded(status, steps, final_path, peak, self.predicted_peak))  # type: ignore[arg-type]
             if peak is not None and self.predicted_peak and peak > UNDERESTIMATE * self.predicted_peak:
-                warnings.warn(
+                warn_caller(
                     f"the run's peak memory {gib(peak)} was {peak / self.predicted_peak - 1:.0%} above the "
                     f"{gib(self.predicted_peak)} plan() predicted: the memory model is off for this machine or this "
-                    f"setup; run `spyke-lora calibrate` so plan() measures it (docs/memory.md)",
-                    SpykeLoraWarning,
-                    stacklevel=5,  # end, _train, run_training, train: the caller's line
+                    f"setup; run `spyke-lora calibrate` so plan() measures it (docs/memory.md)"
                 )
 
 
@@ -159,17 +157,29 @@ def run_training(
     let_go: Callable[[], str | None] = lambda: None,
     launch: Launch | None = None,
 ) -> TrainResult:
-    """:func:`train` plus ``let_go``, polled with the callbacks' answers: a reason once the caller no longer wants
-    the run (an ``iter_events`` stream closed, perhaps before any event). The run then stops as on a :class:`Stop`,
-    before loading anything when that comes early enough."""
+    """:func:`train` plus ``let_go``.
+
+    Args:
+        cfg: As for :func:`train`.
+        callbacks: As for :func:`train`.
+        resume: As for :func:`train`.
+        engine_log: As for :func:`train`.
+        let_go: Polled with the callbacks' answers: a reason once the caller no longer wants the run (an
+            ``iter_events`` stream closed, perhaps before any event). The run then stops as on a :class:`Stop`,
+            before loading anything when that comes early enough.
+        launch: The processes to train in (None: this one).
+
+    Returns:
+        What the run did.
+    """
     with _engine.preserved_random_state():  # the caller's generators are theirs: a run seeds and draws from them
         try:
-            return _train(cfg, callbacks, resume, engine_log, let_go, launch or Launch())
+            return _plan_record_run(cfg, callbacks, resume, engine_log, let_go, launch or Launch())
         finally:  # the run's last references are gone only now: give the freed memory back (a notebook sweep)
             _engine.free_memory()
 
 
-def _train(
+def _plan_record_run(
     cfg: TrainConfig,
     callbacks: Iterable[Callback] | Callback,
     resume: str | os.PathLike[str] | None,
@@ -177,76 +187,108 @@ def _train(
     let_go: Callable[[], str | None],
     launch: Launch,
 ) -> TrainResult:
+    """The recipe of a run: plan (every check), records, the run (here or launched), the result."""
     started_at = time.perf_counter()
-    checked = plan(cfg, resume=resume, launch=launch)  # every check first: a refused run loads and writes nothing
-    # the run's own config: gradient_checkpointing "auto" resolved by the memory plan (its records say which)
-    cfg = cfg.replace(gradient_checkpointing=checked.gradient_checkpointing)
+    # 1. plan: every check first, so a refused run loads and writes nothing
+    checked = plan(cfg, resume=resume, launch=launch)
+    cfg = cfg.replace(gradient_checkpointing=checked.gradient_checkpointing)  # "auto" as the memory plan resolved it
     state = _engine.resolve_resume(cfg, checked.resume_from, launch.world_size) if checked.resume_from else None
-    device_choice = _engine.device_choice(cfg)
-    root = _engine.locate_engine(cfg.sd_scripts_dir)
-    recorder = RunRecorder(
-        cfg,
-        _engine.command_line(cfg, device_choice, state.path if state else None, launch),
-        {"sd_scripts": str(root), "sd_scripts_commit": _engine.engine_commit(root) or "unknown",
-         **({"processes": launch.world_size, "machines": launch.num_machines} if launch.multi_process else {})},
-    )  # fmt: skip
+    device = _engine.device_choice(cfg)
+    _announce(cfg, device, checked, launch)
+    # 2. records: the run's config, command line and events next to its LoRA files (the main machine's)
     own = (callbacks,) if callable(callbacks) else tuple(callbacks)
-    # the run's records are the main machine's (another machine of a multi-machine run only trains)
+    recorder = _recorder(cfg, device, state, launch)
     session = _Session((recorder, *own) if launch.main_machine else own, let_go)
     session.predicted_peak = checked.memory.peak_bytes if checked.memory is not None else None
+    # 3. the run, in this process or in launch.world_size workers, its peak memory measured
+    context = _engine.RunContext(
+        cfg, device, session.emit, session.stop_requested, started_at, state, engine_log_path(engine_log, cfg)
+    )
+    with PeakMeter(device.device) as meter:
+        session.meter = meter
+        outcome = _run(context, launch, session, engine_log, checked.resume_step)
+    # 4. the result
+    return _result(outcome, session, device, checked)
+
+
+def _announce(cfg: TrainConfig, device: DeviceChoice, checked: Plan, launch: Launch) -> None:
+    """The plan's warnings, the MPS fallback's, and the run's first log lines."""
     for note in checked.warnings:
-        warnings.warn(note, SpykeLoraWarning, stacklevel=3)
-    if device_choice.device == "mps" and _mps_fallback_missing():
-        warnings.warn(
+        warn_caller(note)
+    if device.device == "mps" and _mps_fallback_missing():
+        warn_caller(
             "PYTORCH_ENABLE_MPS_FALLBACK=1 was not in the environment when torch was imported, so an operation MPS "
             "lacks will fail instead of running on the CPU; import spyke_lora before torch (it sets the variable) "
-            "or export PYTORCH_ENABLE_MPS_FALLBACK=1 before starting Python",
-            SpykeLoraWarning,
-            stacklevel=3,
+            "or export PYTORCH_ENABLE_MPS_FALLBACK=1 before starting Python"
         )
+    processes = f" in {launch.world_size} processes" if launch.multi_process else ""
     logger.info(
-        "training %s on %s (mixed precision %s)%s", cfg.output_name, device_choice.device,
-        device_choice.mixed_precision, f" in {launch.world_size} processes" if launch.multi_process else "",
-    )  # fmt: skip
+        "training %s on %s (mixed precision %s)%s", cfg.output_name, device.device, device.mixed_precision, processes
+    )
     if checked.memory is not None:
-        logger.info("predicted peak memory %s; gradient checkpointing %s: %s", gib(checked.memory.peak_bytes),
-                    "on" if checked.memory.gradient_checkpointing else "off", checked.memory.reason)  # fmt: skip
-    session.meter = PeakMeter(device_choice.device)
-    session.meter.start()
+        memory = checked.memory
+        checkpointing = "on" if memory.gradient_checkpointing else "off"
+        logger.info(
+            "predicted peak memory %s; gradient checkpointing %s: %s",
+            gib(memory.peak_bytes),
+            checkpointing,
+            memory.reason,
+        )
+
+
+def _recorder(cfg: TrainConfig, device: DeviceChoice, state: Any, launch: Launch) -> RunRecorder:
+    """The run's records: its config, the equivalent command line, where sd-scripts came from."""
+    root = _engine.locate_engine(cfg.sd_scripts_dir)
+    engine = {"sd_scripts": str(root), "sd_scripts_commit": _engine.engine_commit(root) or "unknown"}
+    if launch.multi_process:
+        engine.update(processes=launch.world_size, machines=launch.num_machines)
+    launcher = None
+    if launch.multi_process:
+
+        def launcher(script: list[str]) -> list[str]:
+            return launch_command(launch, device.mixed_precision, script)
+
+    command = _engine.command_line(cfg, device, state.path if state else None, launcher)
+    return RunRecorder(cfg, command, engine)
+
+
+def _run(
+    context: _engine.RunContext, launch: Launch, session: _Session, engine_log: Any, resume_step: int
+) -> _engine.Outcome:
+    """The run itself, with ``TrainEnded`` delivered however it ends."""
     try:
-        try:
-            log = engine_log_path(engine_log, cfg)
-            if launch.multi_process:
-                outcome = _launched(cfg, device_choice, launch, session, started_at, state, engine_log)
-            else:
-                outcome = _engine.run(cfg, device_choice, session.emit, session.stop_requested, started_at, state, log)
-        except KeyboardInterrupt:
-            final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
-            session.end("interrupted", session.step_reached(checked.resume_step), final)
-            raise
-        except BaseException:
-            session.end("failed", session.step_reached(checked.resume_step), None)
-            raise
-        status = "stopped" if outcome.stopped else "completed"
-        if outcome.final_path is None and outcome.steps > checked.resume_step and launch.main_machine:
-            warnings.warn(
-                f"no final LoRA was written at step {outcome.steps}: the loss was not finite there (NaN/Inf), and no "
-                f"file is saved from such weights. Files written before: "
-                f"{', '.join(c.path.name for c in session.checkpoints) or 'none'}",
-                SpykeLoraWarning,
-                stacklevel=3,
-            )
-        session.end(status, outcome.steps, outcome.final_path)
-    finally:
-        session.meter.close()  # its poll thread, where it has one, ends with the run
+        if launch.multi_process:
+            outcome = _run_launched(context, launch, engine_log)
+            session.measured_peak = outcome.peak_memory_bytes
+        else:
+            outcome = _engine.run(context)
+    except KeyboardInterrupt:
+        final = next((c.path for c in reversed(session.checkpoints) if c.final), None)
+        session.end("interrupted", session.step_reached(resume_step), final)
+        raise
+    except BaseException:
+        session.end("failed", session.step_reached(resume_step), None)
+        raise
+    if outcome.final_path is None and outcome.steps > resume_step and launch.main_machine:
+        warn_caller(
+            f"no final LoRA was written at step {outcome.steps}: the loss was not finite there (NaN/Inf), and no "
+            f"file is saved from such weights. Files written before: "
+            f"{', '.join(c.path.name for c in session.checkpoints) or 'none'}"
+        )
+    session.end("stopped" if outcome.stopped else "completed", outcome.steps, outcome.final_path)
+    return outcome
+
+
+def _result(outcome: _engine.Outcome, session: _Session, device: DeviceChoice, checked: Plan) -> TrainResult:
+    started = session.started
     return TrainResult(
-        status=status,
+        status="stopped" if outcome.stopped else "completed",
         steps=outcome.steps,
         final_path=outcome.final_path,
         checkpoints=tuple(session.checkpoints),
         history=tuple(session.history),
-        device=session.started.device if session.started else device_choice.device,
-        mixed_precision=session.started.mixed_precision if session.started else device_choice.mixed_precision,
+        device=started.device if started else device.device,
+        mixed_precision=started.mixed_precision if started else device.mixed_precision,
         stop_reason=session.stop_reason if outcome.stopped else None,
         resumed_from_step=checked.resume_step,
         validations=tuple(session.validations),
@@ -255,36 +297,30 @@ def _train(
     )
 
 
-def _launched(
-    cfg: TrainConfig,
-    device_choice: Any,
-    launch: Launch,
-    session: _Session,
-    started_at: float,
-    state: Any,
-    engine_log: str | os.PathLike[str] | None,
+def _run_launched(
+    context: _engine.RunContext, launch: Launch, engine_log: str | os.PathLike[str] | None
 ) -> _engine.Outcome:
     """The run in ``launch.world_size`` worker processes (``_launch``), its output lock held and its files written
-    here first; rank 0's events go to ``session``."""
+    here first; rank 0's events go to ``context.emit``."""
+    cfg, device, state = context.cfg, context.device, context.resume
     given = None if isinstance(engine_log, str) and engine_log == "auto" else engine_log
     first = Path(given) if given is not None else cfg.output_dir / f"{cfg.output_name}.engine.log"
+    ranks = range(1, launch.world_size)
     logs = [str(first.absolute())] + [
-        str((cfg.output_dir / f"{cfg.output_name}.engine.rank{r}.log").absolute()) for r in range(1, launch.world_size)
+        str((cfg.output_dir / f"{cfg.output_name}.engine.rank{r}.log").absolute()) for r in ranks
     ]
     spec = {
         "config": cfg.to_dict(),
-        "device": device_choice.device,
+        "device": device.device,
         "resume": str(state.path) if state is not None else None,
-        "started": time.time() - (time.perf_counter() - started_at),
+        "started": time.time() - (time.perf_counter() - context.started_at),
         "logs": logs,
     }
     with _engine.launched_run(cfg, state):
-        finished = run_processes(
-            cfg, launch, device_choice.mixed_precision, _engine.run_environment(device_choice), spec,
-            session.emit, session.stop_requested,
-        )  # fmt: skip
-    session.measured_peak = finished.peak_memory_bytes
-    return _engine.Outcome(finished.steps, finished.final_path, finished.stopped)
+        environment = _engine.run_environment(device)
+        return run_processes(
+            cfg, launch, device.mixed_precision, environment, spec, context.emit, context.stop_requested
+        )
 
 
 def engine_log_path(engine_log: str | os.PathLike[str] | None, cfg: TrainConfig) -> Path | None:

@@ -3,8 +3,15 @@
 Everything else in the package speaks in :class:`~spyke_lora.TrainConfig`, the device choice and
 :mod:`spyke_lora.events`. Where things live:
 
-* ``_run``: one run (and sampling files on disk), top to bottom;
-* ``_trainer``: the ``NetworkTrainer`` subclass and the probe that turns its hooks into events and stops;
+* ``_context``: what a run is given (:class:`RunContext`) and gives back (:class:`Outcome`);
+* ``_run``: one run top to bottom, and sampling or validating files on disk;
+* ``_trainer``: the ``NetworkTrainer`` subclass, whose hook methods hand over to the run's parts;
+* ``_probe``: the event stream and the stop points; the order of one step;
+* ``_hooks``: the sd-scripts calls spyke-lora wraps (a guarded save, an atomic state, the epoch watch);
+* ``_after_save``: the work after each saved file (validation, samples, their manifests);
+* ``_worker``, ``_channel``, ``_ranks``: one worker process of a multi-process run, how it finds its caller, what
+  the ranks agree on;
+* ``_frames``: the two places that reach into sd-scripts' running ``train()`` frame;
 * ``_argv``: config -> sd-scripts' arguments, dataset TOML and command line;
 * ``_outputs``: what a run writes and finds next to its LoRA files;
 * ``_state``: saved training states and resuming;
@@ -25,6 +32,8 @@ from ._argv import (
     sample_prompts_text,
     sd_scripts_argv,
 )
+from ._channel import CHANNEL_ENV, KEY_ENV, SPEC_ENV, WORKER_MODULE
+from ._context import Outcome, RunContext
 from ._dataset import Folder, StepCount, count_steps, dataset_folders, image_extensions
 from ._diffusers import diffusers_pipeline
 from ._engine_log import engine_output
@@ -38,15 +47,20 @@ from ._outputs import (
 )
 from ._process import free_memory, preserved_random_state
 from ._random_model import write_random_sd15_checkpoint
-from ._run import Outcome, launched_run, run, sample, validate
+from ._run import launched_run, run, sample_checkpoints, validate_checkpoints
 from ._state import SavedState, find_states, resolve_resume
 
 __all__ = [
+    "CHANNEL_ENV",
+    "KEY_ENV",
+    "SPEC_ENV",
+    "WORKER_MODULE",
     "append_validation",
     "PINNED_COMMIT",
     "PINNED_VERSION",
     "Folder",
     "Outcome",
+    "RunContext",
     "SavedState",
     "StepCount",
     "build_argv",
@@ -71,12 +85,12 @@ __all__ = [
     "resolve_resume",
     "run",
     "run_environment",
-    "sample",
+    "sample_checkpoints",
     "sample_prompts_path",
     "sample_prompts_text",
     "samples_manifest_path",
     "sd_scripts_argv",
-    "validate",
+    "validate_checkpoints",
     "validation_manifest_path",
     "write_dataset_toml",
     "write_random_sd15_checkpoint",

@@ -1,8 +1,10 @@
-"""One run, read top to bottom (:func:`run`), and sampling files on disk (:func:`sample`), which shares its prelude.
+"""One run, read top to bottom (:func:`run`), and the calls on files on disk that share its prelude
+(:func:`sample_checkpoints`, :func:`validate_checkpoints`).
 
 A run takes this process's run slot and the output's lock, hosts sd-scripts in a process state that is put back
-afterwards, drives ``NetworkTrainer.train()`` through :class:`~._trainer.Probe`, and turns how it ends (completed,
-stopped, Ctrl-C, NaN, sd-scripts' own failure) into an :class:`Outcome` or one of our errors.
+afterwards, builds the run's parts (:class:`~._probe.Probe`, the hooks of ``_hooks``, the work after each save of
+``_after_save``), drives ``NetworkTrainer.train()`` through the trainer of ``_trainer``, and turns how it ends
+(completed, stopped, Ctrl-C, NaN, sd-scripts' own failure) into an :class:`~._context.Outcome` or one of our errors.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from .._device import DeviceChoice, device_name, memory_reader
 from .._errors import NonFiniteLoss, SpykeLoraError, TrainingError
 from .._lock import output_lock
 from ..events import Event
+from ._after_save import AfterSave, CheckpointSampler, HeldOutPass, SampleSpec
 from ._argv import build_argv, parse_argv, run_environment
+from ._context import Outcome, RunContext
 from ._engine_log import caller_output, engine_output, text_progress_bars
 from ._frames import finish_after_stop
 from ._held_out import HeldOut, validate_files, validation_spec
 from ._host import EngineHost, RootLoggerSnapshot, host_for, random_untouched_by_logging
 from ._outputs import prepare_samples, remove_partial_files, write_dataset_toml
+from ._probe import NonFiniteStop, Probe, StopRun
 from ._process import (
     DeviceGenerator,
     class_attributes_restored,
@@ -38,20 +43,10 @@ from ._process import (
     isolated_run,
     module_values_restored,
 )
-from ._ranks import RankSync
 from ._state import SavedState, remove_partial_states, state_record
-from ._trainer import NonFiniteStop, Probe, SampleSpec, StopRun, trainer_class
+from ._trainer import RunParts, trainer_class
 
-__all__ = ["Outcome", "launched_run", "run", "sample", "validate"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """How a run ended: the step reached, its final LoRA file (None when none was written), whether it was stopped."""
-
-    steps: int
-    final_path: Path | None
-    stopped: bool
+__all__ = ["launched_run", "prepare_run_files", "run", "sample_checkpoints", "validate_checkpoints"]
 
 
 class _RunSlot:
@@ -93,31 +88,60 @@ _SLOT = _RunSlot()
 @contextlib.contextmanager
 def _engine_session(
     cfg: TrainConfig,
-    plan: DeviceChoice,
-    generator: DeviceGenerator | None,
+    device: DeviceChoice,
+    *,
     ending: Callable[[], bool],
     log: Path | None,
     append_log: bool,
     locked: bool = True,
-) -> Iterator[tuple[EngineHost, Any, RootLoggerSnapshot]]:
-    """What a training run and a sampling call share: this process's run slot, then the output's lock (not in a
-    worker of a multi-process run: the caller holds it, ``locked=False``), then the engine log (opened only now: a
-    refused run must not empty a live run's log), then sd-scripts hosted in a process state that is put back
-    afterwards. Yields the host, ``train_network`` and the caller's logging."""
+) -> Iterator[_Session]:
+    """What a training run and a sampling or validation call share: this process's run slot, then the output's lock
+    (not in a worker of a multi-process run: the caller holds it, ``locked=False``), then the engine log (opened
+    only now: a refused run must not empty a live run's log), then sd-scripts hosted in a process state that is put
+    back afterwards."""
     host = host_for(cfg.sd_scripts_dir)
+    generator = device_generator(device.device)
     lock = output_lock(cfg) if locked else contextlib.nullcontext()
     try:
         with _SLOT.taken(ending), lock, engine_output(log, append=append_log), host.active() as logging:
             train_network = host.train_network()
             modules = host.engine_modules(cfg.network_module)
-            with isolated_run(train_network, run_environment(plan)), random_untouched_by_logging(
-                host.logger_names()
-            ), class_attributes_restored(modules), module_values_restored(modules), cuda_rng_calls_reach(
-                generator
-            ), text_progress_bars():
-                yield host, train_network, logging
+            with contextlib.ExitStack() as restored:
+                restored.enter_context(isolated_run(train_network, run_environment(device)))
+                restored.enter_context(random_untouched_by_logging(host.logger_names()))
+                restored.enter_context(class_attributes_restored(modules))
+                restored.enter_context(module_values_restored(modules))
+                restored.enter_context(cuda_rng_calls_reach(generator))
+                restored.enter_context(text_progress_bars())
+                yield _Session(host, train_network, logging, generator)
     finally:
         free_memory()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Session:
+    """sd-scripts hosted for one call: the host, its ``train_network`` module, the caller's logging, the device's
+    generator."""
+
+    host: EngineHost
+    train_network: Any
+    logging: RootLoggerSnapshot
+    generator: DeviceGenerator | None
+
+    @property
+    def generators(self) -> list[DeviceGenerator]:
+        return [self.generator] if self.generator is not None else []
+
+    def args(self, argv: list[str]) -> Any:
+        """sd-scripts' own parser's namespace for ``argv``."""
+        return parse_argv(self.train_network.setup_parser(), argv)
+
+    def failure(self, error: BaseException, doing: str, callback_error: BaseException | None = None) -> None:
+        """Drop sd-scripts' frames from ``error``'s traceback; raise it as a :class:`TrainingError` when it is
+        sd-scripts' own (not ours, not a callback's)."""
+        _clear_engine_frames(error.__traceback__, self.host.root)
+        if isinstance(error, Exception) and not isinstance(error, SpykeLoraError) and error is not callback_error:
+            raise TrainingError(f"sd-scripts failed{doing}: {type(error).__name__}: {error}") from error
 
 
 def _to_caller(emit: Callable[[Event], None]) -> Callable[[Event], None]:
@@ -133,54 +157,81 @@ def _to_caller(emit: Callable[[Event], None]) -> Callable[[Event], None]:
     return deliver
 
 
-def run(
-    cfg: TrainConfig,
-    plan: DeviceChoice,
-    emit: Callable[[Event], None],
-    stop_requested: Callable[[], bool],
-    started_at: float,
-    resume: SavedState | None = None,
-    log: Path | None = None,
-    ranks: RankSync | None = None,
-) -> Outcome:
-    """Train ``cfg`` in this process with sd-scripts (continuing the state ``resume`` when given). Events go to
-    ``emit``; ``stop_requested`` is polled at safe points (and before anything is loaded); sd-scripts' output goes
-    to the file ``log`` when given. sd-scripts' own exceptions come out as :class:`TrainingError`; others (a
-    callback's, Ctrl-C) unchanged. ``ranks``: this process is one rank of a multi-process run (``_worker``): the
-    caller holds the output's lock and wrote the run's files (:func:`launched_run`); rank 0 alone samples and
-    validates."""
-    argv = build_argv(cfg, plan, resume.path if resume else None)
-    generator = device_generator(plan.device)
-    with _engine_session(cfg, plan, generator, stop_requested, log, resume is not None, locked=ranks is None) as (
-        host, train_network, logs
-    ):
-        if stop_requested():  # let go of before it started (an iter_events stream closed at once): load nothing
-            return Outcome(resume.step if resume else 0, None, stopped=True)
-        first = ranks is None or ranks.rank == 0
-        spec = validation_spec(cfg) if first else None
-        if ranks is None:
-            samples = _prepare_files(cfg, resume)
-        else:
-            samples = prepare_samples(cfg, fresh=False) if first else None
-        generators = [generator] if generator is not None else []
-        processes = ranks.world_size if ranks is not None else 1
-        probe = Probe(
-            _to_caller(emit), stop_requested, started_at, logs.restore, cfg.max_nonfinite_steps,
-            resume=resume, state_record=state_record(cfg, processes) if cfg.save_state else None,
-            samples=samples, generator=generator,
-            memory=memory_reader(plan.device), device_name=device_name(plan.device),
-            held_out=HeldOut(train_network, spec, generators) if spec is not None else None, ranks=ranks,
-        )  # fmt: skip
+def run(ctx: RunContext) -> Outcome:
+    """Train ``ctx.cfg`` in this process with sd-scripts.
+
+    Args:
+        ctx: The run: config, device, where events go, the stop poll, a resume, the engine log, the ranks.
+
+    Returns:
+        How the run ended.
+
+    Raises:
+        TrainingError: sd-scripts itself failed (or tried to exit the process).
+        NonFiniteLoss: The loss was NaN/Inf for ``max_nonfinite_steps`` steps.
+        KeyboardInterrupt: Ctrl-C (after the step's LoRA was saved, when it came between steps).
+        BaseException: A callback's own exception, unchanged.
+    """
+    argv = build_argv(ctx.cfg, ctx.device, ctx.resume.path if ctx.resume else None)
+    session = _engine_session(
+        ctx.cfg,
+        ctx.device,
+        ending=ctx.stop_requested,
+        log=ctx.log,
+        append_log=ctx.resume is not None,
+        locked=ctx.ranks is None,
+    )
+    with session as engine:
+        if ctx.stop_requested():  # let go of before it started (an iter_events stream closed at once): load nothing
+            return Outcome(ctx.first_step, None, stopped=True)
+        parts = _run_parts(ctx, engine)
         try:
-            with _ctrl_c_stops_after_the_step(probe):
-                return _train(train_network, host, argv, probe)
+            with _ctrl_c_stops_after_the_step(parts.probe):
+                return _drive(engine, engine.args(argv), parts)
         finally:
-            probe.batch_context = None  # the run's models: let them go with the run
+            if parts.after_save.held_out is not None:
+                parts.after_save.held_out.batch_context = None  # the run's models: let them go with the run
 
 
-def _prepare_files(cfg: TrainConfig, resume: SavedState | None) -> SampleSpec | None:
+def _run_parts(ctx: RunContext, engine: _Session) -> RunParts:
+    """The probe and the work after each save, for this process (rank 0 alone samples and validates)."""
+    cfg = ctx.cfg
+    if ctx.ranks is None:
+        samples = prepare_run_files(cfg, ctx.resume)
+    else:
+        samples = prepare_samples(cfg, fresh=False) if ctx.reports else None
+    probe = Probe(
+        _to_caller(ctx.emit),
+        ctx.stop_requested,
+        ctx.started_at,
+        engine.logging.restore,
+        first_step=ctx.first_step,
+        max_nonfinite_steps=cfg.max_nonfinite_steps,
+        ranks=ctx.ranks,
+        memory=memory_reader(ctx.device.device),
+        device_name=device_name(ctx.device.device),
+    )
+    spec = validation_spec(cfg) if ctx.reports else None
+    held_out = HeldOutPass(HeldOut(engine.train_network, spec, engine.generators), probe) if spec else None
+    sampler = CheckpointSampler(samples, probe.emit, engine.generator) if samples is not None else None
+    after_save = AfterSave(probe, sampler, held_out)
+    probe.held_out_every = after_save.at_step if held_out is not None else None
+    return RunParts(
+        probe,
+        after_save,
+        resumed=ctx.resume is not None,
+        generator=engine.generator,
+        state_record=state_record(cfg, ctx.processes) if cfg.save_state else None,
+    )
+
+
+def prepare_run_files(cfg: TrainConfig, resume: SavedState | None) -> SampleSpec | None:
     """Before a run: leftovers of a killed run removed, the dataset TOML and prompt file written, a fresh run's
-    manifests started. Returns what sampling needs (None: no sampling)."""
+    manifests started.
+
+    Returns:
+        What sampling needs, or None: no sampling.
+    """
     remove_partial_files(cfg)
     remove_partial_states(cfg)
     write_dataset_toml(cfg)
@@ -195,96 +246,106 @@ def launched_run(cfg: TrainConfig, resume: SavedState | None) -> Iterator[None]:
     """The caller's side of a multi-process run, around its workers: the output's lock, held for the whole run,
     and the run's files written once, before any worker starts."""
     with output_lock(cfg):
-        _prepare_files(cfg, resume)
+        prepare_run_files(cfg, resume)
         yield
 
 
-def sample(
+def sample_checkpoints(
     cfg: TrainConfig,
-    plan: DeviceChoice,
+    device: DeviceChoice,
     files: list[tuple[int, Path]],
     emit: Callable[[Event], None],
     started_at: float,
     log: Path | None = None,
 ) -> None:
-    """Sample LoRA files on disk (``(step, path)`` pairs) with ``cfg``'s prompts, CFG scales and seed, into
-    ``cfg.output_dir``, with sd-scripts' own sampler; events (:class:`SampleSaved`) go to ``emit``."""
+    """Sample LoRA files on disk with ``cfg``'s prompts, CFG scales and seed, into ``cfg.output_dir``, with
+    sd-scripts' own sampler.
+
+    Args:
+        cfg: The run's config (prompts, scales, seed, base model, output).
+        device: The device to sample on.
+        files: ``(step, path)`` of each file.
+        emit: Receives one :class:`~spyke_lora.events.SampleSaved` per image.
+        started_at: ``time.perf_counter()`` at the call's start.
+        log: The file sd-scripts' own output goes to (None: the console).
+
+    Raises:
+        TrainingError: sd-scripts itself failed.
+    """
     from ._sample_files import sample_files
 
-    argv = build_argv(cfg, plan)
-    generator = device_generator(plan.device)
-    with _engine_session(cfg, plan, generator, lambda: False, log, True) as (host, train_network, logs):
-        probe = Probe(_to_caller(emit), lambda: False, started_at, logs.restore,
-                      samples=prepare_samples(cfg, fresh=False), generator=generator)  # fmt: skip
-        args = parse_argv(train_network.setup_parser(), argv)
+    argv = build_argv(cfg, device)
+    with _engine_session(cfg, device, ending=lambda: False, log=log, append_log=True) as engine:
+        probe = Probe(_to_caller(emit), lambda: False, started_at, engine.logging.restore)
+        sampler = CheckpointSampler(prepare_samples(cfg, fresh=False), probe.emit, engine.generator)
         try:
-            sample_files(train_network, args, files, probe, base_first=cfg.sample_at_first)
+            sample_files(engine.train_network, engine.args(argv), files, sampler, base_first=cfg.sample_at_first)
         except BaseException as e:
-            _clear_engine_frames(e.__traceback__, host.root)
-            if isinstance(e, Exception) and not isinstance(e, SpykeLoraError) and e is not probe.callback_error:
-                raise TrainingError(f"sd-scripts failed while sampling: {type(e).__name__}: {e}") from e
+            engine.failure(e, " while sampling", probe.callback_error)
             raise
 
 
-def validate(
+def validate_checkpoints(
     cfg: TrainConfig,
-    plan: DeviceChoice,
+    device: DeviceChoice,
     files: list[Path | None],
     folder: Path | None,
     report: Callable[[Path | None, float, int], None],
     log: Path | None = None,
 ) -> None:
-    """The held-out loss of each LoRA file on disk (None: the base model) on the images in ``folder`` (None: the
-    config's held-out images), as a training run with ``cfg`` measures it; each figure goes to
-    ``report(file, loss, images)``."""
-    argv = build_argv(cfg, plan)
-    generator = device_generator(plan.device)
+    """The held-out loss of LoRA files on disk, as a training run with ``cfg`` measures it.
+
+    Args:
+        cfg: The run's config.
+        device: The device to validate on.
+        files: The LoRA files (None: the base model alone).
+        folder: The images to measure on (None: the config's held-out images).
+        report: Called with ``(file, loss, images)`` for each file.
+        log: The file sd-scripts' own output goes to (None: the console).
+
+    Raises:
+        TrainingError: sd-scripts itself failed.
+    """
+    argv = build_argv(cfg, device)
     spec = validation_spec(cfg, folder)
     assert spec is not None
-    with _engine_session(cfg, plan, generator, lambda: False, log, True) as (host, train_network, _):
-        args = parse_argv(train_network.setup_parser(), argv)
-        generators = [generator] if generator is not None else []
+    with _engine_session(cfg, device, ending=lambda: False, log=log, append_log=True) as engine:
         try:
-            validate_files(train_network, args, files, spec, generators, report)
+            validate_files(engine.train_network, engine.args(argv), files, spec, engine.generators, report)
         except BaseException as e:
-            _clear_engine_frames(e.__traceback__, host.root)
-            if isinstance(e, Exception) and not isinstance(e, SpykeLoraError):
-                raise TrainingError(f"sd-scripts failed while validating: {type(e).__name__}: {e}") from e
+            engine.failure(e, " while validating")
             raise
 
 
-def _train(train_network, host: EngineHost, argv: list[str], probe: Probe) -> Outcome:
+def _drive(engine: _Session, args: Any, parts: RunParts) -> Outcome:
     """Run ``NetworkTrainer.train()`` and turn how it ends into an :class:`Outcome` or one of our errors."""
-    parser = train_network.setup_parser()
-    args = parse_argv(parser, argv)
-    trainer = trainer_class(train_network)(probe)
+    train_network, probe = engine.train_network, parts.probe
+    trainer = trainer_class(train_network)(parts)
     try:
         try:
             trainer.train(args)
         except StopRun as stop:
-            final = finish_after_stop(stop, train_network, probe)
-            _clear_engine_frames(stop.__traceback__, host.root)
+            final = finish_after_stop(stop, train_network, parts)
+            _clear_engine_frames(stop.__traceback__, engine.host.root)
             return Outcome(probe.steps_done, final, stopped=True)
         except KeyboardInterrupt as interrupt:
             if probe.interrupted_at_boundary:  # between steps: keep the last completed step's LoRA
-                finish_after_stop(interrupt, train_network, probe)
+                finish_after_stop(interrupt, train_network, parts)
             raise
         # the final file, when this run wrote it: a save during a NaN/Inf streak is skipped
         name = train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
-        return Outcome(probe.steps_done, probe.written(Path(args.output_dir) / name), stopped=False)
+        return Outcome(probe.steps_done, parts.written(Path(args.output_dir) / name), stopped=False)
     except NonFiniteStop as e:
-        _clear_engine_frames(e.__traceback__, host.root)
-        raise _nonfinite_error(probe) from None
+        _clear_engine_frames(e.__traceback__, engine.host.root)
+        raise _nonfinite_error(parts) from None
     except SystemExit as e:
-        _clear_engine_frames(e.__traceback__, host.root)
+        _clear_engine_frames(e.__traceback__, engine.host.root)
         if e is probe.callback_error:  # the caller's own exit: theirs to have
             raise
         # sd-scripts calls exit() on some bad input; a library must not
         raise TrainingError(f"sd-scripts tried to exit the process (exit code {e.code}); see its log above") from None
     except BaseException as e:
-        _clear_engine_frames(e.__traceback__, host.root)
-        if isinstance(e, Exception) and e is not probe.callback_error and not isinstance(e, SpykeLoraError):
-            raise TrainingError(f"sd-scripts failed: {type(e).__name__}: {e}") from e
+        engine.failure(e, "", probe.callback_error)
         raise
 
 
@@ -311,15 +372,16 @@ def _ctrl_c_stops_after_the_step(probe: Probe) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _nonfinite_error(probe: Probe) -> NonFiniteLoss:
-    kept = ", ".join(p.name for p in probe.saved) or "none were written before it"
+def _nonfinite_error(parts: RunParts) -> NonFiniteLoss:
+    probe, loss = parts.probe, parts.probe.losses.last
+    kept = ", ".join(p.name for p in parts.saved) or "none were written before it"
     return NonFiniteLoss(
-        f"the loss became {probe.last_loss} at step {probe.steps_done} (epoch {probe.epoch}); the run was stopped "
+        f"the loss became {loss} at step {probe.steps_done} (epoch {probe.epoch}); the run was stopped "
         f"and no file was written from the broken weights. Checkpoints kept: {kept}. Likely causes: a learning rate "
         f"too high (the recipe: unet_lr 1e-4, text_encoder_lr 5e-5), a half-precision VAE (keep it in fp32: the "
         f"default on MPS), or fp16 overflow on CUDA (try mixed_precision = 'bf16')",
         step=probe.steps_done,
-        loss=probe.last_loss,
+        loss=loss,
     )
 
 

@@ -21,7 +21,7 @@ from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Any
 
-from .._launch import CHANNEL_ENV, KEY_ENV, SPEC_ENV
+from ._channel import CHANNEL_ENV, KEY_ENV, SPEC_ENV
 
 
 def main() -> int:
@@ -38,8 +38,9 @@ def main() -> int:
 
     from .._config import TrainConfig
     from .._errors import ConfigError, NonFiniteLoss, SpykeLoraError
-    from .._memory._peak import PeakMeter
+    from .._memory._peak import PeakMeter  # TODO(lead): from .._memory once exported
     from ._argv import device_choice
+    from ._context import RunContext
     from ._ranks import AbortRun, RankSync
     from ._run import run
     from ._state import read_state
@@ -68,7 +69,7 @@ def main() -> int:
         meter = PeakMeter(choice.device)
         meter.start()
         try:
-            outcome = run(cfg, choice, emit, ranks.stop_requested, started_at, state, None, ranks=ranks)
+            outcome = run(RunContext(cfg, choice, emit, ranks.stop_requested, started_at, state, None, ranks))
         finally:
             meter.close()
         final = str(outcome.final_path) if outcome.final_path is not None else None
