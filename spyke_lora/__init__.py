@@ -4,14 +4,8 @@
     result = train(TrainConfig.from_toml("spyke.toml"), callbacks=[print])
 """
 
-import os as _os
-import sys as _sys
-
-# MPS runs need this before torch is first imported (torch reads it when it loads: an op MPS lacks then runs on the
-# CPU instead of failing). It is set here because nothing in this package imports torch before this line; an
-# explicit value is kept. Whether torch came first is remembered, so a run on MPS can warn that it was too late.
-_MPS_FALLBACK_TOO_LATE = "torch" in _sys.modules and "PYTORCH_ENABLE_MPS_FALLBACK" not in _os.environ
-_os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+# first: PYTORCH_ENABLE_MPS_FALLBACK must be set before anything imports torch (see _mps_fallback)
+from . import _mps_fallback  # noqa: F401, I001
 
 import logging as _logging  # noqa: E402
 
@@ -53,6 +47,7 @@ from ._records import RunRecord, config_diff, loss_chart, runs  # noqa: E402
 from ._sample import sample  # noqa: E402
 from ._train import Callback, TrainResult, train  # noqa: E402
 from ._validation_loss import HeldOutLoss, validation_loss  # noqa: E402
+from ._version import __version__ as __version__  # noqa: E402
 from .events import (  # noqa: E402
     CheckpointSaved,
     Event,
@@ -63,8 +58,6 @@ from .events import (  # noqa: E402
     TrainStarted,
     ValidationEnded,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Callback",

@@ -141,13 +141,28 @@ def iter_events(
     processes: int | None = None,
     launch: Launch | None = None,
 ) -> EventStream:
-    """Train ``cfg`` and yield its events as they happen::
+    """Train ``cfg`` and yield its events as they happen.
+
+    The same events, in the same order, as ``train(cfg, callbacks=...)`` delivers; the run waits for the loop, one
+    event at a time, so leaving the loop stops it after that step (see :class:`EventStream`).
+
+    Usage::
 
         for event in iter_events(cfg):
             print(event)
             if isinstance(event, StepEnded) and event.loss > 1:
                 break  # the run stops after this step, its LoRA saved
 
-    The same events, in the same order, as ``train(cfg, callbacks=...)`` delivers (``processes``/``launch``: a
-    multi-process run, as for :func:`~spyke_lora.train`); see :class:`EventStream`."""
+    Args:
+        cfg: What to train.
+        resume: As for :func:`~spyke_lora.train`: ``"latest"`` or a state folder.
+        processes: As for :func:`~spyke_lora.train`: a multi-process run.
+        launch: As for :func:`~spyke_lora.train`.
+
+    Returns:
+        The stream of events; its ``result`` is the :class:`~spyke_lora.TrainResult` once the run has ended.
+
+    Raises:
+        ConfigError: From the loop, when the run is refused (as every error the run raises).
+    """
     return EventStream(cfg, resume, resolve_launch(processes, launch))

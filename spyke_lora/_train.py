@@ -14,8 +14,8 @@ from . import _engine
 from ._config import TrainConfig
 from ._device import DeviceChoice
 from ._launch import Launch, launch_command, resolve_launch, run_processes
-from ._memory import UNDERESTIMATE, MemoryPlan, gib
-from ._memory._peak import PeakMeter  # TODO(lead): from ._memory once exported
+from ._memory import UNDERESTIMATE, MemoryPlan, PeakMeter, gib
+from ._mps_fallback import fallback_missing
 from ._plan import Plan, plan
 from ._records import RunRecorder
 from ._user_warnings import warn_caller
@@ -120,30 +120,47 @@ def train(
 ) -> TrainResult:
     """Train a LoRA with kohya-ss/sd-scripts in this process (or in ``processes`` worker processes).
 
-    ``callbacks`` (one callable or several) receive every :mod:`~spyke_lora.events` event in order; a callback that
-    returns :class:`~spyke_lora.Stop` ends the run cleanly after the current step, with that step's LoRA saved under
-    the final name. An exception raised by a callback ends the run (``TrainEnded(status="failed")`` is delivered
-    first) and propagates unchanged. sd-scripts' own failures raise :class:`~spyke_lora.TrainingError`; a NaN/Inf
-    loss raises :class:`~spyke_lora.NonFiniteLoss`. The first Ctrl-C ends the run after the current step, keeping its
-    LoRA, and re-raises ``KeyboardInterrupt``. Every check of :func:`~spyke_lora.plan` runs first: a refused run
-    (:class:`~spyke_lora.ConfigError`) loads and writes nothing.
+    Every check of :func:`~spyke_lora.plan` runs first: a refused run loads and writes nothing.
 
-    ``resume="latest"`` (or the path of a ``NAME-step…-state`` folder) continues a run saved with
-    ``save_state = true``: its step count, epoch, learning-rate schedule and checkpoint schedule go on as if it had
-    never stopped. A config or dataset that would train differently is refused with the differences listed.
+    Usage::
 
-    ``engine_log``: where sd-scripts' own prints, log lines and progress bars go: a file path; None for the console;
-    "auto" (the default) is the console, except in a Jupyter notebook, where they go to ``NAME.engine.log`` in
-    ``output_dir`` so the cell shows the callbacks' output (:class:`~spyke_lora.callbacks.Progress`) instead of
-    sd-scripts' carriage-return progress bars.
+        from spyke_lora import TrainConfig, train
+        from spyke_lora.callbacks import Progress
 
-    ``processes=N`` trains in N worker processes started by accelerate's launcher (``accelerate launch``: DDP,
-    one GPU per process on CUDA, gloo on the CPU), each running this same engine; ``launch`` (a
-    :class:`~spyke_lora.Launch`) adds several machines or an accelerate config file. Rank 0's events reach
-    ``callbacks`` in order, a ``Stop`` or Ctrl-C stops every rank after the same step, rank 0 alone writes the
-    files, and each rank's sd-scripts output goes to ``NAME.engine.log`` (rank 0; or ``engine_log``) and
-    ``NAME.engine.rankR.log`` in ``output_dir`` (docs/scaling.md). A worker that dies raises
-    :class:`~spyke_lora.WorkerFailed` naming its rank.
+        result = train(TrainConfig.from_toml("spyke.toml"), Progress())
+        print(result.final_path, result.losses[-1])
+
+    Args:
+        cfg: What to train (:class:`~spyke_lora.TrainConfig`).
+        callbacks: One callable or several, each receiving every :mod:`~spyke_lora.events` event in order. A
+            callback that returns :class:`~spyke_lora.Stop` ends the run cleanly after the current step, with that
+            step's LoRA saved under the final name. An exception raised by a callback ends the run
+            (``TrainEnded(status="failed")`` is delivered first) and propagates unchanged.
+        resume: ``"latest"``, or the path of a ``NAME-step…-state`` folder: continues a run saved with
+            ``save_state = true``; its step count, epoch, learning-rate schedule and checkpoint schedule go on as if
+            it had never stopped. A config or dataset that would train differently is refused with the differences
+            listed.
+        engine_log: Where sd-scripts' own prints, log lines and progress bars go: a file path; None for the console;
+            ``"auto"`` (the default) is the console, except in a Jupyter notebook, where they go to
+            ``NAME.engine.log`` in ``output_dir`` so the cell shows the callbacks' output
+            (:class:`~spyke_lora.callbacks.Progress`) instead of sd-scripts' carriage-return progress bars.
+        processes: Train in N worker processes started by accelerate's launcher (``accelerate launch``: DDP, one
+            GPU per process on CUDA, gloo on the CPU), each running this same engine. Rank 0's events reach
+            ``callbacks`` in order, a ``Stop`` or Ctrl-C stops every rank after the same step, rank 0 alone writes
+            the files, and each rank's sd-scripts output goes to ``NAME.engine.log`` (rank 0; or ``engine_log``) and
+            ``NAME.engine.rankR.log`` in ``output_dir`` (docs/scaling.md).
+        launch: A :class:`~spyke_lora.Launch`: several machines, or an accelerate config file.
+
+    Returns:
+        What the run did (:class:`TrainResult`): its status, steps, files, losses, device and peak memory.
+
+    Raises:
+        ConfigError: A check of :func:`~spyke_lora.plan` refused the run; nothing was loaded or written.
+        TrainingError: sd-scripts itself failed.
+        NonFiniteLoss: The loss was NaN/Inf (no file is written from such weights).
+        WorkerFailed: A worker of a multi-process run died; it names its rank.
+        KeyboardInterrupt: After a first Ctrl-C, once the current step's LoRA is saved (a second Ctrl-C interrupts
+            at once).
     """
     return run_training(cfg, callbacks, resume=resume, engine_log=engine_log, launch=resolve_launch(processes, launch))
 
@@ -215,7 +232,7 @@ def _announce(cfg: TrainConfig, device: DeviceChoice, checked: Plan, launch: Lau
     """The plan's warnings, the MPS fallback's, and the run's first log lines."""
     for note in checked.warnings:
         warn_caller(note)
-    if device.device == "mps" and _mps_fallback_missing():
+    if device.device == "mps" and fallback_missing():
         warn_caller(
             "PYTORCH_ENABLE_MPS_FALLBACK=1 was not in the environment when torch was imported, so an operation MPS "
             "lacks will fail instead of running on the CPU; import spyke_lora before torch (it sets the variable) "
@@ -330,10 +347,3 @@ def engine_log_path(engine_log: str | os.PathLike[str] | None, cfg: TrainConfig)
     if isinstance(engine_log, str) and engine_log == "auto":
         return cfg.output_dir / f"{cfg.output_name}.engine.log" if in_notebook() else None
     return None if engine_log is None else Path(engine_log)
-
-
-def _mps_fallback_missing() -> bool:
-    """True when an op MPS lacks would fail, not run on the CPU: the fallback variable came after torch, or is not 1."""
-    import spyke_lora
-
-    return spyke_lora._MPS_FALLBACK_TOO_LATE or os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1"

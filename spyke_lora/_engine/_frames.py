@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import EngineError
 
 if TYPE_CHECKING:
-    from ._trainer import RunParts
+    from ._probe import Probe
 
 __all__ = ["finish_after_stop", "set_frame_local"]
 
@@ -30,13 +31,16 @@ def _train_frame(tb: TracebackType | None, train_code: Any) -> FrameType | None:
     return found
 
 
-def finish_after_stop(stop: BaseException, train_network: ModuleType, parts: RunParts) -> Path | None:
+def finish_after_stop(
+    stop: BaseException, train_network: ModuleType, probe: Probe, written: Callable[[Path], Path | None]
+) -> Path | None:
     """End the run the way the end of sd-scripts' ``train()`` does, for the step reached.
 
     Args:
         stop: The exception that ended the loop; its traceback holds ``train()``'s frame.
         train_network: The engine's ``train_network`` module.
-        parts: The run's parts (the step reached, the files written).
+        probe: The run's probe (the step and epoch reached).
+        written: The path given when this run wrote that file, else None (``GuardedSave.written``).
 
     Returns:
         The final file, or None when no step was taken (nothing worth saving) or on another rank than 0.
@@ -44,7 +48,6 @@ def finish_after_stop(stop: BaseException, train_network: ModuleType, parts: Run
     Raises:
         EngineError: This sd-scripts' ``train()`` lacks the locals the end of a run needs.
     """
-    probe = parts.probe
     if probe.steps_done == probe.first_step:
         return None
     frame = _train_frame(stop.__traceback__, train_network.NetworkTrainer.train.__code__)
@@ -69,7 +72,7 @@ def finish_after_stop(stop: BaseException, train_network: ModuleType, parts: Run
             train_network.train_util.save_and_remove_state_stepwise(args, accelerator, step)
     name = train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)
     local["save_model"](name, network, local["global_step"], probe.epoch, force_sync_upload=True)
-    return parts.written(Path(os.path.join(args.output_dir, name)))
+    return written(Path(os.path.join(args.output_dir, name)))
 
 
 def set_frame_local(frame: FrameType, name: str, value: Any) -> None:

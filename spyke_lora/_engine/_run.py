@@ -325,12 +325,12 @@ def _drive(engine: _Session, args: Any, parts: RunParts) -> Outcome:
         try:
             trainer.train(args)
         except StopRun as stop:
-            final = finish_after_stop(stop, train_network, parts)
+            final = finish_after_stop(stop, train_network, probe, parts.written)
             _clear_engine_frames(stop.__traceback__, engine.host.root)
             return Outcome(probe.steps_done, final, stopped=True)
         except KeyboardInterrupt as interrupt:
             if probe.interrupted_at_boundary:  # between steps: keep the last completed step's LoRA
-                finish_after_stop(interrupt, train_network, parts)
+                finish_after_stop(interrupt, train_network, probe, parts.written)
             raise
         # the final file, when this run wrote it: a save during a NaN/Inf streak is skipped
         name = train_network.train_util.get_last_ckpt_name(args, "." + args.save_model_as)

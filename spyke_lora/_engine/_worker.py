@@ -38,7 +38,7 @@ def main() -> int:
 
     from .._config import TrainConfig
     from .._errors import ConfigError, NonFiniteLoss, SpykeLoraError
-    from .._memory._peak import PeakMeter  # TODO(lead): from .._memory once exported
+    from .._memory import PeakMeter
     from ._argv import device_choice
     from ._context import RunContext
     from ._ranks import AbortRun, RankSync
