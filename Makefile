@@ -49,8 +49,12 @@ test-mps: setup  ## on an Apple Silicon Mac only
 test-gpu: setup  ## on a CUDA machine only
 	SPYKE_LORA_REQUIRE_DEVICE=gpu $(PY) -m pytest tests/device -q -rs -m gpu
 
-lint: setup  ## ruff: pyflakes, syntax errors and import order ([tool.ruff.lint] in pyproject.toml)
-	$(PY) -m ruff check spyke_lora tests benchmarks examples
+LINTED := spyke_lora tests benchmarks examples
+
+lint: setup  ## ruff check and ruff format --check, then the import contracts ([tool.importlinter] in pyproject.toml)
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf demo-output .pytest_cache

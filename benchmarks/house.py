@@ -1,4 +1,5 @@
 """The house's figures: module line counts, the longest functions, import circles, private-name imports."""
+
 from __future__ import annotations
 
 import ast
@@ -18,11 +19,19 @@ def functions(path: Path):
 
 
 def private_imports(path: Path, module: str):
+    """``from X import _name`` where ``X._name`` is not a submodule (``from . import _engine`` imports a module
+    object, which is fine)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            source = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+            folder = ROOT.parent.joinpath(*source.split("."))
             for alias in node.names:
-                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                name = alias.name
+                submodule = (folder / f"{name}.py").is_file() or (folder / name / "__init__.py").is_file()
+                if name.startswith("_") and not name.startswith("__") and not submodule:
                     yield node.lineno, "." * node.level + (node.module or ""), alias.name
 
 
@@ -76,13 +85,13 @@ def main() -> None:
     print(f"functions over 80 lines: {sum(1 for n, _ in funcs if n > 80)}")
     print("private-name imports:")
     for p in files:
-        mod = str(p.relative_to(ROOT.parent).with_suffix("")).replace("/", ".")
+        mod = str(p.relative_to(ROOT.parent).with_suffix("")).replace("/", ".").removesuffix(".__init__")
         for line, src, name in private_imports(p, mod):
             print(f"  {p.relative_to(ROOT.parent)}:{line} from {src} import {name}")
     print("import circles (strongly connected groups of modules):")
     for comp in circles("spyke_lora"):
         print(f"  {len(comp)}: {', '.join(comp)}")
-    skips = sum(p.read_text(encoding='utf-8').count("# fmt: skip") for p in files)
+    skips = sum(p.read_text(encoding="utf-8").count("# fmt: skip") for p in files)
     print(f"'# fmt: skip' markers: {skips}")
 
 

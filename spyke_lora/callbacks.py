@@ -9,6 +9,8 @@ Each is a plain callable taking one event (see :mod:`spyke_lora.events`); one th
 * :class:`LossHistory`: the steps, losses and learning rates, as lists.
 * :class:`StopAfter`: stop at a step number, or after a time budget.
 * :class:`StopOnPlateau`: stop when the running average loss has not improved for a number of steps.
+
+A callback given a wrong setting raises :class:`~spyke_lora.ConfigError` when it is made, before any run.
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ import math
 import sys
 from typing import IO, Any
 
+from ._errors import ConfigError
 from .events import CheckpointSaved, Event, SampleSaved, StepEnded, Stop, TrainEnded, TrainStarted, ValidationEnded
 
 __all__ = ["LiveLossChart", "LossHistory", "Progress", "StopAfter", "StopOnPlateau", "describe", "in_notebook"]
 
 
 def describe(event: Event) -> str:
-    """One readable line per event."""
+    """One readable line for an event, as :class:`Progress` and ``spyke-lora train`` print it.
+
+    Args:
+        event: any :mod:`~spyke_lora.events` event.
+
+    Returns:
+        The line, without a newline.
+    """
     if isinstance(event, TrainStarted):
         resumed = f", resuming after step {event.resumed_from_step}" if event.resumed_from_step else ""
         name = f"{event.device_name}, " if event.device_name else ""
@@ -61,7 +71,11 @@ def describe(event: Event) -> str:
 
 
 def in_notebook() -> bool:
-    """True inside a Jupyter kernel (where rich output can be displayed and updated in place)."""
+    """Whether this process is a Jupyter kernel.
+
+    Returns:
+        True inside a Jupyter kernel, where rich output can be displayed and updated in place.
+    """
     shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
     return bool(shell) and "IPKernelApp" in getattr(shell, "config", {})
 
@@ -76,7 +90,10 @@ class Progress:
       (``pip install 'spyke-lora[notebook]'`` installs it), one line per event, as in a log.
     * Elsewhere (a log file, CI): one line per event, no bar.
 
-    ``stream`` defaults to stdout; ``notebook`` forces the Jupyter mode (True) or rules it out (False)."""
+    Args:
+        stream: where the bar and the lines go; None: stdout.
+        notebook: force the Jupyter mode (True) or rule it out (False); None: detect it.
+    """
 
     def __init__(self, stream: IO[str] | None = None, *, notebook: bool | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
@@ -87,6 +104,7 @@ class Progress:
         self._held_out: float | None = None  # the last held-out loss, shown in the bar's postfix
 
     def __call__(self, event: Event) -> None:
+        """Show ``event``: the bar moved, or a line."""
         if isinstance(event, ValidationEnded):
             self._held_out = event.loss
         if self._tqdm is None:
@@ -152,7 +170,14 @@ def _postfix(event: StepEnded, held_out: float | None = None) -> dict[str, str]:
 
 class LossHistory:
     """Collects every step: ``steps``, ``losses``, ``avg_losses``, ``lrs``, ``epochs`` (parallel lists), and every
-    validation pass: ``validation_steps``, ``validation_losses``."""
+    validation pass: ``validation_steps``, ``validation_losses``.
+
+    Example::
+
+        history = LossHistory()
+        train(cfg, callbacks=[history])
+        history.steps[-1], history.avg_losses[-1]
+    """
 
     def __init__(self) -> None:
         self.validation_steps: list[int] = []
@@ -164,6 +189,7 @@ class LossHistory:
         self.epochs: list[int] = []
 
     def __call__(self, event: Event) -> None:
+        """Record ``event`` when it is a step or a validation pass."""
         if isinstance(event, StepEnded):
             self.steps.append(event.step)
             self.losses.append(event.loss)
@@ -175,6 +201,7 @@ class LossHistory:
             self.validation_losses.append(event.loss)
 
     def __len__(self) -> int:
+        """The steps recorded."""
         return len(self.steps)
 
 
@@ -183,11 +210,20 @@ class LiveLossChart:
     the training device (GiB, on a second y axis; when the steps report it), redrawn in place in Jupyter every
     ``every`` steps and at the end: the same matplotlib chart as the run's ``NAME.loss.png``, shown as one PNG
     output updated in place (``IPython.display`` with a display id). Outside Jupyter it only collects, and
-    :meth:`save` writes the chart to a file."""
+    :meth:`save` writes the chart to a file.
+
+    Args:
+        every: redraw every this many steps (and at the end).
+        size: the chart's width and height in pixels.
+        notebook: force the Jupyter mode (True) or rule it out (False); None: detect it.
+
+    Raises:
+        ConfigError: ``every`` is below 1.
+    """
 
     def __init__(self, every: int = 10, *, size: tuple[int, int] = (800, 400), notebook: bool | None = None) -> None:
         if every < 1:
-            raise ValueError(f"`every` must be at least 1, got {every}")
+            raise ConfigError(f"`every` must be at least 1, got {every}; try LiveLossChart(every=10)")
         self.every = every
         self.size = size
         self.notebook = in_notebook() if notebook is None else notebook
@@ -197,6 +233,7 @@ class LiveLossChart:
         self.draws = 0
 
     def __call__(self, event: Event) -> None:
+        """Collect ``event``; redraw every ``every`` steps and at the end."""
         if isinstance(event, StepEnded):
             self.history.append(event)
             if len(self.history) % self.every == 0:
@@ -215,7 +252,11 @@ class LiveLossChart:
         return buffer.getvalue()
 
     def save(self, path: str) -> None:
-        """Write the chart of the steps so far to ``path``."""
+        """Write the chart of the steps so far to ``path`` (a PNG).
+
+        Args:
+            path: the file to write.
+        """
         from ._records import loss_chart
 
         loss_chart(self.history, path, size=self.size, validations=self.validations)
@@ -235,16 +276,31 @@ class LiveLossChart:
 
 class StopAfter:
     """Stop once the run reaches step ``steps`` (its global step number), or once ``seconds`` have passed since
-    ``train()`` was called, whichever comes first. The LoRA of the step reached is saved under the final name."""
+    ``train()`` was called, whichever comes first. The LoRA of the step reached is saved under the final name.
+
+    Args:
+        steps: the global step number to stop at.
+        seconds: the time budget, from the call of ``train()``.
+
+    Raises:
+        ConfigError: neither ``steps`` nor ``seconds`` is given, or ``steps`` is below 1.
+
+    Example::
+
+        train(cfg, callbacks=[StopAfter(500, seconds=3600)])
+    """
 
     def __init__(self, steps: int | None = None, *, seconds: float | None = None) -> None:
         if steps is None and seconds is None:
-            raise ValueError("give `steps`, `seconds` or both")
+            raise ConfigError(
+                "give `steps`, `seconds` or both, got neither; try StopAfter(500) or StopAfter(seconds=3600)"
+            )
         if steps is not None and steps < 1:
-            raise ValueError(f"`steps` must be at least 1, got {steps}")
+            raise ConfigError(f"`steps` must be at least 1, got {steps}; try StopAfter(500)")
         self.steps, self.seconds = steps, seconds
 
     def __call__(self, event: Event) -> Stop | None:
+        """A :class:`~spyke_lora.Stop` once the step or the time budget is reached, else None."""
         if not isinstance(event, StepEnded):
             return None
         if self.steps is not None and event.step >= self.steps:
@@ -257,17 +313,27 @@ class StopAfter:
 class StopOnPlateau:
     """Stop when the running average loss (``StepEnded.avg_loss``, sd-scripts' "avr_loss") has not gone below its
     best value minus ``min_delta`` for ``patience`` steps, after ``warmup`` steps. A plateau of the training loss
-    says training has stopped fitting the data; it does not say the LoRA is good: look at the samples."""
+    says training has stopped fitting the data; it does not say the LoRA is good: look at the samples.
+
+    Args:
+        patience: the steps without improvement that stop the run.
+        min_delta: how much lower than the best the average must go to count as an improvement.
+        warmup: the steps seen before a stop can happen.
+
+    Raises:
+        ConfigError: ``patience`` is below 1.
+    """
 
     def __init__(self, patience: int = 100, *, min_delta: float = 0.0, warmup: int = 0) -> None:
         if patience < 1:
-            raise ValueError(f"`patience` must be at least 1, got {patience}")
+            raise ConfigError(f"`patience` must be at least 1, got {patience}; try StopOnPlateau(patience=100)")
         self.patience, self.min_delta, self.warmup = patience, min_delta, warmup
         self.best = math.inf
         self.best_step = 0
         self._seen = 0
 
     def __call__(self, event: Event) -> Stop | None:
+        """A :class:`~spyke_lora.Stop` once the average loss has not improved for ``patience`` steps, else None."""
         if not isinstance(event, StepEnded) or not math.isfinite(event.avg_loss):
             return None
         self._seen += 1
