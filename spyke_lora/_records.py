@@ -21,16 +21,16 @@ import os
 import platform
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ._config import TrainConfig
-from ._errors import ConfigError, SpykeLoraWarning
+from ._errors import ConfigError
 from ._files import atomic_path, write_atomically
 from ._lock import output_in_use
+from ._user_warnings import warn_caller
 from .events import Event, StepEnded, TrainEnded, TrainStarted, ValidationEnded
 
 if TYPE_CHECKING:
@@ -80,11 +80,7 @@ class RunRecorder:
                     loss_chart(history, self.paths["loss_chart"], title=self.cfg.output_name, validations=validations)
         except OSError as e:
             self.enabled = False
-            warnings.warn(
-                f"could not write the run records in {self.cfg.output_dir}: {e}; training goes on without them",
-                SpykeLoraWarning,
-                stacklevel=2,
-            )
+            warn_caller(f"could not write the run records in {self.cfg.output_dir}: {e}; training goes on without them")
 
     def _start(self, event: TrainStarted) -> None:
         if not event.resumed_from_step:
@@ -229,7 +225,17 @@ def _number(value: Any) -> float:
 
 
 def runs(folder: str | os.PathLike[str]) -> list[RunRecord]:
-    """The runs recorded in ``folder`` and its subfolders (one level), oldest first."""
+    """The runs recorded in a folder: their config, how they ended, their losses, from each ``NAME.events.jsonl``.
+
+    Args:
+        folder: a run's ``output_dir``, or the folder that holds several (one level of subfolders is read).
+
+    Returns:
+        A :class:`RunRecord` per run, oldest first; a record that cannot be read is left out.
+
+    Raises:
+        ConfigError: ``folder`` is not a folder.
+    """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"{str(folder)!r} is not a folder; give the output_dir of your runs (or its parent)")
@@ -244,8 +250,18 @@ def runs(folder: str | os.PathLike[str]) -> list[RunRecord]:
 
 
 def config_diff(a: TrainConfig | str | os.PathLike[str], b: TrainConfig | str | os.PathLike[str]) -> list[str]:
-    """What changed from config ``a`` to ``b`` (configs, or their TOML files: a run's ``NAME.config.toml``), one
-    line per field: ``learning_rate: 0.0001 -> 5e-05``."""
+    """What changed from one config to another.
+
+    Args:
+        a: the first config, or its TOML file (a run's ``NAME.config.toml``).
+        b: the second, likewise.
+
+    Returns:
+        One line per field that differs, in field order: ``learning_rate: 0.0001 -> 5e-05``; empty when none does.
+
+    Raises:
+        ConfigError: a TOML file is not a valid config.
+    """
     first, second = (x if isinstance(x, TrainConfig) else TrainConfig.from_toml(x) for x in (a, b))
     before, after = first.to_dict(), second.to_dict()
     return [
@@ -275,11 +291,23 @@ def loss_chart(
     size: tuple[int, int] = (800, 400),
     validations: Sequence[ValidationEnded | dict[str, Any]] = (),
 ) -> Path | None:
-    """A PNG line chart, ``size`` pixels: the loss per step (grey), its running average (blue), the held-out
-    validation loss of each pass (orange dots), a red line at each step whose loss was NaN or infinite, and, when
-    the steps recorded it, the memory in use on the training device (a thin muted green line, in GiB, on a second y
-    axis at the right). Drawn with matplotlib's object API and Agg canvas (the caller's pyplot and
-    backend are left alone). ``path`` may be a binary file object (then None is returned)."""
+    """Draw a run's losses as a PNG line chart.
+
+    The loss per step (grey), its running average (blue), the held-out validation loss of each pass (orange dots), a
+    red line at each step whose loss was NaN or infinite, and, when the steps recorded it, the memory in use on the
+    training device (a thin muted green line, in GiB, on a second y axis at the right). Drawn with matplotlib's
+    object API and Agg canvas: the caller's pyplot and backend are left alone.
+
+    Args:
+        history: the steps, as :class:`~spyke_lora.StepEnded` events or their JSON (a run's ``events.jsonl``).
+        path: the PNG file to write (atomically), or a binary file object to write into.
+        title: the chart's title.
+        size: width and height in pixels.
+        validations: the validation passes, as :class:`~spyke_lora.ValidationEnded` events or their JSON.
+
+    Returns:
+        The file written; None when ``path`` is a file object.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     figure = _loss_figure(history, title=title, size=size, validations=validations)

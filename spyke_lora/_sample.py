@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from . import _engine
 from ._config import TrainConfig
-from ._errors import ConfigError, SpykeLoraWarning
+from ._errors import ConfigError
 from ._header import check_base_model, inspect_model
 from ._train import Callback, engine_log_path
+from ._user_warnings import warn_caller
 from .events import Event, SampleSaved
 
 __all__ = ["sample"]
@@ -25,15 +25,27 @@ def sample(
     *,
     engine_log: str | os.PathLike[str] | None = "auto",
 ) -> tuple[SampleSaved, ...]:
-    """Sample LoRA files with ``cfg``'s ``sample_prompts``, ``sample_cfg_scales``, ``sample_seed``, steps, size and
-    sampler, on ``cfg.base_model``, with sd-scripts' own sampler: the images a training run with ``cfg`` made of the
-    same file, so checkpoints from different runs (or new prompts) can be compared on equal terms.
+    """Sample LoRA files already on disk, exactly as a training run with ``cfg`` samples its own.
 
-    ``checkpoints``: files, or a folder (its LoRA files named ``cfg.output_name``, in step order). Each file's step
-    is its ``ss_steps`` metadata. Images go to ``cfg.output_dir/sample``, one line each in the run's
-    ``NAME.samples.jsonl`` (the newest line for a step, prompt and scale wins, so a contact sheet shows the latest).
-    ``cfg.sample_at_first`` adds the base model alone as step 0. Returns the :class:`SampleSaved` events, also
-    delivered to ``callbacks``. ``engine_log`` as for :func:`~spyke_lora.train`.
+    ``cfg``'s ``sample_prompts``, ``sample_cfg_scales``, ``sample_seed``, steps, size and sampler, on
+    ``cfg.base_model``, with sd-scripts' own sampler: the images a run with ``cfg`` made of the same file, so
+    checkpoints from different runs (or new prompts) can be compared on equal terms. Images go to
+    ``cfg.output_dir/sample``, one line each in the run's ``NAME.samples.jsonl`` (the newest line for a step, prompt
+    and scale wins, so a contact sheet shows the latest).
+
+    Args:
+        checkpoints: LoRA files, or a folder (its LoRA files named ``cfg.output_name``, in step order). Each file's
+            step is its ``ss_steps`` metadata.
+        cfg: the config to sample with; ``cfg.sample_at_first`` adds the base model alone as step 0.
+        callbacks: one callable or several, given every :class:`~spyke_lora.SampleSaved` event.
+        engine_log: as for :func:`~spyke_lora.train`.
+
+    Returns:
+        The :class:`~spyke_lora.SampleSaved` events, in order.
+
+    Raises:
+        ConfigError: ``sample_prompts`` is empty, a checkpoint is not a LoRA file (every one is named at once), or
+            the base model cannot be read.
     """
     with _engine.preserved_random_state():
         try:
@@ -49,7 +61,7 @@ def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[Sampl
     check_base_model(cfg.base_model)
     plan = _engine.device_choice(cfg)
     for note in plan.corrections:
-        warnings.warn(note, SpykeLoraWarning, stacklevel=3)
+        warn_caller(note)
     made: list[SampleSaved] = []
 
     def emit(event: Event) -> None:
@@ -65,12 +77,23 @@ def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[Sampl
 def _files(checkpoints, cfg: TrainConfig) -> list[tuple[int, Path]]:
     if not cfg.sample_prompts:
         raise ConfigError("`sample_prompts` is empty, so there is nothing to sample; give at least one prompt")
-    return checkpoint_files(checkpoints, cfg, "sampled", stacklevel=5)
+    return checkpoint_files(checkpoints, cfg, "sampled")
 
 
-def checkpoint_files(checkpoints, cfg: TrainConfig, verb: str, stacklevel: int = 4) -> list[tuple[int, Path]]:
-    """LoRA files (or folders of ``cfg.output_name``'s files) as ``(step, path)`` in step order, one per step; every
-    file that is not a LoRA is reported at once."""
+def checkpoint_files(checkpoints, cfg: TrainConfig, verb: str) -> list[tuple[int, Path]]:
+    """The LoRA files to sample or validate, one per step.
+
+    Args:
+        checkpoints: LoRA files, or folders of ``cfg.output_name``'s files.
+        cfg: the run's config.
+        verb: what is done to them ("sampled"), for the warning about two files of one step.
+
+    Returns:
+        ``(step, path)`` in step order; a file without ``ss_steps`` gets its position, with a warning.
+
+    Raises:
+        ConfigError: a folder holds no LoRA file of ``cfg.output_name``, or files are not LoRA files (all named).
+    """
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [checkpoints]
     paths: list[Path] = []
@@ -96,13 +119,9 @@ def checkpoint_files(checkpoints, cfg: TrainConfig, verb: str, stacklevel: int =
         step_text = info.metadata.get("ss_steps", "")
         step = int(step_text) if step_text.isdigit() else position
         if not step_text.isdigit():
-            warnings.warn(
-                f"{path.name} has no ss_steps metadata: it is shown as step {step}", SpykeLoraWarning, stacklevel
-            )
+            warn_caller(f"{path.name} has no ss_steps metadata: it is shown as step {step}")
         if step in seen:  # NAME-step00000920 and NAME (the final file) of one run are the same weights
-            warnings.warn(
-                f"{path.name} is step {step} like {seen[step].name}: {verb} once", SpykeLoraWarning, stacklevel
-            )
+            warn_caller(f"{path.name} is step {step} like {seen[step].name}: {verb} once")
             continue
         seen[step] = path
         files.append((step, path))

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import _engine
 from ._config import TrainConfig
-from ._errors import ConfigError, SpykeLoraWarning
+from ._errors import ConfigError
 from ._header import check_base_model
 from ._preflight import check_folder
 from ._sample import checkpoint_files
 from ._train import engine_log_path
+from ._user_warnings import warn_caller
 
 __all__ = ["HeldOutLoss", "validation_loss"]
 
@@ -37,14 +37,28 @@ def validation_loss(
     *,
     engine_log: str | os.PathLike[str] | None = "auto",
 ) -> tuple[HeldOutLoss, ...]:
-    """The validation loss of LoRA files on the held-out images, as a training run with ``cfg`` measures it
-    (:class:`~spyke_lora.events.ValidationEnded`): the same images, timesteps, seed and sd-scripts code, so a
-    file's figure here is the one its run reported.
+    """The validation loss of LoRA files on held-out images, as a training run with ``cfg`` measures it.
 
-    ``checkpoints``: files, folders (their files named ``cfg.output_name``), and None for the base model alone
-    (step 0: the reference a LoRA's figures compare with). ``folder``: any folder of captioned images, by default
-    ``cfg.validation_dir``; a folder of class images ("1girl, ...") measures how far each file has pulled the class
-    away from the base model (class drift). Returns one :class:`HeldOutLoss` per file, in step order."""
+    The same images, timesteps, seed and sd-scripts code as the run's own passes
+    (:class:`~spyke_lora.events.ValidationEnded`), so a file's figure here is the one its run reported. When the
+    run's folder exists, each figure is also a line of its ``NAME.validation.jsonl``, which :func:`review` reads.
+
+    Args:
+        checkpoints: LoRA files, folders (their files named ``cfg.output_name``), and None for the base model alone
+            (step 0: the reference a LoRA's figures compare with).
+        cfg: the run's config.
+        folder: any folder of captioned images; None: ``cfg.validation_dir`` (or ``train_dir``'s held-out part
+            with ``validation_split``). A folder of class images ("1girl, ...") measures how far each file has
+            pulled the class away from the base model (class drift).
+        engine_log: as for :func:`~spyke_lora.train`.
+
+    Returns:
+        One :class:`HeldOutLoss` per file, in step order (the base model first).
+
+    Raises:
+        ConfigError: nothing to measure, no held-out images (no ``folder`` and no ``validation_dir``), a problem in
+            the folder's images or captions, or a checkpoint that is not a LoRA file.
+    """
     with _engine.preserved_random_state():
         try:
             return _validation_loss(checkpoints, cfg, folder, engine_log)
@@ -76,7 +90,7 @@ def _validation_loss(checkpoints, cfg: TrainConfig, folder, engine_log) -> tuple
     check_base_model(cfg.base_model)
     plan = _engine.device_choice(cfg)
     for note in plan.corrections:
-        warnings.warn(note, SpykeLoraWarning, stacklevel=3)
+        warn_caller(note)
     steps = {path: step for step, path in files}
     ordered: list[Path | None] = ([None] if base else []) + [path for _, path in files]
     results: list[HeldOutLoss] = []

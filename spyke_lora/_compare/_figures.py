@@ -47,7 +47,7 @@ class StepLoss:
 
 @dataclasses.dataclass(frozen=True)
 class Figures:
-    """Everything read from one validation manifest (internal: :func:`review` spreads it over the Review)."""
+    """Everything read from one validation manifest (:func:`review` spreads it over the Review)."""
 
     manifest: Path
     rows: tuple[StepLoss, ...]  # step order, step 0 first when measured
@@ -57,13 +57,16 @@ class Figures:
 
     @property
     def has_held_out(self) -> bool:
+        """True when a step has a held-out loss (not only other folders' figures)."""
         return any(r.held_out_loss is not None for r in self.rows)
 
     def row(self, step: int) -> StepLoss | None:
+        """The figures of ``step``; None when it was not measured."""
         return next((r for r in self.rows if r.step == step), None)
 
     @property
     def base(self) -> StepLoss | None:
+        """The base model's figures (step 0), the reference; None when it was not measured."""
         return self.row(0)
 
     def drift_folders(self) -> set[str]:
@@ -78,7 +81,14 @@ def _folder(text: Any, run_dir: Path) -> Path:
 
 
 def read_figures(manifest: Path) -> Figures | None:
-    """The figures of ``manifest``; None when it does not exist or holds no usable line (a run without validation)."""
+    """Read a run's validation manifest.
+
+    Args:
+        manifest: the run's ``NAME.validation.jsonl``.
+
+    Returns:
+        Its figures; None when it does not exist or holds no usable line (a run without validation).
+    """
     try:
         text = manifest.read_text(encoding="utf-8")
     except OSError:
@@ -139,7 +149,16 @@ def read_figures(manifest: Path) -> Figures | None:
 
 
 def loss_order(losses: Mapping[int, float], broken: set[int]) -> tuple[tuple[int, float], ...]:
-    """Lowest loss first; broken steps and non-finite losses last; the base model (step 0) left out."""
+    """The steps ranked by loss.
+
+    Args:
+        losses: ``{step: held-out loss}``.
+        broken: the steps with a black, flat or NaN sample.
+
+    Returns:
+        ``(step, loss)`` pairs, lowest loss first; broken steps and non-finite losses last; the base model (step 0)
+        left out.
+    """
 
     def key(item: tuple[int, float]) -> tuple[bool, float, int]:
         step, loss = item
@@ -157,8 +176,16 @@ def _drift(value: float) -> str:
 
 
 def recommend(figures: Figures, samples: Mapping[int, StepSummary]) -> tuple[int | None, str | None]:
-    """``(step, sentence)``: the lowest held-out loss among the steps whose samples are not broken, and why;
-    ``(None, None)`` without held-out figures; ``(None, "no recommendation: ...")`` when no step qualifies."""
+    """The recommended checkpoint: the lowest held-out loss among the steps whose samples are not broken.
+
+    Args:
+        figures: the run's held-out figures.
+        samples: the review's row of each step.
+
+    Returns:
+        ``(step, the sentence saying why)``; ``(None, None)`` without held-out figures; ``(None, "no
+        recommendation: ...")`` when no step qualifies.
+    """
     if not figures.has_held_out:
         return None, None
     held = {r.step: r.held_out_loss for r in figures.rows if r.step != 0 and r.held_out_loss is not None}
@@ -215,8 +242,17 @@ def recommend(figures: Figures, samples: Mapping[int, StepSummary]) -> tuple[int
 
 
 def table(figures: Figures, samples: Mapping[int, StepSummary], recommended: int | None) -> str:
-    """The figures as text: a row per step (the base model first), the held-out loss and a column per class folder
-    (its drift, or its raw loss when the base model has no figure on it), then what the columns mean."""
+    """The figures as the text ``spyke-lora compare`` prints.
+
+    Args:
+        figures: the run's held-out figures.
+        samples: the review's row of each step (a step with broken samples is marked).
+        recommended: the recommended step, marked; None: none.
+
+    Returns:
+        A row per step (the base model first), the held-out loss and a column per class folder (its drift, or its
+        raw loss when the base model has no figure on it), then what the columns mean.
+    """
     drift_folders = figures.drift_folders()
     columns: list[tuple[str, str]] = []  # (header, kind)
     if figures.has_held_out:

@@ -49,7 +49,12 @@ class SampleWarning:
 
 
 class References:
-    """Thumbnails of the training images (and their mirror images), made once per review."""
+    """Thumbnails of the training images (and their mirror images), made once per review, that a sample is matched
+    against for the near-duplicate check.
+
+    Args:
+        paths: the training images; one that cannot be read, or is one flat colour, is left out.
+    """
 
     def __init__(self, paths: Iterable[PathLike]) -> None:
         self.paths: list[Path] = []
@@ -69,10 +74,18 @@ class References:
         self.rgb = np.stack(rgb) if rgb else np.zeros((0, THUMB, THUMB, 3))
 
     def __len__(self) -> int:
+        """The training images kept."""
         return len(self.paths)
 
     def match(self, thumb: np.ndarray) -> tuple[Path, bool] | None:
-        """The training image ``thumb`` nearly copies, and whether it is the mirror image; None if none."""
+        """The training image a sample nearly copies.
+
+        Args:
+            thumb: the sample's thumbnail (THUMB x THUMB RGB, 0..1).
+
+        Returns:
+            ``(training image, whether the sample is its mirror image)``; None when it copies none.
+        """
         g = _normalised_grey(thumb)
         if g is None or not len(self):
             return None
@@ -90,7 +103,17 @@ class References:
 
 
 def open_image(path: Path) -> PILImage.Image:
-    """The image, fully loaded so its file is closed."""
+    """Open an image, fully loaded so its file is closed.
+
+    Args:
+        path: the image file.
+
+    Returns:
+        The PIL image.
+
+    Raises:
+        OSError: the file cannot be read as an image.
+    """
     from PIL import Image
 
     with Image.open(path) as image:
@@ -99,7 +122,17 @@ def open_image(path: Path) -> PILImage.Image:
 
 
 def to_array(image: Any) -> np.ndarray:
-    """An H x W x 3 float array; 0..1 for 8- and 16-bit images, the values themselves for float images."""
+    """An image as an H x W x 3 float array: 0..1 for 8- and 16-bit images, the values themselves for float images.
+
+    Args:
+        image: a PIL image or an array (grey, RGB or RGBA; alpha is dropped).
+
+    Returns:
+        The array.
+
+    Raises:
+        ValueError: the image is empty.
+    """
     if isinstance(image, np.ndarray):
         array = image.astype(np.float64)
         if image.dtype == np.uint8:

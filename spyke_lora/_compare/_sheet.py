@@ -53,10 +53,12 @@ class SheetLayout:
 
     @property
     def width(self) -> int:
+        """The sheet's width in px."""
         return self.label_width + self.cols * (self.cell + self.gap) + self.gap
 
     @property
     def height(self) -> int:
+        """The sheet's height in px."""
         return self.header_height + self.rows * (self.cell + self.gap) + self.gap
 
     def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
@@ -77,9 +79,21 @@ class SheetLayout:
 
 
 def sheet_layout(rows: int, cols: int, cell: int = 256) -> SheetLayout:
-    """The layout of a sheet; the font is about 15 px at ``cell`` 256 and scales with it (11 px at least)."""
+    """Where everything goes on a sheet; the font is about 15 px at ``cell`` 256 and scales with it (11 px at least).
+
+    Args:
+        rows: the steps.
+        cols: the (prompt, CFG scale) columns.
+        cell: a sample's square, in px.
+
+    Returns:
+        The :class:`SheetLayout`.
+
+    Raises:
+        ConfigError: ``cell`` is below 64.
+    """
     if cell < 64:
-        raise ConfigError(f"the cell size must be at least 64 px, got {cell}")
+        raise ConfigError(f"the cell size must be at least 64 px, got {cell}; try 256 (--cell 256)")
     font = max(11, round(cell * 15 / 256))
     small = max(9, round(font * 0.75))
     line = round(font * 1.3)
@@ -296,22 +310,49 @@ def contact_sheet(
     train_images: PathLike | Sequence[PathLike] | None = None,
     scorer: Scorer | None = None,
 ) -> Path:
-    """Draw a run's samples as one PNG and return its path (default ``RUN_DIR/NAME.contact-sheet.png``).
+    """Draw a run's samples as one PNG: a row per checkpoint, a column per prompt and CFG scale.
 
-    A row per step ("base" for step 0) with its LoRA file's name, a column per prompt and CFG scale, each sample
-    fitted into a ``cell`` px square; the file is written atomically. Samples with a warning get a coloured border
-    and the warning (red: black, flat, NaN; orange: near-duplicate of a training image); cells without an image are
-    grey, "missing". With a ``scorer``, each row also shows its score and rank. With the run's held-out figures
-    (``NAME.validation.jsonl``), each row shows them too (:func:`figure_lines`) and the recommended step is marked
-    "recommended". :func:`review` gives the same findings as data (``review(...).warnings`` are the lines
-    ``spyke-lora compare`` prints)."""
+    Each row is a step ("base" for step 0) with its LoRA file's name; each sample is fitted into a ``cell`` px
+    square. Samples with a warning get a coloured border and the warning (red: black, flat, NaN; orange:
+    near-duplicate of a training image); cells without an image are grey, "missing". With a ``scorer``, each row
+    also shows its score and rank. With the run's held-out figures (``NAME.validation.jsonl``), each row shows them
+    too (:func:`figure_lines`) and the recommended step is marked "recommended". :func:`review` gives the same
+    findings as data (``review(...).warnings`` are the lines ``spyke-lora compare`` prints).
+
+    Args:
+        run_dir: the run's ``output_dir``, or its ``NAME.samples.jsonl`` itself.
+        name: the run's ``output_name``, when the folder holds the samples of several runs.
+        out: the PNG file, or a folder for it; None: ``RUN_DIR/NAME.contact-sheet.png``. Written atomically.
+        cell: a sample's square, in px (64 at least).
+        train_images: image files or folders to look for near-duplicates in (see :func:`review`).
+        scorer: ranks the steps; their scores and ranks are drawn on the rows.
+
+    Returns:
+        The PNG's path.
+
+    Raises:
+        ConfigError: ``cell`` is below 64, the folder of ``out`` does not exist, or the run cannot be reviewed (see
+            :func:`review`).
+    """
     sheet_layout(1, 1, cell)  # refuses a bad cell size before any work
     rv = review(run_dir, name, train_images=train_images, scorer=scorer)
     return write_sheet(rv, out, cell)
 
 
 def write_sheet(rv: Review, out: PathLike | None, cell: int) -> Path:
-    """Draw ``rv`` into ``out`` (a file, or a folder; None: ``RUN_DIR/NAME.contact-sheet.png``); returns the path."""
+    """Draw a review as the contact sheet.
+
+    Args:
+        rv: what :func:`review` found.
+        out: the PNG file, or a folder for it; None: ``RUN_DIR/NAME.contact-sheet.png``.
+        cell: a sample's square, in px.
+
+    Returns:
+        The PNG's path.
+
+    Raises:
+        ConfigError: the folder of ``out`` does not exist, or ``cell`` is below 64.
+    """
     path = Path(out).expanduser() if out is not None else rv.run_dir / f"{rv.name}.contact-sheet.png"
     if path.is_dir():
         path = path / f"{rv.name}.contact-sheet.png"

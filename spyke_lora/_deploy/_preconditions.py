@@ -9,14 +9,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 from .._config import TrainConfig, tomllib
-from .._errors import ConfigError, DeployError, SpykeLoraWarning
+from .._errors import ConfigError, DeployError
 from .._files import sha256
 from .._header import HeaderError, read_header
+from .._user_warnings import warn_caller
 
 __all__ = ["CHUNK", "CheckedLora", "check_comfyui", "check_lora", "read_metadata", "resolve_config", "resolve_name"]
 
@@ -84,11 +84,9 @@ def check_lora(path: Path) -> CheckedLora:
     _check_tensors(where, path)
     metadata = {str(k): str(v) for k, v in header.metadata.items()}
     if not any(k.startswith("ss_") for k in metadata):
-        warnings.warn(
+        warn_caller(
             f"{where} has no sd-scripts metadata (ss_*); its step, base model and network are unknown, and the "
-            f"sidecar will say null for them",
-            SpykeLoraWarning,
-            stacklevel=3,
+            f"sidecar will say null for them"
         )
     return CheckedLora(path, header.size, sha256(path), metadata, len(header.tensors))
 
@@ -263,9 +261,7 @@ def resolve_config(
             try:
                 return TrainConfig.from_toml(path).to_dict(), path
             except ConfigError as e:  # an older or edited config: record what the file says
-                warnings.warn(
-                    f"{path} is not a valid config now ({e}); recorded as written", SpykeLoraWarning, stacklevel=3
-                )
+                warn_caller(f"{path} is not a valid config now ({e}); recorded as written")
                 try:
                     return tomllib.loads(path.read_text(encoding="utf-8")), path
                 except (tomllib.TOMLDecodeError, UnicodeDecodeError):

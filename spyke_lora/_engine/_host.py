@@ -32,7 +32,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .._errors import EngineError, SpykeLoraWarning
+from .._errors import EngineError
+from .._user_warnings import warn_caller
 
 PINNED_COMMIT = "ae72efb92babe89ff8e70f057e42db68440e8d61"
 PINNED_VERSION = "v0.10.1"
@@ -211,11 +212,9 @@ class EngineHost:
         commit = engine_commit(root)
         self.commit = commit
         if commit is not None and commit != PINNED_COMMIT:
-            warnings.warn(
+            warn_caller(
                 f"sd-scripts at {root} is at commit {commit[:10]}, not the tested {PINNED_VERSION} "
-                f"({PINNED_COMMIT[:10]}); training may still work, but results are not guaranteed",
-                SpykeLoraWarning,
-                stacklevel=3,
+                f"({PINNED_COMMIT[:10]}); training may still work, but results are not guaranteed"
             )
 
     def logger_names(self) -> list[str]:
@@ -274,12 +273,10 @@ class EngineHost:
             names = ", ".join(
                 f"`{n}` ({getattr(self._callers[n], '__file__', None) or 'built in'})" for n in stepping_aside
             )
-            warnings.warn(
+            warn_caller(
                 f"your module {names} steps aside while sd-scripts runs: sd-scripts imports a top-level module of "
                 f"that name from {self.root}; yours is put back in sys.modules when the run ends (rename yours to "
-                f"avoid this)",
-                SpykeLoraWarning,
-                stacklevel=5,
+                f"avoid this)"
             )
         sys.modules.update(self._stash)
         self._stash.clear()

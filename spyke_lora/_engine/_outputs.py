@@ -12,9 +12,9 @@ from pathlib import Path
 from .._config import TrainConfig
 from .._errors import SpykeLoraError
 from .._files import write_atomically
+from ._after_save import SampleSpec
 from ._argv import dataset_toml_path, dataset_toml_text, sample_prompts_path, sample_prompts_text
 from ._state import find_states
-from ._trainer import SampleSpec
 
 __all__ = [
     "existing_outputs",
