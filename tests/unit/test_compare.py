@@ -45,8 +45,16 @@ def fake_run(folder, steps=STEPS, prompts=PROMPTS, cfgs=CFGS, image=None, extra_
                 rel = f"sample/{NAME}_{step:06d}_{p * len(cfgs) + c:02d}_20261124120000_1234.png"
                 (image(step, prompt, cfg) if image else noise_image(seed)).save(folder / rel)
                 checkpoint = f"{NAME}-step{step:08d}.safetensors" if step else None
-                lines.append({"step": step, "prompt": prompt, "cfg_scale": cfg, "seed": 1234, "path": rel,
-                              "checkpoint": checkpoint})  # fmt: skip
+                lines.append(
+                    {
+                        "step": step,
+                        "prompt": prompt,
+                        "cfg_scale": cfg,
+                        "seed": 1234,
+                        "path": rel,
+                        "checkpoint": checkpoint,
+                    }
+                )
     lines += list(extra_lines)
     (folder / f"{NAME}.samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return folder
@@ -102,8 +110,10 @@ def test_a_missing_image_is_a_grey_cell_and_a_warning(tmp_path):
     rv = review(run, train_images=())
     cell = rv.cell(400, PROMPTS[0], 7.0)
     assert [w.kind for w in cell.warnings] == ["missing"]
-    assert any(line.startswith('step 400, CFG 7, "spyke_plasma_v1, standing, full body": image missing: sample/')
-               for line in rv.warnings)  # fmt: skip
+    assert any(
+        line.startswith('step 400, CFG 7, "spyke_plasma_v1, standing, full body": image missing: sample/')
+        for line in rv.warnings
+    )
     sheet = Image.open(contact_sheet(run, cell=128, train_images=())).convert("RGB")
     box = sheet_layout(2, 4, 128).cell_box(1, 1)
     pixels = region(sheet, box).reshape(-1, 3)
@@ -112,8 +122,13 @@ def test_a_missing_image_is_a_grey_cell_and_a_warning(tmp_path):
 
 
 def test_a_letterboxed_sample_keeps_its_aspect(tmp_path):
-    run = fake_run(tmp_path / "run", steps=[200], prompts=PROMPTS[:1], cfgs=[7.0],
-                   image=lambda *a: noise_image(3).resize((128, 64)))  # fmt: skip
+    run = fake_run(
+        tmp_path / "run",
+        steps=[200],
+        prompts=PROMPTS[:1],
+        cfgs=[7.0],
+        image=lambda *a: noise_image(3).resize((128, 64)),
+    )
     sheet = Image.open(contact_sheet(run, cell=128)).convert("RGB")
     x0, y0, x1, _ = sheet_layout(1, 1, 128).cell_box(0, 0)
     top = region(sheet, (x0, y0, x1, y0 + 30))
@@ -124,8 +139,14 @@ def test_a_letterboxed_sample_keeps_its_aspect(tmp_path):
 def test_later_manifest_lines_supersede_earlier_ones(tmp_path):
     run = fake_run(tmp_path / "run")
     Image.new("RGB", (64, 64), (0, 0, 0)).save(run / "sample" / "resampled.png")
-    extra = {"step": 200, "prompt": PROMPTS[1], "cfg_scale": 5, "seed": 1234, "path": "sample/resampled.png",
-             "checkpoint": str(run / f"{NAME}-step00000200.safetensors")}  # fmt: skip
+    extra = {
+        "step": 200,
+        "prompt": PROMPTS[1],
+        "cfg_scale": 5,
+        "seed": 1234,
+        "path": "sample/resampled.png",
+        "checkpoint": str(run / f"{NAME}-step00000200.safetensors"),
+    }
     with (run / f"{NAME}.samples.jsonl").open("a") as f:
         f.write(json.dumps(extra) + "\n" + '{"step": 600, "prom')  # and a line cut short by a kill
     rv = review(run, train_images=())
@@ -201,8 +222,11 @@ def test_the_run_config_names_the_training_images(tmp_path):
 
 
 def test_a_step_of_black_samples_is_broken(tmp_path):
-    run = fake_run(tmp_path / "run", steps=[200, 400, 600],
-                   image=lambda step, p, c: Image.new("RGB", (64, 64)) if step == 400 else noise_image(step + int(c) + len(p)))  # fmt: skip
+    run = fake_run(
+        tmp_path / "run",
+        steps=[200, 400, 600],
+        image=lambda step, p, c: Image.new("RGB", (64, 64)) if step == 400 else noise_image(step + int(c) + len(p)),
+    )
     rv = review(run, train_images=())
     assert [s.broken for s in rv.steps] == [False, True, False]
     assert (
@@ -248,8 +272,9 @@ def test_checkpoints_are_ranked_best_first_broken_last(tmp_path):
     scored = scored.convert("RGB")
     layout = sheet_layout(5, 4, 96)
     assert plain.size == scored.size == (layout.width, layout.height)
-    labels_changed = [not np.array_equal(region(plain, layout.label_box(r)), region(scored, layout.label_box(r)))
-                      for r in range(5)]  # fmt: skip
+    labels_changed = [
+        not np.array_equal(region(plain, layout.label_box(r)), region(scored, layout.label_box(r))) for r in range(5)
+    ]
     assert labels_changed == [False, True, True, True, True]  # steps 0 (base, not ranked), 200, 400, 600, 800
     for r in range(5):
         for c in range(4):
@@ -294,8 +319,10 @@ def test_a_folder_without_samples_is_refused_with_the_way_to_make_them(tmp_path)
 
 
 def test_the_compare_command_writes_the_sheet_and_prints_the_warnings(tmp_path, capsys):
-    run = fake_run(tmp_path / "run", image=lambda s, p, c: Image.new("RGB", (64, 64)) if s == 400 and c == 7
-                   else noise_image(s + int(c) + len(p)))  # fmt: skip
+    run = fake_run(
+        tmp_path / "run",
+        image=lambda s, p, c: Image.new("RGB", (64, 64)) if s == 400 and c == 7 else noise_image(s + int(c) + len(p)),
+    )
     assert main(["compare", str(run), "--cell", "96", "--out", str(tmp_path / "sheet.png")]) == 0
     out = capsys.readouterr().out
     assert f"contact sheet: {tmp_path / 'sheet.png'}" in out

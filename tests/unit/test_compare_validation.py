@@ -20,8 +20,14 @@ CLASS = "/data/spyke/class_images"
 
 def figure(step, loss, folder=VAL, held_out=True, images=2):
     checkpoint = f"{NAME}-step{step:08d}.safetensors" if step else None
-    return {"step": step, "checkpoint": checkpoint, "folder": folder, "loss": loss, "images": images,
-            "held_out": held_out}  # fmt: skip
+    return {
+        "step": step,
+        "checkpoint": checkpoint,
+        "folder": folder,
+        "loss": loss,
+        "images": images,
+        "held_out": held_out,
+    }
 
 
 def write_figures(run, lines, append=False):
@@ -29,9 +35,15 @@ def write_figures(run, lines, append=False):
         f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
-BASE_AND_STEPS = [figure(0, 1.0969), figure(2, 1.0900), figure(4, 1.0678), figure(6, 1.0701),
-                  figure(0, 1.2000, CLASS, False, 3), figure(4, 1.2040, CLASS, False, 3),
-                  figure(6, 1.2100, CLASS, False, 3)]  # fmt: skip
+BASE_AND_STEPS = [
+    figure(0, 1.0969),
+    figure(2, 1.0900),
+    figure(4, 1.0678),
+    figure(6, 1.0701),
+    figure(0, 1.2000, CLASS, False, 3),
+    figure(4, 1.2040, CLASS, False, 3),
+    figure(6, 1.2100, CLASS, False, 3),
+]
 
 
 def black_at(*steps):
@@ -158,29 +170,33 @@ def test_drift_needs_the_base_models_figure_on_the_class_folder(tmp_path):
         "recommended: step 4 (spyke_plasma_v1-step00000004.safetensors): the lowest held-out loss, 1.0500; loss on "
         "class_images 1.3000 (no base-model figure on it, so no drift); its samples have no warnings"
     )
-    assert rv.table() == "\n".join([
-        f"held-out loss: sd-scripts' validation loss on 2 images in {VAL}, never trained on (lower is better):",
-        "  step  held-out  class_images loss",
-        "  2       1.1000                  -",
-        "  4       1.0500             1.3000  <- recommended",
-        f"class_images loss: the base model has no figure on {CLASS}, so no drift; measure it with "
-        f'validation_loss([None, *files], cfg, folder="{CLASS}")',
-    ])  # fmt: skip
+    assert rv.table() == "\n".join(
+        [
+            f"held-out loss: sd-scripts' validation loss on 2 images in {VAL}, never trained on (lower is better):",
+            "  step  held-out  class_images loss",
+            "  2       1.1000                  -",
+            "  4       1.0500             1.3000  <- recommended",
+            f"class_images loss: the base model has no figure on {CLASS}, so no drift; measure it with "
+            f'validation_loss([None, *files], cfg, folder="{CLASS}")',
+        ]
+    )
 
 
 def test_the_table_has_a_row_per_step_measured_the_base_model_first(tmp_path):
     run = fake_run(tmp_path / "run", steps=[2, 4, 6], image=black_at(6))  # step 0 measured, not sampled
     write_figures(run, BASE_AND_STEPS)
-    assert review(run, train_images=()).table() == "\n".join([
-        f"held-out loss: sd-scripts' validation loss on 2 images in {VAL}, never trained on (lower is better):",
-        "  step            held-out  drift class_images",
-        "  0 (base model)    1.0969            (1.2000)",
-        "  2                 1.0900                   -",
-        "  4                 1.0678             +0.0040  <- recommended",
-        "  6                 1.0701             +0.0100  broken samples",
-        f"drift class_images: the loss on {CLASS} minus the base model's (in brackets on its row); positive: the "
-        "LoRA has pulled the class away from the base model",
-    ])  # fmt: skip
+    assert review(run, train_images=()).table() == "\n".join(
+        [
+            f"held-out loss: sd-scripts' validation loss on 2 images in {VAL}, never trained on (lower is better):",
+            "  step            held-out  drift class_images",
+            "  0 (base model)    1.0969            (1.2000)",
+            "  2                 1.0900                   -",
+            "  4                 1.0678             +0.0040  <- recommended",
+            "  6                 1.0701             +0.0100  broken samples",
+            f"drift class_images: the loss on {CLASS} minus the base model's (in brackets on its row); positive: the "
+            "LoRA has pulled the class away from the base model",
+        ]
+    )
 
 
 # --- the sheet and the command -----------------------------------------------------------------------------------------
@@ -208,19 +224,36 @@ def test_the_sheet_writes_the_figures_under_each_rows_label(tmp_path):
     # the recommended row is marked in green
     label = region(sheet, layout.label_box(2))
     assert ((label[..., 1] > 100) & (label[..., 0] < 90) & (label[..., 2] < 90)).any()
-    assert not ((region(sheet, layout.label_box(1))[..., 1] > 100) & (region(sheet, layout.label_box(1))[..., 0] < 90)
-                & (region(sheet, layout.label_box(1))[..., 2] < 90)).any()  # fmt: skip
+    assert not (
+        (region(sheet, layout.label_box(1))[..., 1] > 100)
+        & (region(sheet, layout.label_box(1))[..., 0] < 90)
+        & (region(sheet, layout.label_box(1))[..., 2] < 90)
+    ).any()
 
 
 def test_several_class_folders_get_a_column_and_a_label_each(tmp_path):
     run = fake_run(tmp_path / "run", steps=[0, 2])
-    write_figures(run, [figure(0, 1.0), figure(2, 0.99), figure(0, 1.2, CLASS, False), figure(2, 1.21, CLASS, False),
-                        figure(0, 0.8, "/other/class_images", False), figure(2, 0.85, "/other/class_images", False),
-                        figure(0, 0.5, "/data/boys", False), figure(2, 0.49, "/data/boys", False)])  # fmt: skip
+    write_figures(
+        run,
+        [
+            figure(0, 1.0),
+            figure(2, 0.99),
+            figure(0, 1.2, CLASS, False),
+            figure(2, 1.21, CLASS, False),
+            figure(0, 0.8, "/other/class_images", False),
+            figure(2, 0.85, "/other/class_images", False),
+            figure(0, 0.5, "/data/boys", False),
+            figure(2, 0.49, "/data/boys", False),
+        ],
+    )
     rv = review(run, train_images=())
     assert [label for label, _ in rv.class_folders] == [CLASS, "/other/class_images", "boys"]
-    assert figure_lines(rv, rv.steps[1]) == ["held-out 0.9900", f"drift {CLASS} +0.0100",
-                                             "drift /other/class_images +0.0500", "drift boys -0.0100"]  # fmt: skip
+    assert figure_lines(rv, rv.steps[1]) == [
+        "held-out 0.9900",
+        f"drift {CLASS} +0.0100",
+        "drift /other/class_images +0.0500",
+        "drift boys -0.0100",
+    ]
     assert rv.table().splitlines()[1].split("  ")[-1] == "drift boys"
 
 
@@ -238,8 +271,13 @@ def test_the_compare_command_prints_the_table_and_the_recommendation(tmp_path, c
 def test_a_run_without_the_validation_manifest_is_as_before(tmp_path, capsys):
     run = fake_run(tmp_path / "run", steps=[0, 200, 400])
     rv = review(run, train_images=())
-    assert (rv.validation, rv.figures, rv.held_out_folder, rv.held_out_images, rv.class_folders) == (None, (), None,
-                                                                                                     None, ())  # fmt: skip
+    assert (rv.validation, rv.figures, rv.held_out_folder, rv.held_out_images, rv.class_folders) == (
+        None,
+        (),
+        None,
+        None,
+        (),
+    )
     assert (rv.loss_ranking, rv.recommended, rv.recommendation, rv.table()) == (None, None, None, "")
     assert all((s.held_out_loss, s.class_loss, s.class_drift) == (None, (), ()) for s in rv.steps)
     assert all(figure_lines(rv, s) == [] for s in rv.steps)

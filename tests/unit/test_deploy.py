@@ -19,11 +19,19 @@ from spyke_lora._errors import DeployError
 MODULE = "lora_unet_down_blocks_0_attentions_0_proj_in"
 TE_MODULE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 META = {
-    "ss_output_name": "spyke_plasma_v1", "ss_steps": "600", "ss_epoch": "3", "ss_sd_model_name": "base.safetensors",
-    "ss_new_sd_model_hash": "ab" * 32, "ss_sd_model_hash": "12345678", "ss_network_dim": "4",
-    "ss_network_alpha": "2.0", "ss_network_module": "networks.lora", "ss_training_comment": "None",
-    "ss_training_finished_at": "1700000000.5", "sshs_model_hash": "cd" * 32,
-}  # fmt: skip
+    "ss_output_name": "spyke_plasma_v1",
+    "ss_steps": "600",
+    "ss_epoch": "3",
+    "ss_sd_model_name": "base.safetensors",
+    "ss_new_sd_model_hash": "ab" * 32,
+    "ss_sd_model_hash": "12345678",
+    "ss_network_dim": "4",
+    "ss_network_alpha": "2.0",
+    "ss_network_module": "networks.lora",
+    "ss_training_comment": "None",
+    "ss_training_finished_at": "1700000000.5",
+    "sshs_model_hash": "cd" * 32,
+}
 
 # ComfyUI folder_paths.supported_pt_extensions; get_filename_list("loras") walks every subfolder (hidden ones too,
 # only ".git" is skipped) and keeps the files whose os.path.splitext extension, lower-cased, is one of these.
@@ -105,8 +113,12 @@ def test_the_same_file_again_is_unchanged(comfy, lora):
 def test_unchanged_refreshes_a_stale_sidecar(comfy, lora, tmp_path):
     first = deploy(lora, comfy)
     installed_at = json.loads(first.sidecar.read_text())["installed_at"]
-    TrainConfig(base_model=tmp_path / "base.safetensors", train_dir=tmp_path / "10_x", output_dir=lora.parent,
-                output_name="spyke_plasma_v1").to_toml(lora.parent / "spyke_plasma_v1.config.toml")  # fmt: skip
+    TrainConfig(
+        base_model=tmp_path / "base.safetensors",
+        train_dir=tmp_path / "10_x",
+        output_dir=lora.parent,
+        output_name="spyke_plasma_v1",
+    ).to_toml(lora.parent / "spyke_plasma_v1.config.toml")
     again = deploy(lora, comfy)
     record = json.loads(again.sidecar.read_text())
     assert again.status == "unchanged" and record["config"]["output_name"] == "spyke_plasma_v1"
@@ -116,8 +128,9 @@ def test_unchanged_refreshes_a_stale_sidecar(comfy, lora, tmp_path):
 def test_a_different_file_is_refused_without_overwrite(comfy, lora, tmp_path):
     first = deploy(lora, comfy)
     installed = first.path.read_bytes()
-    other = write_lora(tmp_path / "other" / "spyke_plasma_v1-step00000800.safetensors", scale=2.0,
-                       metadata={**META, "ss_steps": "800"})  # fmt: skip
+    other = write_lora(
+        tmp_path / "other" / "spyke_plasma_v1-step00000800.safetensors", scale=2.0, metadata={**META, "ss_steps": "800"}
+    )
     with pytest.raises(DeployError) as e:
         deploy(other, comfy)
     text = str(e.value)
@@ -226,11 +239,15 @@ def test_missing_file(comfy, tmp_path):
     "content, message",
     [
         # a PNG: its signature read as a little-endian length is 0x0a1a0a0d474e5089, far over the 100 MiB limit
-        (b"\x89PNG\r\n\x1a\n" + bytes(range(56)),
-         re.escape(f"got a header length of {0x0A1A0A0D474E5089} in a 64-byte file (not safetensors, or cut short)")),
+        (
+            b"\x89PNG\r\n\x1a\n" + bytes(range(56)),
+            re.escape(f"got a header length of {0x0A1A0A0D474E5089} in a 64-byte file (not safetensors, or cut short)"),
+        ),
         # a plausible length, but the file ends before the header does
-        (struct.pack("<Q", 100) + b'{"a": ' + b" " * 50,
-         re.escape("got a header length of 100 in a 64-byte file (not safetensors, or cut short)")),
+        (
+            struct.pack("<Q", 100) + b'{"a": ' + b" " * 50,
+            re.escape("got a header length of 100 in a 64-byte file (not safetensors, or cut short)"),
+        ),
         # a pickle starts with its protocol opcode 0x80 (what os.urandom(64) gave one time in 256)
         (b"\x80\x02}q\x00.", "must be a .safetensors file, got a pickle checkpoint"),
         (b"abc", "must be a .safetensors file, got 3 bytes"),
@@ -272,8 +289,11 @@ def test_a_down_without_its_up_is_refused(comfy, tmp_path):
 
 
 def test_dora_scale_and_te1_keys_are_accepted(comfy, tmp_path):
-    extra = {"lora_te1_text_model_x.lora_down.weight": torch.ones(2, 2), "lora_te1_text_model_x.lora_up.weight":
-             torch.ones(2, 2), f"{MODULE}.dora_scale": torch.ones(1, 8)}  # fmt: skip
+    extra = {
+        "lora_te1_text_model_x.lora_down.weight": torch.ones(2, 2),
+        "lora_te1_text_model_x.lora_up.weight": torch.ones(2, 2),
+        f"{MODULE}.dora_scale": torch.ones(1, 8),
+    }
     assert deploy(write_lora(tmp_path / "d.safetensors", extra=extra), comfy).status == "installed"
 
 
@@ -303,8 +323,13 @@ def test_name_and_its_suffix(comfy, lora, tmp_path):
 
 
 def test_the_run_config_next_to_the_checkpoint_is_recorded(comfy, lora, tmp_path):
-    cfg = TrainConfig(base_model=tmp_path / "base.safetensors", train_dir=tmp_path / "10_spyke_plasma_v1",
-                      output_dir=lora.parent, output_name="spyke_plasma_v1", network_dim=4)  # fmt: skip
+    cfg = TrainConfig(
+        base_model=tmp_path / "base.safetensors",
+        train_dir=tmp_path / "10_spyke_plasma_v1",
+        output_dir=lora.parent,
+        output_name="spyke_plasma_v1",
+        network_dim=4,
+    )
     toml = cfg.to_toml(lora.parent / "spyke_plasma_v1.config.toml")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -316,8 +341,9 @@ def test_the_run_config_next_to_the_checkpoint_is_recorded(comfy, lora, tmp_path
 
 
 def test_an_explicit_config(comfy, lora, tmp_path):
-    cfg = TrainConfig(base_model=tmp_path / "b.safetensors", train_dir=tmp_path / "10_x", output_dir=tmp_path,
-                      output_name="x")  # fmt: skip
+    cfg = TrainConfig(
+        base_model=tmp_path / "b.safetensors", train_dir=tmp_path / "10_x", output_dir=tmp_path, output_name="x"
+    )
     record = json.loads(deploy(lora, comfy, config=cfg).sidecar.read_text())
     assert record["config"]["output_name"] == "x" and record["config_path"] is None
     with pytest.raises(DeployError, match="`config` .* does not exist"):

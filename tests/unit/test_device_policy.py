@@ -44,17 +44,20 @@ def test_an_unavailable_device_is_an_error():
 def test_mps_plan():
     plan = choose_device("mps", mixed_precision="fp16", optimizer_type="AdamW")
     assert (plan.mixed_precision, plan.full_precision_vae, plan.attention, plan.data_loader_workers) == (
-        "no", True, "sdpa", 0,
-    )  # fmt: skip
-    assert plan.corrections == (
-        "mixed_precision 'fp16' changed to 'no' on mps: fp16 mixed precision requires a GPU",
+        "no",
+        True,
+        "sdpa",
+        0,
     )
+    assert plan.corrections == ("mixed_precision 'fp16' changed to 'no' on mps: fp16 mixed precision requires a GPU",)
     assert choose_device("mps", mixed_precision="auto", optimizer_type="AdamW").corrections == ()
 
 
 @pytest.mark.parametrize("optimizer", ["AdamW8bit", "PagedAdamW8bit", "Lion8bit", "bitsandbytes.optim.AdEMAMix8bit"])
 def test_8bit_optimizers_are_refused_off_cuda(optimizer):
-    with pytest.raises(DeviceError, match=f"`optimizer_type` '{optimizer}' needs bitsandbytes.*use optimizer_type = 'AdamW'"):
+    with pytest.raises(
+        DeviceError, match=f"`optimizer_type` '{optimizer}' needs bitsandbytes.*use optimizer_type = 'AdamW'"
+    ):
         choose_device("mps", mixed_precision="auto", optimizer_type=optimizer)
     assert choose_device("cuda", mixed_precision="auto", optimizer_type=optimizer).mixed_precision == "fp16"
 
@@ -143,12 +146,17 @@ def test_extra_args_go_through_sd_scripts_parser(cfg):
     argv = sd_scripts_argv(cfg.replace(extra_args={"noise_offset": 0.05, "network_args": ["conv_dim=4"]}), device="cpu")
     assert value(argv, "--noise_offset") == "0.05"
     assert value(argv, "--network_args") == "conv_dim=4"
-    with pytest.raises(ConfigError, match="`extra_args.noise_ofset` is not an sd-scripts train_network.py option; did you mean `noise_offset`"):
+    with pytest.raises(
+        ConfigError,
+        match="`extra_args.noise_ofset` is not an sd-scripts train_network.py option; did you mean `noise_offset`",
+    ):
         sd_scripts_argv(cfg.replace(extra_args={"noise_ofset": 0.05}), device="cpu")
 
 
 def test_options_the_library_manages_cannot_be_overridden(cfg):
-    with pytest.raises(ConfigError, match="`extra_args.pretrained_model_name_or_path` cannot be set: set `base_model` instead"):
+    with pytest.raises(
+        ConfigError, match="`extra_args.pretrained_model_name_or_path` cannot be set: set `base_model` instead"
+    ):
         sd_scripts_argv(cfg.replace(extra_args={"pretrained_model_name_or_path": "x"}), device="cpu")
     with pytest.raises(ConfigError, match="max_data_loader_n_workers` cannot be set on mps"):
         sd_scripts_argv(cfg.replace(extra_args={"max_data_loader_n_workers": 4}), device="mps")
@@ -158,9 +166,11 @@ def test_argv_with_a_users_dataset_toml(tmp_path):
     from spyke_lora._engine import write_dataset_toml
 
     cfg = TrainConfig(
-        base_model=tmp_path / "m.safetensors", dataset_config=tmp_path / "my_dataset.toml",
-        output_dir=tmp_path / "out", output_name="spyke_plasma_v1",
-    )  # fmt: skip
+        base_model=tmp_path / "m.safetensors",
+        dataset_config=tmp_path / "my_dataset.toml",
+        output_dir=tmp_path / "out",
+        output_name="spyke_plasma_v1",
+    )
     argv = sd_scripts_argv(cfg, device="cpu")
     assert value(argv, "--dataset_config") == str(tmp_path / "my_dataset.toml")
     assert "--train_data_dir" not in argv and "--reg_data_dir" not in argv

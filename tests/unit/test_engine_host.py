@@ -46,9 +46,12 @@ def test_configured_engine_wins_then_environment(tmp_path, monkeypatch):
 
 def test_engine_error_is_raised_by_the_public_api(tmp_path):
     cfg = TrainConfig(
-        base_model=tmp_path / "m.safetensors", train_dir=tmp_path / "1_x", output_dir=tmp_path / "o",
-        output_name="x", sd_scripts_dir=tmp_path,
-    )  # fmt: skip
+        base_model=tmp_path / "m.safetensors",
+        train_dir=tmp_path / "1_x",
+        output_dir=tmp_path / "o",
+        output_name="x",
+        sd_scripts_dir=tmp_path,
+    )
     with pytest.raises(EngineError, match="not an sd-scripts checkout"):
         sd_scripts_argv(cfg, device="cpu")
 
@@ -141,7 +144,9 @@ def test_an_sd_scripts_without_the_hooks_is_refused():
     fake = types.ModuleType("train_network")
     fake.__file__ = "/somewhere/sd-scripts/train_network.py"
     fake.NetworkTrainer = type("NetworkTrainer", (), {"train": lambda self, args: None, "sample_images": None})
-    with pytest.raises(EngineError, match="has no NetworkTrainer.get_tokenize_strategy, post_process_network, process_batch"):
+    with pytest.raises(
+        EngineError, match="has no NetworkTrainer.get_tokenize_strategy, post_process_network, process_batch"
+    ):
         trainer_class(fake)
 
 
@@ -150,8 +155,13 @@ def test_torch_imported_first_is_remembered_for_the_mps_warning():
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_ENABLE_MPS_FALLBACK"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True"]  # too late: torch loaded without the variable
-    out = subprocess.run([sys.executable, "-c", code.replace("torch, spyke_lora", "spyke_lora, torch")],
-                         env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code.replace("torch, spyke_lora", "spyke_lora, torch")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.split() == ["False"]
 
 

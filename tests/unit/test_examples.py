@@ -15,7 +15,6 @@ def test_example_script_stops_at_its_time_budget(capsys):
     assert watch(StepEnded(2, 920, 1, 0.2, 0.2, 1e-4, 5e-5, budget + 1)) == Stop("time budget of 60 minutes used")
 
 
-
 def test_the_spyke_example_is_the_recipe():
     from spyke_lora import TrainConfig
 

@@ -39,11 +39,14 @@ def test_temporaries_are_hidden_unique_and_not_listed_as_their_final_type(tmp_pa
 def test_a_killed_runs_temporaries_of_its_output_name_are_cleaned_up_and_no_others(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    cfg = TrainConfig(base_model=tmp_path / "m.safetensors", train_dir=tmp_path / "1_x", output_dir=out,
-                      output_name="spyke")  # fmt: skip
-    ours = [temporary_name(out / "spyke-step00000002.safetensors", keep_suffix=True),
-            temporary_name(out / "spyke.safetensors", keep_suffix=True),
-            out / ".spyke.4242.partial.safetensors"]  # fmt: skip  (the name earlier versions gave)
+    cfg = TrainConfig(
+        base_model=tmp_path / "m.safetensors", train_dir=tmp_path / "1_x", output_dir=out, output_name="spyke"
+    )
+    ours = [
+        temporary_name(out / "spyke-step00000002.safetensors", keep_suffix=True),
+        temporary_name(out / "spyke.safetensors", keep_suffix=True),
+        out / ".spyke.4242.partial.safetensors",  # the name earlier versions gave
+    ]
     others = [temporary_name(out / "other.safetensors", keep_suffix=True), out / "spyke.safetensors"]
     for path in ours + others:
         path.write_bytes(b"x")

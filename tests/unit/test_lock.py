@@ -56,8 +56,12 @@ def killed_holder(output_dir: Path, name: str, host: str | None = None) -> int:
 
 @pytest.fixture
 def cfg(tmp_path):
-    return TrainConfig(base_model=tmp_path / "m.safetensors", train_dir=tmp_path / "1_x", output_dir=tmp_path / "out",
-                       output_name="spyke")  # fmt: skip
+    return TrainConfig(
+        base_model=tmp_path / "m.safetensors",
+        train_dir=tmp_path / "1_x",
+        output_dir=tmp_path / "out",
+        output_name="spyke",
+    )
 
 
 def test_the_lock_is_held_for_the_block_and_released(cfg):
@@ -97,10 +101,12 @@ def test_a_live_owner_is_named(cfg):
     ):
         pass
     message = str(info.value)
-    assert message.startswith(f"another run is writing `spyke` in {cfg.output_dir}: process {holder.pid} on "
-                              f"{socket.gethostname()}, started ")  # fmt: skip
-    assert message.endswith(f"(lock {lock_path(cfg)}); wait for it to end, stop it, or choose another output_name or "
-                            f"output_dir")  # fmt: skip
+    assert message.startswith(
+        f"another run is writing `spyke` in {cfg.output_dir}: process {holder.pid} on {socket.gethostname()}, started "
+    )
+    assert message.endswith(
+        f"(lock {lock_path(cfg)}); wait for it to end, stop it, or choose another output_name or output_dir"
+    )
 
 
 def test_a_sigkilled_owners_lock_is_free_at_once(cfg):
@@ -117,11 +123,13 @@ def test_a_lock_being_set_up_is_not_taken_for_a_dead_one(cfg):
     cfg.output_dir.mkdir()
     path = lock_path(cfg)
     # what any holder looks like between taking the lock and writing its owner: an empty file under its lock
-    script = ("import fcntl, os, sys, time\n"
-              "fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)\n"
-              "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-              "print('held', flush=True)\n"
-              "time.sleep(120)\n")  # fmt: skip
+    script = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -52,8 +52,16 @@ def sd15(good, tmp_path):
 
 
 def shape(**changes):
-    base = RunShape(resolution=512, batch_size=1, gradient_checkpointing=True, mixed_precision="no",
-                    cache_latents=True, images=123, network_dim=32, optimizer="AdamW")  # fmt: skip
+    base = RunShape(
+        resolution=512,
+        batch_size=1,
+        gradient_checkpointing=True,
+        mixed_precision="no",
+        cache_latents=True,
+        images=123,
+        network_dim=32,
+        optimizer="AdamW",
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -77,7 +85,11 @@ def test_config_memory_fields(good):
 def test_the_model_size_comes_from_the_header(sd15):
     size = read_model_size(sd15.base_model)
     assert (size.unet, size.text_encoder, size.vae, size.unet_channels) == (
-        SD15_FP16.unet, SD15_FP16.text_encoder, SD15_FP16.vae, 320)
+        SD15_FP16.unet,
+        SD15_FP16.text_encoder,
+        SD15_FP16.vae,
+        320,
+    )
     assert size.file_tensor_bytes == 2 * (SD15_FP16.unet + SD15_FP16.text_encoder + SD15_FP16.vae)
 
 
@@ -85,8 +97,14 @@ def test_the_peak_is_the_highest_phase_and_its_parts_add_up():
     p = predict(shape(), SD15_FP16, CPU)
     parts = p.parts
     assert p.phases["loading"] == parts["runtime"] + parts["loading"]
-    assert p.phases["training"] == (parts["runtime"] + parts["weights"] + parts["lora_and_optimizer"]
-                                    + parts["latents"] + parts["activations"] + parts["overhead"])  # fmt: skip
+    assert p.phases["training"] == (
+        parts["runtime"]
+        + parts["weights"]
+        + parts["lora_and_optimizer"]
+        + parts["latents"]
+        + parts["activations"]
+        + parts["overhead"]
+    )
     assert p.peak_bytes == max(p.phases.values())
     assert parts["weights"] == 4 * (SD15_FP16.unet + SD15_FP16.text_encoder + SD15_FP16.vae)
     assert parts["latents"] == 123 * 4 * 64 * 64 * 4
@@ -117,11 +135,17 @@ def test_mps_and_cuda_figures_are_estimates_until_calibrated():
 
 
 def test_the_budget_of_each_device_is_read_from_its_own_reader():
-    readers = dict(available_ram=lambda: 9 * GB, total_ram=lambda: 16 * GB, mps_recommended=lambda: 11 * GB,
-                   cuda_free=lambda: 70 * GB, resident=lambda: 2 * GB)  # fmt: skip
+    readers = dict(
+        available_ram=lambda: 9 * GB,
+        total_ram=lambda: 16 * GB,
+        mps_recommended=lambda: 11 * GB,
+        cuda_free=lambda: 70 * GB,
+        resident=lambda: 2 * GB,
+    )
     # the CPU: what is available, plus what this process holds (the run's figures count the whole process)
     assert device_budget("cpu", **readers) == MemoryBudget(
-        11 * GB, "available RAM plus this process's own (psutil)", 16 * GB)
+        11 * GB, "available RAM plus this process's own (psutil)", 16 * GB
+    )
     assert device_budget("mps", **readers).bytes == 11 * GB
     assert "recommended_max_memory" in device_budget("mps", **readers).source
     assert device_budget("cuda", **readers).bytes == 70 * GB
@@ -132,8 +156,15 @@ def test_the_budget_of_each_device_is_read_from_its_own_reader():
 
 def test_auto_turns_checkpointing_off_when_the_run_fits(sd15):
     cfg = sd15.replace(resolution=512)
-    without = memory_plan(cfg.replace(gradient_checkpointing=False), "cpu", "no", 5, budget=MemoryBudget(10**15, "x"),
-                          calibrated={}, resident=0)  # fmt: skip
+    without = memory_plan(
+        cfg.replace(gradient_checkpointing=False),
+        "cpu",
+        "no",
+        5,
+        budget=MemoryBudget(10**15, "x"),
+        calibrated={},
+        resident=0,
+    )
     budget = int(without.peak_bytes * AUTO_MARGIN) + 1
     chosen = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(budget, "injected"), calibrated={}, resident=0)
     assert chosen.gradient_checkpointing is False
@@ -142,8 +173,15 @@ def test_auto_turns_checkpointing_off_when_the_run_fits(sd15):
 
 def test_auto_turns_checkpointing_on_when_the_run_does_not_fit(sd15):
     cfg = sd15.replace(resolution=512)
-    without = memory_plan(cfg.replace(gradient_checkpointing=False), "cpu", "no", 5, budget=MemoryBudget(10**15, "x"),
-                          calibrated={}, resident=0)  # fmt: skip
+    without = memory_plan(
+        cfg.replace(gradient_checkpointing=False),
+        "cpu",
+        "no",
+        5,
+        budget=MemoryBudget(10**15, "x"),
+        calibrated={},
+        resident=0,
+    )
     budget = int(without.peak_bytes * AUTO_MARGIN) - 1
     chosen = memory_plan(cfg, "cpu", "no", 5, budget=MemoryBudget(budget, "injected"), calibrated={}, resident=0)
     assert chosen.gradient_checkpointing is True
@@ -181,7 +219,8 @@ def test_a_run_over_the_budget_is_a_warning_with_fixes(sd15):
     loading = plan(sd15, memory_budget=MemoryBudget(roomy.memory.phases["loading"] - 1, "injected"))
     assert loading.memory.fixes == (
         f"loading the base model alone needs {loading.memory.phases['loading'] / 2**30:.2f} GiB: use an fp16 "
-        f"checkpoint without EMA weights (about 2 GB for SD1.5), or free memory (close other programs)",)
+        f"checkpoint without EMA weights (about 2 GB for SD1.5), or free memory (close other programs)",
+    )
 
 
 def test_memory_limit_refuses_before_anything_is_loaded(sd15):
@@ -192,14 +231,22 @@ def test_memory_limit_refuses_before_anything_is_loaded(sd15):
 
 
 def test_fit_recovers_the_constants_that_made_the_points():
-    truth = dataclasses.replace(CPU, train_overhead_bytes=250_000_000,
-                                activation_bytes={True: (30_000.0, 0.0), False: (120_000.0, 0.0)})  # fmt: skip
+    truth = dataclasses.replace(
+        CPU, train_overhead_bytes=250_000_000, activation_bytes={True: (30_000.0, 0.0), False: (120_000.0, 0.0)}
+    )
     points = []
     for resolution in (64, 128, 256, 512):
         for gc in (True, False):
             p = predict(shape(resolution=resolution, gradient_checkpointing=gc, images=5), SD15_FP16, truth)
-            points.append({"resolution": resolution, "gradient_checkpointing": gc, "runtime_bytes": truth.runtime_bytes,
-                           "load_peak_bytes": p.phases["loading"], "train_peak_bytes": p.phases["training"]})  # fmt: skip
+            points.append(
+                {
+                    "resolution": resolution,
+                    "gradient_checkpointing": gc,
+                    "runtime_bytes": truth.runtime_bytes,
+                    "load_peak_bytes": p.phases["loading"],
+                    "train_peak_bytes": p.phases["training"],
+                }
+            )
     fitted = fit(points, SD15_FP16, "cpu")
     assert fitted.train_overhead_bytes == pytest.approx(250_000_000, rel=1e-3)
     assert fitted.activation_bytes[True][0] == pytest.approx(30_000, rel=1e-3)
@@ -226,8 +273,12 @@ def test_an_uncalibrated_mac_keeps_checkpointing_on_until_it_is_measured(sd15):
     calibrated = memory_plan(cfg, "mps", "no", 123, budget=mac, calibrated={"mps": measured})
     assert not calibrated.estimate
     assert calibrated.gradient_checkpointing is not (
-        memory_plan(cfg.replace(gradient_checkpointing=False), "mps", "no", 123, budget=mac,
-                    calibrated={"mps": measured}).peak_bytes * AUTO_MARGIN <= mac.bytes)  # fmt: skip
+        memory_plan(
+            cfg.replace(gradient_checkpointing=False), "mps", "no", 123, budget=mac, calibrated={"mps": measured}
+        ).peak_bytes
+        * AUTO_MARGIN
+        <= mac.bytes
+    )
     text = "\n".join(estimated.lines())
     assert "(estimate)" in text and "has not been calibrated on this machine" in text
 
@@ -247,31 +298,47 @@ def test_calibrate_measures_each_point_fits_and_writes_what_plan_reads(tmp_path,
     from spyke_lora import _calibrate
 
     monkeypatch.setenv("SPYKE_LORA_CACHE", str(tmp_path / "cache"))
-    truth = dataclasses.replace(constants_for("mps", {}), calibrated=True, train_overhead_bytes=123_000_000,
-                                load_overhead_bytes=10_000_000,
-                                activation_bytes={True: (50_000.0, 0.0), False: (200_000.0, 0.0)})  # fmt: skip
+    truth = dataclasses.replace(
+        constants_for("mps", {}),
+        calibrated=True,
+        train_overhead_bytes=123_000_000,
+        load_overhead_bytes=10_000_000,
+        activation_bytes={True: (50_000.0, 0.0), False: (200_000.0, 0.0)},
+    )
     commands = []
 
     def fake_run(cmd):
         commands.append(cmd)
         resolution, gc, out = int(cmd[4]), cmd[5] == "on", cmd[7]
         p = predict(shape(resolution=resolution, gradient_checkpointing=gc, images=5), SD15_FP16, truth)
-        figures = {"resolution": resolution, "gradient_checkpointing": gc, "runtime_bytes": 600_000_000,
-                   "device_load_peak_bytes": p.phases["loading"], "device_peak_bytes": p.phases["training"],
-                   "peak_bytes": 7 * GB}  # fmt: skip
+        figures = {
+            "resolution": resolution,
+            "gradient_checkpointing": gc,
+            "runtime_bytes": 600_000_000,
+            "device_load_peak_bytes": p.phases["loading"],
+            "device_peak_bytes": p.phases["training"],
+            "peak_bytes": 7 * GB,
+        }
         if "--sample" in cmd:  # the sampling phase of that point, as the true constants make it
             sampled = predict(shape(resolution=resolution, images=5, sample_size=resolution), SD15_FP16, truth)
             figures["device_sample_peak_bytes"] = sampled.phases["sampling"]
         open(out, "w").write(json.dumps(figures))
 
-    monkeypatch.setattr("spyke_lora._calibrate.build_tiny_world", lambda root, resolution: type(
-        "W", (), {"base_model": tmp_path / "unused"})())  # fmt: skip
+    monkeypatch.setattr(
+        "spyke_lora._calibrate.build_tiny_world",
+        lambda root, resolution: type("W", (), {"base_model": tmp_path / "unused"})(),
+    )
     monkeypatch.setattr("spyke_lora._calibrate.read_model_size", lambda path: SD15_FP16)
     said = []
-    constants, points = _calibrate.calibrate("mps", tmp_path / "work", resolutions=(128, 512), steps=2,
-                                             report=said.append, run=fake_run)  # fmt: skip
-    assert [(c[4], c[5], c[6]) for c in commands] == [("128", "on", "2"), ("128", "off", "2"), ("512", "on", "2"),
-                                                       ("512", "off", "2")]  # fmt: skip
+    constants, points = _calibrate.calibrate(
+        "mps", tmp_path / "work", resolutions=(128, 512), steps=2, report=said.append, run=fake_run
+    )
+    assert [(c[4], c[5], c[6]) for c in commands] == [
+        ("128", "on", "2"),
+        ("128", "off", "2"),
+        ("512", "on", "2"),
+        ("512", "off", "2"),
+    ]
     assert [c[8:10] for c in commands] == [["--device", "mps"]] * 4
     assert [("--sample" in c) for c in commands] == [False, False, True, False]  # the largest, checkpointed point
     assert constants.sampling_bytes_per_latent_pixel == pytest.approx(truth.sampling_bytes_per_latent_pixel, rel=1e-3)

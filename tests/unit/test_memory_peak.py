@@ -22,8 +22,10 @@ def can_reset_hwm():
     return True
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not can_reset_hwm(),
-                    reason="needs Linux 4.0+ with a writable /proc/self/clear_refs")  # fmt: skip
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not can_reset_hwm(),
+    reason="needs Linux 4.0+ with a writable /proc/self/clear_refs",
+)
 def test_the_cpu_peak_on_linux_sees_a_freed_array_and_a_new_start_forgets_it():
     size = 300 * 2**20
     with PeakMeter("cpu") as meter:
@@ -51,8 +53,13 @@ def test_the_hwm_is_read_from_the_status_file_in_bytes(tmp_path):
 
 def test_the_cpu_falls_back_to_polling_where_clear_refs_cannot_be_written(tmp_path):
     readings = iter([10, 30])
-    meter = PeakMeter("cpu", clear_refs=tmp_path / "no such folder" / "clear_refs", status=tmp_path / "status",
-                      read=lambda: next(readings, 20), interval_s=0.001)  # fmt: skip
+    meter = PeakMeter(
+        "cpu",
+        clear_refs=tmp_path / "no such folder" / "clear_refs",
+        status=tmp_path / "status",
+        read=lambda: next(readings, 20),
+        interval_s=0.001,
+    )
     with meter:
         assert meter.method == "poll" and len(meter_threads()) == 1
         deadline = time.monotonic() + 5
@@ -113,8 +120,9 @@ def test_cuda_uses_torchs_peak_counter():
         calls.append(("max", device))
         return 123_456
 
-    torch = types.SimpleNamespace(cuda=types.SimpleNamespace(reset_peak_memory_stats=reset,
-                                                             max_memory_allocated=max_allocated))  # fmt: skip
+    torch = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(reset_peak_memory_stats=reset, max_memory_allocated=max_allocated)
+    )
     with PeakMeter("cuda:1", torch=torch) as meter:
         assert meter.method == "cuda" and not meter_threads()
         assert meter.peak() == 123_456

@@ -34,14 +34,29 @@ def step(n, loss, total=4):
 def test_a_run_is_read_back_from_its_events(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    write_events(out / "a.events.jsonl", [
-        TrainStarted(4, "mps", "no", out), step(1, 0.3), step(2, 0.2), CheckpointSaved(2, 1, out / "a.st", False),
-        TrainEnded("stopped", 2, out / "a.safetensors"),
-        TrainStarted(4, "mps", "no", out, resumed_from_step=2), step(3, 0.1), step(4, 0.05),
-        TrainEnded("completed", 4, out / "a.safetensors"),
-    ], start=1000.0)  # fmt: skip
+    write_events(
+        out / "a.events.jsonl",
+        [
+            TrainStarted(4, "mps", "no", out),
+            step(1, 0.3),
+            step(2, 0.2),
+            CheckpointSaved(2, 1, out / "a.st", False),
+            TrainEnded("stopped", 2, out / "a.safetensors"),
+            TrainStarted(4, "mps", "no", out, resumed_from_step=2),
+            step(3, 0.1),
+            step(4, 0.05),
+            TrainEnded("completed", 4, out / "a.safetensors"),
+        ],
+        start=1000.0,
+    )
     record = read_run(out / "a.events.jsonl")
-    assert (record.name, record.status, record.steps, record.total_steps, record.checkpoints) == ("a", "completed", 4, 4, 1)
+    assert (record.name, record.status, record.steps, record.total_steps, record.checkpoints) == (
+        "a",
+        "completed",
+        4,
+        4,
+        1,
+    )
     assert record.final_loss == 0.05 and record.duration_s == 40 + 30  # the pause between the parts is not counted
     assert record.config == out / "a.config.toml"
 
@@ -74,8 +89,11 @@ def test_a_sigkilled_run_reads_killed_not_running_forever(tmp_path, capsys):
 def test_runs_lists_a_folder_and_its_subfolders_oldest_first(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     write_events(tmp_path / "x" / "late.events.jsonl", [TrainStarted(2, "cpu", "no", tmp_path), step(1, 0.4, 2)], 2000)
-    write_events(tmp_path / "early.events.jsonl", [TrainStarted(2, "cpu", "no", tmp_path), step(1, 0.5, 2),
-                                                     TrainEnded("failed", 1, None)], 1000)  # fmt: skip
+    write_events(
+        tmp_path / "early.events.jsonl",
+        [TrainStarted(2, "cpu", "no", tmp_path), step(1, 0.5, 2), TrainEnded("failed", 1, None)],
+        1000,
+    )
     (tmp_path / "junk.events.jsonl").write_text("not json\n")
     assert [r.name for r in runs(tmp_path)] == ["early", "late"]
     assert main(["runs", str(tmp_path)]) == 0
@@ -86,8 +104,11 @@ def test_runs_lists_a_folder_and_its_subfolders_oldest_first(tmp_path, capsys):
 def test_config_diff_names_each_changed_field(tmp_path, capsys):
     a = TrainConfig(base_model=tmp_path / "m", train_dir=tmp_path / "10_x", output_dir=tmp_path, output_name="a")
     b = a.replace(learning_rate=5e-5, output_name="b", sample_cfg_scales=(7,))
-    assert config_diff(a, b) == ["output_name: \"a\" -> \"b\"", "learning_rate: 0.0001 -> 5e-05",
-                                 "sample_cfg_scales: [5.0, 7.0, 9.0] -> [7.0]"]  # fmt: skip
+    assert config_diff(a, b) == [
+        'output_name: "a" -> "b"',
+        "learning_rate: 0.0001 -> 5e-05",
+        "sample_cfg_scales: [5.0, 7.0, 9.0] -> [7.0]",
+    ]
     assert main(["diff", str(a.to_toml(tmp_path / "a.toml")), str(b.to_toml(tmp_path / "b.toml"))]) == 0
     assert "learning_rate: 0.0001 -> 5e-05" in capsys.readouterr().out
 
@@ -124,7 +145,10 @@ def test_loss_chart_draws_both_lines_and_marks_a_nan(tmp_path):
     (axes,) = figure.axes
     assert (axes.get_xlabel(), axes.get_ylabel(), axes.get_title()) == ("step", "loss", "spyke")
     assert [t.get_text() for t in axes.get_legend().get_texts()] == [
-        "loss per step", "running average", "non-finite loss"]  # fmt: skip
+        "loss per step",
+        "running average",
+        "non-finite loss",
+    ]
     loss, average, marker = axes.get_lines()
     assert math.isnan(loss.get_ydata()[5]) and list(average.get_ydata()) == [0.5] * 10  # a gap at the NaN step
     assert list(marker.get_xdata()) == [6, 6] and marker.get_color() == _RED
@@ -154,7 +178,10 @@ def test_loss_chart_draws_the_held_out_loss_of_each_validation_pass(tmp_path):
     FigureCanvasAgg(figure).draw()
     (axes,) = figure.axes
     assert [t.get_text() for t in axes.get_legend().get_texts()] == [
-        "loss per step", "running average", "held-out loss"]  # fmt: skip
+        "loss per step",
+        "running average",
+        "held-out loss",
+    ]
     held_out = axes.get_lines()[2]
     assert (list(held_out.get_xdata()), list(held_out.get_ydata())) == ([2, 4], [0.9, 0.8])
     assert held_out.get_color() == _ORANGE
@@ -164,7 +191,9 @@ def test_loss_chart_draws_the_held_out_loss_of_each_validation_pass(tmp_path):
         chart(event)
         losses(event)
     assert chart.validations == [passes[0]] and (losses.validation_steps, losses.validation_losses) == ([2], [0.9])
-    assert callbacks.describe(passes[0]) == "validation (step 2): held-out loss 0.9000, +0.4000 from the training average"
+    assert (
+        callbacks.describe(passes[0]) == "validation (step 2): held-out loss 0.9000, +0.4000 from the training average"
+    )
 
 
 def test_loss_chart_is_the_size_asked_for_and_writes_to_a_file_object():
@@ -210,7 +239,11 @@ def test_loss_chart_draws_the_memory_in_use_on_a_second_axis():
     assert np.allclose(line.get_ydata(), [1.0, 1.5, math.nan, 2.0], equal_nan=True)
     assert len(axes.get_lines()) == 3 and right.get_legend() is None  # the loss curves as they were; one legend
     assert [t.get_text() for t in axes.get_legend().get_texts()] == [
-        "loss per step", "running average", "held-out loss", "memory (GiB)"]  # fmt: skip
+        "loss per step",
+        "running average",
+        "held-out loss",
+        "memory (GiB)",
+    ]
     # as read back from NAME.events.jsonl: the same line
     recorded = [event_to_json(e) for e in history]
     (again,) = _loss_figure(recorded, title="", size=(800, 400)).axes[1].get_lines()
@@ -226,5 +259,8 @@ def test_loss_chart_without_memory_has_one_axis(tmp_path):
     for steps in (history, recorded, old):
         (axes,) = _loss_figure(steps, title="", size=(800, 400)).axes
         assert [t.get_text() for t in axes.get_legend().get_texts()] == [
-            "loss per step", "running average", "non-finite loss"]  # fmt: skip
+            "loss per step",
+            "running average",
+            "non-finite loss",
+        ]
     assert loss_chart(old, tmp_path / "loss.png") == tmp_path / "loss.png"

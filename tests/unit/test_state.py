@@ -30,7 +30,10 @@ def write_state(cfg, name, step, epoch=1, record=True):
 
 
 def write_lora(path, steps):
-    meta = {"__metadata__": {"ss_steps": str(steps)}, "lora_unet_x.alpha": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}
+    meta = {
+        "__metadata__": {"ss_steps": str(steps)},
+        "lora_unet_x.alpha": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+    }
     header = json.dumps(meta).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
@@ -61,9 +64,14 @@ def test_a_state_from_another_tool_is_not_resumed_blindly(good):
 def test_every_training_difference_is_listed_and_harmless_ones_are_not(good):
     write_state(good, f"{NAME}-step00000002-state", 2)
     changed = good.replace(
-        text_encoder_lr=1e-5, lr_scheduler="constant", resolution=128, save_every_n_steps=1, save_state=True,
-        overwrite=True, extra_args={"noise_offset": 0.1, "max_data_loader_n_workers": 2},
-    )  # fmt: skip
+        text_encoder_lr=1e-5,
+        lr_scheduler="constant",
+        resolution=128,
+        save_every_n_steps=1,
+        save_state=True,
+        overwrite=True,
+        extra_args={"noise_offset": 0.1, "max_data_loader_n_workers": 2},
+    )
     with pytest.raises(ConfigError) as refused:
         resolve_resume(changed, "latest")
     problems = refused.value.problems

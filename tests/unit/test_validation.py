@@ -65,7 +65,12 @@ def test_validation_fields_are_checked_together(good):
 def test_the_spec_takes_the_folders_class_token_and_the_runs_seed(held_out):
     spec = validation_spec(held_out)
     assert (spec.folder, spec.class_tokens, spec.seed, spec.every_n_steps, spec.max_batches) == (
-        held_out.validation_dir, "spyke_plasma_v1", 42, None, None)
+        held_out.validation_dir,
+        "spyke_plasma_v1",
+        42,
+        None,
+        None,
+    )
     assert validation_spec(held_out.replace(validation_dir=None)) is None
 
 
@@ -88,11 +93,17 @@ def test_validation_split_holds_out_part_of_train_dir_with_sd_scripts_own_split(
     assert (spec.folder, spec.split, spec.held_out) == (good.train_dir, 0.34, True)
 
 
-@pytest.mark.parametrize("split, message", [
-    (0.5, "`validation_split` 0.5 of the 3 images in `train_dir`: sd-scripts would train on 2 and validate on 2, "
-          "so 1 image(s) would be in both; try 0.75 (2 held out)"),
-    (0.1, "`validation_split` 0.1 of the 3 images in `train_dir` holds out none; try 0.417 (1 image)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        (
+            0.5,
+            "`validation_split` 0.5 of the 3 images in `train_dir`: sd-scripts would train on 2 and validate on 2, "
+            "so 1 image(s) would be in both; try 0.75 (2 held out)",
+        ),
+        (0.1, "`validation_split` 0.1 of the 3 images in `train_dir` holds out none; try 0.417 (1 image)"),
+    ],
+)
 def test_a_split_that_sd_scripts_would_get_wrong_is_refused_with_a_split_that_works(good, split, message):
     with pytest.raises(ConfigError) as e:
         plan(good.replace(validation_split=split))
