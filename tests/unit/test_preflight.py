@@ -16,8 +16,9 @@ def test_a_good_dataset_plans(good):
     p = plan(good)
     assert (p.device, p.mixed_precision, p.model_family) == ("cpu", "no", "sd1")
     assert [(s.folder.name, s.images, s.captions, s.repeats, s.is_reg) for s in p.subsets] == [
-        ("10_spyke_plasma_v1", 3, 3, 10, False), ("1_person", 2, 2, 1, True),
-    ]  # fmt: skip
+        ("10_spyke_plasma_v1", 3, 3, 10, False),
+        ("1_person", 2, 2, 1, True),
+    ]
     assert (p.batches_per_epoch, p.steps_per_epoch, p.total_steps, p.epochs) == (60, 60, 5, 1)  # 30 train + 30 reg
     assert p.checkpoints == (
         (2, good.output_dir / "spyke_plasma_v1-step00000002.safetensors"),
@@ -89,7 +90,11 @@ def wrong_size_without_buckets(cfg):
 
 
 def buckets_rejected(cfg):
-    return cfg.replace(enable_bucket=True), "`extra_args.min_bucket_reso` is 256 but `resolution` is 64", "min_bucket_reso"
+    return (
+        cfg.replace(enable_bucket=True),
+        "`extra_args.min_bucket_reso` is 256 but `resolution` is 64",
+        "min_bucket_reso",
+    )
 
 
 def same_stem_twice(cfg):
@@ -124,10 +129,23 @@ def earlier_lora_exists(cfg):
 
 
 BAD = [
-    sdxl_model, truncated_model, pickle_model, missing_train_dir, empty_train_dir, truncated_image, jpeg_named_png,
-    missing_caption, empty_caption, wrong_size_without_buckets, buckets_rejected, same_stem_twice,
-    broken_reg_image, dataset_toml_subset_missing, augmentation_with_cached_latents, earlier_lora_exists,
-]  # fmt: skip
+    sdxl_model,
+    truncated_model,
+    pickle_model,
+    missing_train_dir,
+    empty_train_dir,
+    truncated_image,
+    jpeg_named_png,
+    missing_caption,
+    empty_caption,
+    wrong_size_without_buckets,
+    buckets_rejected,
+    same_stem_twice,
+    broken_reg_image,
+    dataset_toml_subset_missing,
+    augmentation_with_cached_latents,
+    earlier_lora_exists,
+]
 
 
 @pytest.mark.parametrize("breaker", BAD, ids=lambda f: f.__name__)
@@ -194,11 +212,11 @@ def test_a_truncated_image_is_refused(good, ext, keep):
 def test_each_container_check_finds_every_cut(good, ext):
     """The walks themselves, every length: Pillow's WEBP plugin already fails to open a cut file, so plan() alone
     would not show that the RIFF size check works."""
-    from spyke_lora._preflight import _STRUCTURE_CHECKS
+    from spyke_lora._preflight import STRUCTURE_CHECKS
 
     image = noise_image(good, ext)
     with Image.open(image) as im:
-        check, data = _STRUCTURE_CHECKS[im.format], image.read_bytes()
+        check, data = STRUCTURE_CHECKS[im.format], image.read_bytes()
     assert check(image) is None
     for cut in range(12, len(data), 7):
         image.write_bytes(data[:cut])
@@ -260,11 +278,14 @@ def test_spyke_step_math_is_sd_scripts_own(tmp_path):
     write_images(tmp_path / "reg" / "1_anime_character", 100, "anime character")
     write_images(tmp_path / "val" / "1_spyke_plasma_v1", 3, "spyke_plasma_v1, held out", size=72)  # other bytes
     cfg = TrainConfig.from_toml(Path(__file__).parents[2] / "examples" / "spyke.toml").replace(
-        base_model=tmp_path / "model.safetensors", train_dir=tmp_path / "10_spyke_plasma_v1",
-        reg_dir=tmp_path / "reg" / "1_anime_character", output_dir=tmp_path / "out", device="cpu",
+        base_model=tmp_path / "model.safetensors",
+        train_dir=tmp_path / "10_spyke_plasma_v1",
+        reg_dir=tmp_path / "reg" / "1_anime_character",
+        output_dir=tmp_path / "out",
+        device="cpu",
         validation_dir=tmp_path / "val" / "1_spyke_plasma_v1",
         extra_args={"min_bucket_reso": 64},  # the generated images are 64 px; the real ones are 512+
-    )  # fmt: skip
+    )
     p = plan(cfg)
     assert any("smaller than the resolution 512" in w for w in p.warnings)  # the generated images are 64 px
     assert (p.steps_per_epoch, p.epochs, p.total_steps) == (460, 2, 920)
@@ -295,9 +316,9 @@ def test_plan_command(good, tmp_path, capsys):
 
 
 def test_not_enough_disk_is_refused(good, monkeypatch):
-    import spyke_lora._plan
+    from spyke_lora._preflight import _outputs
 
-    monkeypatch.setattr(spyke_lora._plan, "free_disk", lambda folder: 50_000_000)
+    monkeypatch.setattr(_outputs, "free_disk", lambda folder: 50_000_000)
     with pytest.raises(ConfigError, match=r"`output_dir` .* has 50 MB free, and the run writes about 227 MB \(3 files"):
         plan(good)
 
@@ -319,7 +340,10 @@ def test_a_run_on_an_output_in_use_is_refused_before_loading(good):
 def test_samples_in_the_plan_and_prompts_without_the_trigger(good):
     p = plan(good)
     assert p.samples_per_checkpoint == 9
-    assert "samples         3 prompts x CFG 5, 7, 9 (20 steps, euler_a, 64 px, seed 1234) = 9 images per saved file" in str(p)
+    assert (
+        "samples         3 prompts x CFG 5, 7, 9 (20 steps, euler_a, 64 px, seed 1234) = 9 images per saved file"
+        in str(p)
+    )
     assert "--sample_prompts" in p.argv and "--sample_every_n_steps" not in p.argv
     other = good.replace(sample_prompts=("spyke_plasma_v1, in the rain", "a cat"), sample_cfg_scales=(7,))
     assert any("`sample_prompts` [1] do not contain the trigger 'spyke_plasma_v1'" in w for w in plan(other).warnings)
@@ -341,12 +365,20 @@ def test_sample_settings_are_checked(good):
 def test_the_prompt_file_is_one_line_per_prompt_and_scale(good):
     from spyke_lora._engine._argv import sample_prompts_text
 
-    cfg = good.replace(sample_prompts=("a", "b"), sample_cfg_scales=(5, 7.5), sample_negative_prompt="lowres",
-                       sample_size=96, sample_steps=4, sample_seed=7)  # fmt: skip
+    cfg = good.replace(
+        sample_prompts=("a", "b"),
+        sample_cfg_scales=(5, 7.5),
+        sample_negative_prompt="lowres",
+        sample_size=96,
+        sample_steps=4,
+        sample_seed=7,
+    )
     assert sample_prompts_text(cfg).splitlines()[1:] == [
-        "a --n lowres --w 96 --h 96 --d 7 --l 5.0 --s 4", "a --n lowres --w 96 --h 96 --d 7 --l 7.5 --s 4",
-        "b --n lowres --w 96 --h 96 --d 7 --l 5.0 --s 4", "b --n lowres --w 96 --h 96 --d 7 --l 7.5 --s 4",
-    ]  # fmt: skip
+        "a --n lowres --w 96 --h 96 --d 7 --l 5.0 --s 4",
+        "a --n lowres --w 96 --h 96 --d 7 --l 7.5 --s 4",
+        "b --n lowres --w 96 --h 96 --d 7 --l 5.0 --s 4",
+        "b --n lowres --w 96 --h 96 --d 7 --l 7.5 --s 4",
+    ]
 
 
 def test_tensorboard_option(good, monkeypatch):
@@ -381,3 +413,68 @@ def test_a_phone_jpeg_with_more_pictures_mpo_is_walked_not_decoded(good, monkeyp
     first_end = data.index(b"\xff\xd9") + 2
     image.write_bytes(data[: first_end // 2])
     refused_as_broken(good, image)
+
+
+# --- the checks are rules: a function of (context, findings) in its group's module, run in the order of a list ----
+
+
+def test_a_new_rule_is_a_function_in_the_list(good):
+    """A check added to INPUT_RULES (or FOLDER_RULES, for every folder) is run in its place, and its problems and
+    warnings are reported with the others, in order."""
+    from spyke_lora import _preflight
+
+    def check_output_name(ctx, found):
+        if ctx.cfg.output_name.endswith("_v1"):
+            found.problem(f"`output_name` {ctx.cfg.output_name!r} ends with _v1")
+        else:
+            found.warning(f"`output_name` {ctx.cfg.output_name!r} has no version")
+
+    def check_every_folder(folder, found):
+        found.problem(f"{folder.where} has {len(folder.images)} images")
+
+    _preflight.INPUT_RULES.append(check_output_name)
+    _preflight.FOLDER_RULES.insert(0, check_every_folder)
+    try:
+        (good.train_dir / "img000.txt").unlink()
+        with pytest.raises(ConfigError) as info:
+            plan(good)
+        _preflight.FOLDER_RULES.remove(check_every_folder)
+        (good.train_dir / "img000.txt").write_text("spyke_plasma_v1, red disc")
+        warnings = plan(good.replace(output_name="other")).warnings
+    finally:
+        _preflight.INPUT_RULES.remove(check_output_name)
+        if check_every_folder in _preflight.FOLDER_RULES:
+            _preflight.FOLDER_RULES.remove(check_every_folder)
+    assert info.value.problems == (
+        "`train_dir` has 3 images",
+        f"1 caption file(s) in `train_dir` are missing: {good.train_dir / 'img000.txt'}; sd-scripts would train on "
+        f"the folder's class token 'spyke_plasma_v1' instead",
+        "`reg_dir` has 2 images",
+        "`output_name` 'spyke_plasma_v1' ends with _v1",
+    )
+    assert warnings == ("`output_name` 'other' has no version",)
+
+
+def test_the_run_checks_are_reported_together(good, monkeypatch):
+    """The checks that need the step count (memory, the steps left to a resume, the disk) run once the inputs
+    passed, and their problems come in one ConfigError, as the inputs' do."""
+    from spyke_lora._preflight import _outputs
+
+    monkeypatch.setattr(_outputs, "free_disk", lambda folder: 50_000_000)
+    with pytest.raises(ConfigError) as info:
+        plan(good.replace(memory_limit="1MB"))
+    first, second = info.value.problems
+    assert first.startswith("the run's predicted peak memory") and "is above `memory_limit` 0.00 GiB" in first
+    assert second.startswith(f"`output_dir` {str(good.output_dir)!r} has 50 MB free")
+
+
+def test_findings_and_contexts():
+    from spyke_lora._preflight import Derived, Findings, names
+
+    found, other = Findings(), Findings(["p"], ["w"])
+    found.problem("a")
+    found.add(other)
+    found.warning("v")
+    assert (found.problems, found.warnings) == (["a", "p"], ["w", "v"])
+    assert Derived("sd1").problems == ()
+    assert names(list(range(7))) == "0, 1, 2, 3, 4 ... and 2 more"

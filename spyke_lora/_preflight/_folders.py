@@ -1,0 +1,100 @@
+"""The dataset's folders: the dataset TOML and each folder it names, and the checks run on each folder
+(:data:`FOLDER_RULES`, in order: the folder, its images, its captions)."""
+
+from __future__ import annotations
+
+import collections
+
+from .. import _engine
+from .._config import TrainConfig, repeats_from_folder_name
+from ._captions import check_caption_files, check_trigger_first
+from ._context import CheckContext, Findings, FolderContext, FolderRule, names
+from ._images import check_broken_images, check_exact_size, check_extensions, check_small_images
+
+__all__ = [
+    "FOLDER_RULES",
+    "check_dataset",
+    "check_dataset_folders",
+    "check_folder",
+    "check_repeats_name",
+    "check_stems",
+    "folder_findings",
+]
+
+
+def check_repeats_name(folder: FolderContext, found: Findings) -> None:
+    """An explicit ``num_repeats`` is a legitimate override of the ``N_`` prefix (a quick 1-repeat test), so it
+    wins, loudly."""
+    cfg, path = folder.cfg, folder.folder.folder
+    parsed = repeats_from_folder_name(path)
+    if folder.where == "`train_dir`" and parsed and cfg.num_repeats is not None and parsed[0] != cfg.num_repeats:
+        found.warning(
+            f"`num_repeats` is {cfg.num_repeats} but the folder name {path.name!r} says {parsed[0]}: "
+            f"{cfg.num_repeats} is used; remove num_repeats to use the folder's, or rename the folder to "
+            f"'{cfg.num_repeats}_{parsed[1]}'"
+        )
+
+
+def check_stems(folder: FolderContext, found: Findings) -> None:
+    """Two images with one stem (a.png, a.jpg) share one caption file."""
+    stems = collections.defaultdict(list)
+    for image in folder.images:
+        stems[image.stem].append(image)
+    for same in (paths for paths in stems.values() if len(paths) > 1):
+        found.problem(f"{names(same)} share the stem {same[0].stem!r} and so one caption file; rename or remove one")
+
+
+# The checks of one folder that exists and has images, in the order their messages are listed.
+FOLDER_RULES: list[FolderRule] = [
+    check_repeats_name,
+    check_stems,
+    check_broken_images,
+    check_extensions,
+    check_exact_size,
+    check_small_images,
+    check_caption_files,
+    check_trigger_first,
+]
+
+
+def folder_findings(folder: _engine.Folder, cfg: TrainConfig, image_extensions: tuple[str, ...]) -> Findings:
+    """The problems and warnings of one dataset folder: that it exists and has images, then :data:`FOLDER_RULES`."""
+    found = Findings()
+    where, path = folder.source, folder.folder
+    if not path.is_dir():
+        found.problem(f"{where} folder {str(path)!r} does not exist; check the path")
+        return found
+    context = FolderContext(folder, cfg, image_extensions)
+    if not context.images:
+        found.problem(f"{where} folder {str(path)!r} has no images ({', '.join(sorted(context.extensions))})")
+        return found
+    for rule in FOLDER_RULES:
+        rule(context, found)
+    return found
+
+
+def check_folder(
+    folder: _engine.Folder, cfg: TrainConfig, image_extensions: tuple[str, ...]
+) -> tuple[list[str], list[str]]:
+    """Problems and warnings of one dataset folder (:func:`folder_findings` as two lists)."""
+    found = folder_findings(folder, cfg, image_extensions)
+    return found.problems, found.warnings
+
+
+def check_dataset(ctx: CheckContext, found: Findings) -> None:
+    """The dataset's folders can be named: the dataset TOML exists and reads, each subset has an ``image_dir``."""
+    found.problems += ctx.dataset.problems
+    cfg = ctx.cfg
+    if cfg.dataset_config is not None and not cfg.dataset_config.is_file():
+        found.problem(f"`dataset_config` {str(cfg.dataset_config)!r} does not exist; check the path")
+
+
+def check_dataset_folders(ctx: CheckContext, found: Findings) -> None:
+    """Every folder of the dataset (:func:`folder_findings`), and augmentations that cannot use cached latents."""
+    for folder in ctx.dataset.value:
+        found.add(folder_findings(folder, ctx.cfg, ctx.extensions))
+        if ctx.cfg.cache_latents and folder.fresh_latents:
+            found.problem(
+                f"{folder.source} sets {' and '.join(folder.fresh_latents)}, which change the image at every step, so "
+                f"its latents cannot be cached; set `cache_latents = false` (slower: the VAE encodes every step)"
+            )
