@@ -80,7 +80,9 @@ def _files(checkpoints, cfg: TrainConfig) -> list[tuple[int, Path]]:
     return checkpoint_files(checkpoints, cfg, "sampled")
 
 
-def checkpoint_files(checkpoints, cfg: TrainConfig, verb: str) -> list[tuple[int, Path]]:
+def checkpoint_files(
+    checkpoints: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], cfg: TrainConfig, verb: str
+) -> list[tuple[int, Path]]:
     """The LoRA files to sample or validate, one per step.
 
     Args:

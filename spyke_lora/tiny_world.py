@@ -52,7 +52,17 @@ class TinyWorld:
 
     def config(self, **changes: Any) -> TrainConfig:
         """A config that trains on this world: the recipe, made small (64 px, no bucketing, 5 steps, a checkpoint
-        every 2 steps, no sampling), with ``changes`` applied."""
+        every 2 steps, no sampling).
+
+        Args:
+            **changes: fields of :class:`~spyke_lora.TrainConfig` to set instead.
+
+        Returns:
+            The config.
+
+        Raises:
+            ConfigError: a change is not a valid field or value.
+        """
         base = TrainConfig(
             base_model=self.base_model,
             tokenizer_cache_dir=self.tokenizer_cache_dir,
@@ -73,8 +83,22 @@ class TinyWorld:
 def build_tiny_world(
     root: str | os.PathLike[str], *, resolution: int = 64, sd_scripts_dir: Path | None = None
 ) -> TinyWorld:
-    """Create the tiny world's data under ``root`` (images, captions, an ``output`` folder) and make sure the cached
-    model and tokenizer exist. Safe to call again: existing files are reused."""
+    """Create the tiny world's data under ``root`` and make sure the cached model and tokenizer exist.
+
+    Safe to call again: existing files are reused. The model (a random, full-size SD1.5, about 30 s and 2.1 GB the
+    first time) and the tokenizer are cached in :func:`~spyke_lora._files.cache_dir`.
+
+    Args:
+        root: the folder for the images, captions and an ``output`` folder.
+        resolution: the images' size in px.
+        sd_scripts_dir: the sd-scripts that builds the model; None: the vendored one.
+
+    Returns:
+        The world's paths.
+
+    Raises:
+        EngineError: sd-scripts is missing when the model has to be built.
+    """
     root = Path(root).absolute()
     cache = cache_dir()
     model = cache / f"tiny-sd15-r{RECIPE_VERSION}.safetensors"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._budget import MemoryBudget, device_budget, resident_now
 from ._fit import calibration_path, fit, load_calibrations, point_shape, training_residual
@@ -26,6 +27,9 @@ from ._predict import (
     predict,
     read_model_size,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._config import TrainConfig
 
 __all__ = [
     "AUTO_MARGIN",
@@ -121,7 +125,9 @@ class MemoryPlan:
         return lines
 
 
-def run_shape(cfg, device: str, mixed_precision: str, images: int, gradient_checkpointing: bool) -> RunShape:
+def run_shape(
+    cfg: TrainConfig, device: str, mixed_precision: str, images: int, gradient_checkpointing: bool
+) -> RunShape:
     """The :class:`RunShape` of a :class:`~spyke_lora.TrainConfig` on its device."""
     unet_only = bool(cfg.extra_args.get("network_train_unet_only")) or cfg.text_encoder_lr == 0
     return RunShape(
@@ -140,7 +146,7 @@ def run_shape(cfg, device: str, mixed_precision: str, images: int, gradient_chec
 
 
 def memory_plan(
-    cfg,
+    cfg: TrainConfig,
     device: str,
     mixed_precision: str,
     images: int,
@@ -251,7 +257,7 @@ def _auto_checkpointing(
     )
 
 
-def _fixes(cfg, prediction: MemoryPrediction, budget: int, peak_with, checkpointing: bool) -> list[str]:
+def _fixes(cfg: TrainConfig, prediction: MemoryPrediction, budget: int, peak_with, checkpointing: bool) -> list[str]:
     """The changes that bring the peak under ``budget``, each with its predicted peak. When loading alone is over
     the budget no setting helps (only a smaller checkpoint file), and that is the one fix given."""
     fixes = []

@@ -143,12 +143,14 @@ class MemoryConstants:
     calibrated: bool  # measured on this kind of device (else an estimate derived from another)
 
     def to_json(self) -> dict:
+        """The constants as a JSON object (what ``memory-DEVICE.json`` keeps)."""
         data = dataclasses.asdict(self)
         data["activation_bytes"] = {"on": list(self.activation_bytes[True]), "off": list(self.activation_bytes[False])}
         return data
 
     @classmethod
     def from_json(cls, data: Mapping) -> MemoryConstants:
+        """Constants from :meth:`to_json`'s object."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
         act = data["activation_bytes"]
