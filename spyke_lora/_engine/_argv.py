@@ -1,4 +1,4 @@
-"""TrainConfig + device plan -> the exact ``train_network.py`` arguments, their dataset TOML and shell command.
+"""TrainConfig + device choice -> the exact ``train_network.py`` arguments, their dataset TOML and shell command.
 
 This is the only place that knows sd-scripts' option names. Building the list is pure; checking it runs sd-scripts'
 own ``setup_parser()``.
@@ -12,9 +12,9 @@ import json
 import shlex
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._config import TrainConfig, repeats_from_folder_name
 from .._device import DeviceChoice, available_devices, choose_device, resolve_device
@@ -120,16 +120,131 @@ def _subset(folder: Path, repeats: int | None, *, is_reg: bool) -> dict[str, Any
     return {"image_dir": str(folder), "num_repeats": repeats, "is_reg": is_reg, "class_tokens": class_tokens}
 
 
-def build_argv(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = None) -> list[str]:
-    """The ``train_network.py`` arguments for ``cfg`` on ``plan.device`` (continuing the state folder
-    ``resume_from`` when given). Pure: no file is read or written."""
+class _Run(NamedTuple):
+    """What an option's value is read from: the config, the device choice, the state folder a resume continues."""
+
+    cfg: TrainConfig
+    device: DeviceChoice
+    resume_from: Path | None
+
+
+def _when(condition: Callable[[TrainConfig], Any], value: Callable[[TrainConfig], Any]) -> Callable[[_Run], Any]:
+    """An option written only when ``condition(cfg)`` holds (None, which writes nothing, otherwise)."""
+    return lambda run: value(run.cfg) if condition(run.cfg) else None
+
+
+def _tensorboard(value: Callable[[TrainConfig], Any]) -> Callable[[_Run], Any]:
+    return _when(lambda cfg: cfg.tensorboard, value)
+
+
+def _sampling(value: Callable[[TrainConfig], Any]) -> Callable[[_Run], Any]:
+    return _when(lambda cfg: cfg.sample_prompts, value)
+
+
+# sd-scripts' options, in the order they are written: (flag, where the value comes from). A config field's name is a
+# one-to-one option; a function of the run (_Run) is an option spyke-lora decides. Every value is written the same
+# way (_words): nothing for None or False, the flag alone for True, each item of a list, repr() of a float, str() of
+# the rest (a path as its text). extra_args follow, in their order.
+_OPTIONS: tuple[tuple[str, str | Callable[[_Run], Any]], ...] = (
+    ("pretrained_model_name_or_path", "base_model"),
+    ("v2", lambda run: _is_sd2(run.cfg.base_model)),  # SD2.x checkpoints need sd-scripts' v2 model and tokenizer
+    ("dataset_config", lambda run: dataset_toml_path(run.cfg)),
+    ("output_dir", "output_dir"),
+    ("output_name", "output_name"),
+    ("save_model_as", lambda run: "safetensors"),
+    ("resolution", "resolution"),
+    ("train_batch_size", "train_batch_size"),
+    ("enable_bucket", "enable_bucket"),
+    ("caption_extension", "caption_extension"),
+    ("shuffle_caption", "shuffle_caption"),
+    ("keep_tokens", "keep_tokens"),
+    ("flip_aug", "flip_aug"),
+    ("prior_loss_weight", "prior_loss_weight"),
+    ("network_module", "network_module"),
+    ("network_dim", "network_dim"),
+    ("network_alpha", "network_alpha"),
+    ("optimizer_type", "optimizer_type"),
+    ("learning_rate", "learning_rate"),
+    ("unet_lr", "unet_lr"),
+    ("text_encoder_lr", "text_encoder_lr"),
+    ("lr_scheduler", "lr_scheduler"),
+    ("lr_warmup_steps", "lr_warmup_steps"),
+    ("max_train_steps", "max_train_steps"),
+    ("max_train_epochs", _when(lambda cfg: cfg.max_train_steps is None, lambda cfg: cfg.max_train_epochs)),  # steps win
+    ("save_every_n_steps", "save_every_n_steps"),
+    ("save_precision", "save_precision"),
+    ("save_state", "save_state"),
+    # tensorboard: sd-scripts appends the start time: OUTPUT_DIR/tensorboard/NAME-20261124120000/
+    ("logging_dir", _tensorboard(tensorboard_dir)),
+    ("log_with", _tensorboard(lambda cfg: "tensorboard")),
+    ("log_prefix", _tensorboard(lambda cfg: f"{cfg.output_name}-")),
+    # sampling: when to sample is spyke-lora's choice (every saved file), so no sample_every_n_*
+    ("sample_prompts", _sampling(sample_prompts_path)),
+    ("sample_sampler", _sampling(lambda cfg: cfg.sample_sampler)),
+    ("sample_at_first", _sampling(lambda cfg: cfg.sample_at_first)),
+    # a resume continues the state's step count and skips the batches of the resumed epoch already trained (without
+    # --skip_until_initial_step sd-scripts restarts the resumed epoch from its first batch)
+    ("resume", lambda run: run.resume_from),
+    ("skip_until_initial_step", lambda run: run.resume_from is not None),
+    # the device policy
+    ("mixed_precision", lambda run: run.device.mixed_precision),
+    ("no_half_vae", lambda run: run.device.full_precision_vae),
+    ("sdpa", lambda run: run.device.attention == "sdpa"),
+    ("xformers", lambda run: run.device.attention == "xformers"),
+    ("max_data_loader_n_workers", lambda run: run.device.data_loader_workers),
+    ("clip_skip", "clip_skip"),
+    # "auto" is resolved by the memory plan before a run (plan(), sd_scripts_argv); left as it is, it means on
+    ("gradient_checkpointing", lambda run: run.cfg.gradient_checkpointing is not False),
+    ("cache_latents", "cache_latents"),
+    ("cache_latents_to_disk", "cache_latents_to_disk"),
+    ("seed", "seed"),
+    # sd-scripts splits train_dir (the dataset TOML's validation_split) and would validate at every epoch end with its
+    # own loop; spyke-lora validates the held-out part itself (see _held_out), so that loop never runs
+    ("validate_every_n_epochs", _when(lambda cfg: cfg.validation_split, lambda cfg: _NEVER)),
+    ("tokenizer_cache_dir", "tokenizer_cache_dir"),
+    # plain log lines: rich's rendering draws from Python's global `random` (link ids), the generator sd-scripts
+    # shuffles captions with, so with rich the LoRA would depend on how (and how often) logs were rendered
+    ("console_log_simple", lambda run: True),
+)
+
+
+def build_argv(cfg: TrainConfig, device: DeviceChoice, resume_from: Path | None = None) -> list[str]:
+    """The ``train_network.py`` arguments for ``cfg`` on ``device``. Pure: no file is read or written (but the
+    base model's header, for ``--v2``).
+
+    Args:
+        cfg: The run's config.
+        device: The device policy's choice for the run.
+        resume_from: The state folder a resumed run continues.
+
+    Returns:
+        The arguments: :data:`_OPTIONS` in order, then ``extra_args`` (but what the device policy decided).
+
+    Raises:
+        ConfigError: ``extra_args`` sets an option spyke-lora manages, or one this device or config excludes.
+        DeviceError: ``extra_args`` sets a CUDA-only option and the run is not on CUDA.
+    """
+    _check_extra_args(cfg, device)
+    run = _Run(cfg, device, resume_from)
+    argv: list[str] = []
+    for flag, source in _OPTIONS:
+        argv += _words(flag, getattr(cfg, source) if isinstance(source, str) else source(run))
+    for key, value in cfg.extra_args.items():
+        if key == "xformers" or (key == "no_half_vae" and device.full_precision_vae):
+            continue  # already decided by the device policy
+        argv += _words(key, value)
+    return argv
+
+
+def _check_extra_args(cfg: TrainConfig, device: DeviceChoice) -> None:
+    """``extra_args`` may not set what spyke-lora sets itself, nor what the device or the config rules out."""
     problems = []
     for key in cfg.extra_args:
         if key in _MANAGED:
             problems.append(f"`extra_args.{key}` cannot be set: {_MANAGED[key]}")
-        if key in _CUDA_ONLY and cfg.extra_args[key] and plan.device != "cuda":
-            raise DeviceError(f"`extra_args.{key}` needs CUDA and this run is on {plan.device!r}; remove it")
-    if plan.device == "mps" and "max_data_loader_n_workers" in cfg.extra_args:
+        if key in _CUDA_ONLY and cfg.extra_args[key] and device.device != "cuda":
+            raise DeviceError(f"`extra_args.{key}` needs CUDA and this run is on {device.device!r}; remove it")
+    if device.device == "mps" and "max_data_loader_n_workers" in cfg.extra_args:
         problems.append(
             "`extra_args.max_data_loader_n_workers` cannot be set on mps: workers start with `spawn` there, which "
             "breaks in notebooks, so spyke-lora loads data in the main process"
@@ -143,84 +258,16 @@ def build_argv(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = 
     if problems:
         raise ConfigError(problems)
 
-    a: list[str] = []
 
-    def opt(name: str, value: Any) -> None:
-        if value is None or value is False:
-            return
-        if value is True:
-            a.append(f"--{name}")
-        elif isinstance(value, (list, tuple)):
-            a.extend([f"--{name}", *(_text(v) for v in value)])
-        else:
-            a.extend([f"--{name}", _text(value)])
-
-    opt("pretrained_model_name_or_path", str(cfg.base_model))
-    opt("v2", _is_sd2(cfg.base_model))  # SD2.x checkpoints need sd-scripts' v2 model and tokenizer settings
-    opt("dataset_config", str(dataset_toml_path(cfg)))
-    opt("output_dir", str(cfg.output_dir))
-    opt("output_name", cfg.output_name)
-    opt("save_model_as", "safetensors")
-    opt("resolution", cfg.resolution)
-    opt("train_batch_size", cfg.train_batch_size)
-    opt("enable_bucket", cfg.enable_bucket)
-    opt("caption_extension", cfg.caption_extension)
-    opt("shuffle_caption", cfg.shuffle_caption)
-    opt("keep_tokens", cfg.keep_tokens)
-    opt("flip_aug", cfg.flip_aug)
-    opt("prior_loss_weight", cfg.prior_loss_weight)
-    opt("network_module", cfg.network_module)
-    opt("network_dim", cfg.network_dim)
-    opt("network_alpha", cfg.network_alpha)
-    opt("optimizer_type", cfg.optimizer_type)
-    opt("learning_rate", cfg.learning_rate)
-    opt("unet_lr", cfg.unet_lr)
-    opt("text_encoder_lr", cfg.text_encoder_lr)
-    opt("lr_scheduler", cfg.lr_scheduler)
-    opt("lr_warmup_steps", cfg.lr_warmup_steps)
-    if cfg.max_train_steps is not None:  # steps win over epochs
-        opt("max_train_steps", cfg.max_train_steps)
-    else:
-        opt("max_train_epochs", cfg.max_train_epochs)
-    opt("save_every_n_steps", cfg.save_every_n_steps)
-    opt("save_precision", cfg.save_precision)
-    opt("save_state", cfg.save_state)
-    if cfg.tensorboard:  # sd-scripts appends the start time: OUTPUT_DIR/tensorboard/NAME-20261124120000/
-        opt("logging_dir", str(tensorboard_dir(cfg)))
-        opt("log_with", "tensorboard")
-        opt("log_prefix", f"{cfg.output_name}-")
-    if cfg.sample_prompts:  # when to sample is spyke-lora's choice (every saved file), so no sample_every_n_*
-        opt("sample_prompts", str(sample_prompts_path(cfg)))
-        opt("sample_sampler", cfg.sample_sampler)
-        opt("sample_at_first", cfg.sample_at_first)
-    if resume_from is not None:
-        # the state's step count is continued, and the batches of the resumed epoch already trained are skipped
-        # (without --skip_until_initial_step sd-scripts restarts the resumed epoch from its first batch)
-        opt("resume", str(resume_from))
-        opt("skip_until_initial_step", True)
-    opt("mixed_precision", plan.mixed_precision)
-    opt("no_half_vae", plan.full_precision_vae)
-    opt(plan.attention, True)
-    opt("max_data_loader_n_workers", plan.data_loader_workers)
-    opt("clip_skip", cfg.clip_skip)
-    # "auto" is resolved by the memory plan before a run (plan(), sd_scripts_argv); left as it is, it means on
-    opt("gradient_checkpointing", cfg.gradient_checkpointing is not False)
-    opt("cache_latents", cfg.cache_latents)
-    opt("cache_latents_to_disk", cfg.cache_latents_to_disk)
-    opt("seed", cfg.seed)
-    if cfg.validation_split:
-        # sd-scripts splits train_dir (the dataset TOML's validation_split) and would validate at every epoch end with
-        # its own loop; spyke-lora validates the held-out part itself (see _validation), so that loop never runs
-        opt("validate_every_n_epochs", _NEVER)
-    opt("tokenizer_cache_dir", str(cfg.tokenizer_cache_dir) if cfg.tokenizer_cache_dir else None)
-    # Plain log lines: rich's rendering draws from Python's global `random` (link ids), the generator sd-scripts
-    # shuffles captions with, so with rich the LoRA would depend on how (and how often) logs were rendered.
-    opt("console_log_simple", True)
-    for key, value in cfg.extra_args.items():
-        if key == "xformers" or (key == "no_half_vae" and plan.full_precision_vae):
-            continue  # already decided by the device policy
-        opt(key, value)
-    return a
+def _words(flag: str, value: Any) -> list[str]:
+    """One option as words: none for None or False, ``--flag`` for True, ``--flag`` and each item of a list."""
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [f"--{flag}"]
+    if isinstance(value, (list, tuple)):
+        return [f"--{flag}", *(_text(v) for v in value)]
+    return [f"--{flag}", _text(value)]
 
 
 def _is_sd2(path: Path) -> bool:
@@ -284,34 +331,47 @@ def device_choice(cfg: TrainConfig, device: str | None = None) -> DeviceChoice:
 
 def sd_scripts_argv(cfg: TrainConfig, device: str | None = None) -> list[str]:
     """Exactly the ``train_network.py`` arguments :func:`spyke_lora.train` runs for ``cfg``, checked by sd-scripts'
-    own parser. ``device`` ("cpu", "cuda", "mps") applies that device's policy without needing the hardware; by
-    default the device ``cfg.device`` resolves to here. Corrections (e.g. fp16 on MPS) are issued as
-    :class:`SpykeLoraWarning`."""
-    plan = device_choice(cfg, device)
-    for note in plan.corrections:
+    own parser. Corrections of the device policy (e.g. fp16 on MPS) are issued as :class:`SpykeLoraWarning`.
+
+    Args:
+        cfg: The run's config.
+        device: ``"cpu"``, ``"cuda"`` or ``"mps"``: that device's policy, without needing the hardware
+            (``gradient_checkpointing = "auto"`` is then on, unless the device is this machine's). By default the
+            device ``cfg.device`` resolves to here.
+
+    Returns:
+        The arguments, ``"auto"`` gradient checkpointing resolved as the run resolves it.
+
+    Raises:
+        ConfigError: ``extra_args`` sets a managed option, or one sd-scripts does not know (with the closest one).
+        DeviceError: The device cannot run ``cfg``, or ``device`` is not one of the three.
+        EngineError: sd-scripts is missing, or its parser rejected the arguments.
+    """
+    choice = device_choice(cfg, device)
+    for note in choice.corrections:
         warnings.warn(note, SpykeLoraWarning, stacklevel=2)
     if cfg.gradient_checkpointing == "auto":  # this machine's budget, unless `device` is not what runs here
         try:
             here = device is None or device == device_choice(cfg).device
         except DeviceError:  # this machine cannot run cfg at all: the device asked for is another machine's
             here = False
-        cfg = cfg.replace(gradient_checkpointing=resolve_checkpointing(cfg, plan, here=here))
-    argv = build_argv(cfg, plan)
+        cfg = cfg.replace(gradient_checkpointing=resolve_checkpointing(cfg, choice, here=here))
+    argv = build_argv(cfg, choice)
     host = host_for(cfg.sd_scripts_dir)
     with host.active():
         parse_argv(host.train_network().setup_parser(), argv)
     return argv
 
 
-def resolve_checkpointing(cfg: TrainConfig, plan: DeviceChoice, *, here: bool = True) -> bool:
-    """``gradient_checkpointing = "auto"`` on ``plan``'s device: the memory plan's choice against this machine's
+def resolve_checkpointing(cfg: TrainConfig, device: DeviceChoice, *, here: bool = True) -> bool:
+    """``gradient_checkpointing = "auto"`` on ``device``: the memory plan's choice against this machine's
     budget (``here``), or on, the safe setting, for a device that is not this machine's."""
     from .._header import HeaderError
     from .._memory import MemoryBudget, memory_plan
 
-    budget = None if here else MemoryBudget(None, f"another machine's {plan.device}")
+    budget = None if here else MemoryBudget(None, f"another machine's {device.device}")
     try:
-        chosen = memory_plan(cfg, plan.device, plan.mixed_precision, _image_count(cfg), budget=budget)
+        chosen = memory_plan(cfg, device.device, device.mixed_precision, _image_count(cfg), budget=budget)
     except (OSError, HeaderError):  # no readable base model: plan() says what is wrong with it; the safe setting here
         return True
     return chosen.gradient_checkpointing
@@ -320,29 +380,43 @@ def resolve_checkpointing(cfg: TrainConfig, plan: DeviceChoice, *, here: bool = 
 def _image_count(cfg: TrainConfig) -> int:
     """The images whose latents a run caches, for the memory plan (their latents are a few kB each)."""
     folders = [f for f in (cfg.train_dir, cfg.reg_dir, cfg.validation_dir) if f is not None and f.is_dir()]
-    return sum(1 for folder in folders for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    return sum(
+        1 for folder in folders for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+    )
 
 
-def command_line(cfg: TrainConfig, plan: DeviceChoice, resume_from: Path | None = None, launch: Any = None) -> str:
-    """The shell command that runs ``cfg`` with the sd-scripts command line: environment, this Python, the engine's
-    ``train_network.py`` and :func:`build_argv`'s arguments (the files they read are written by the run). With a
-    multi-process ``launch`` (a :class:`~spyke_lora.Launch`), the script is started by ``accelerate launch`` with the
-    same options the run's launcher gets."""
-    env = [f"{k}={v}" for k, v in run_environment(plan).items()]
+def command_line(
+    cfg: TrainConfig,
+    device: DeviceChoice,
+    resume_from: Path | None = None,
+    launcher: Callable[[list[str]], list[str]] | None = None,
+) -> str:
+    """The shell command that runs ``cfg`` with the sd-scripts command line.
+
+    Args:
+        cfg: The run's config.
+        device: The device choice the run trains with.
+        resume_from: The state folder a resumed run continues.
+        launcher: For a multi-process run: turns the script and its arguments into the ``accelerate launch``
+            command the run's launcher gets (``_launch.launch_command``).
+
+    Returns:
+        The environment, this Python, the engine's ``train_network.py`` and :func:`build_argv`'s arguments (the
+        files they read are written by the run), as one shell line.
+    """
+    env = [f"{k}={v}" for k, v in run_environment(device).items()]
     script = locate_engine(cfg.sd_scripts_dir) / "train_network.py"
-    command = [sys.executable, str(script), *build_argv(cfg, plan, resume_from)]
-    if launch is not None and launch.multi_process:
-        from .._launch import launch_command
-
-        command = launch_command(launch, plan.mixed_precision, command[1:])
+    command = [sys.executable, str(script), *build_argv(cfg, device, resume_from)]
+    if launcher is not None:
+        command = launcher(command[1:])
     return " ".join(env + [shlex.join(command)])
 
 
-def run_environment(plan: DeviceChoice) -> dict[str, str]:
-    """Environment variables a run on ``plan.device`` needs (set for the run in-process; print them with the
+def run_environment(device: DeviceChoice) -> dict[str, str]:
+    """Environment variables a run on ``device`` needs (set for the run in-process; print them with the
     command line): MPS's CPU fallback for missing operations; CPU forced even where a GPU exists."""
-    if plan.device == "mps":
+    if device.device == "mps":
         return {"PYTORCH_ENABLE_MPS_FALLBACK": "1"}
-    if plan.device == "cpu":
+    if device.device == "cpu":
         return {"ACCELERATE_USE_CPU": "true"}
     return {}

@@ -42,37 +42,45 @@ class Folder:
 def dataset_folders(cfg: TrainConfig) -> list[Folder]:
     """The subsets of ``cfg``: ``train_dir``/``reg_dir``, or every subset of the user's dataset TOML (values
     inherited from the dataset and ``[general]`` tables as sd-scripts does, then from the config)."""
-    if cfg.dataset_config is None:
-        folders = [Folder(cfg.train_dir, cfg.resolved_num_repeats() or 1, False, cfg.caption_extension,
-                          _class_tokens(cfg.train_dir), "`train_dir`")]  # fmt: skip
-        if cfg.reg_dir is not None:
-            folders.append(Folder(cfg.reg_dir, cfg.reg_repeats, True, cfg.caption_extension,
-                                  _class_tokens(cfg.reg_dir), "`reg_dir`"))  # fmt: skip
-        return folders
+    if cfg.dataset_config is not None:
+        return _toml_folders(cfg, cfg.dataset_config)
+    train, reg, extension = cfg.train_dir, cfg.reg_dir, cfg.caption_extension
+    folders = [Folder(train, cfg.resolved_num_repeats() or 1, False, extension, _class_tokens(train), "`train_dir`")]
+    if reg is not None:
+        folders.append(Folder(reg, cfg.reg_repeats, True, extension, _class_tokens(reg), "`reg_dir`"))
+    return folders
+
+
+def _toml_folders(cfg: TrainConfig, path: Path) -> list[Folder]:
+    """Every subset of the dataset TOML at ``path``, a relative ``image_dir`` from the TOML's folder."""
     try:
-        data = toml.loads(cfg.dataset_config.read_text(encoding="utf-8"))
+        data = toml.loads(path.read_text(encoding="utf-8"))
     except (OSError, toml.TomlDecodeError) as e:
-        raise ConfigError(f"`dataset_config` {str(cfg.dataset_config)!r} cannot be read as TOML: {e}") from None
+        raise ConfigError(f"`dataset_config` {str(path)!r} cannot be read as TOML: {e}") from None
     general = data.get("general", {})
     folders = []
     for d, dataset in enumerate(data.get("datasets", [])):
         for s, subset in enumerate(dataset.get("subsets", [])):
-            def pick(key: str, default: Any) -> Any:
-                return subset.get(key, dataset.get(key, general.get(key, default)))
-
-            where = f"{cfg.dataset_config.name} datasets[{d}].subsets[{s}]"
+            where = f"{path.name} datasets[{d}].subsets[{s}]"
             if "image_dir" not in subset:
                 raise ConfigError(f"{where} has no `image_dir`; add the folder of its images")
             folder = Path(subset["image_dir"]).expanduser()
             if not folder.is_absolute():
-                folder = cfg.dataset_config.parent / folder
-            fresh = tuple(key for key in ("color_aug", "random_crop") if pick(key, False))
-            folders.append(Folder(folder, int(pick("num_repeats", 1)), bool(subset.get("is_reg", False)),
-                                  pick("caption_extension", cfg.caption_extension), subset.get("class_tokens"),
-                                  where, fresh))  # fmt: skip
+                folder = path.parent / folder
+            tables = (subset, dataset, general)  # the value of a key: the subset's, else the dataset's, else general's
+            fresh = tuple(key for key in ("color_aug", "random_crop") if _inherited(tables, key, False))
+            repeats = int(_inherited(tables, "num_repeats", 1))
+            extension = _inherited(tables, "caption_extension", cfg.caption_extension)
+            is_reg, tokens = bool(subset.get("is_reg", False)), subset.get("class_tokens")
+            folders.append(Folder(folder, repeats, is_reg, extension, tokens, where, fresh))
     if not folders:
-        raise ConfigError(f"`dataset_config` {str(cfg.dataset_config)!r} has no [[datasets.subsets]] entry")
+        raise ConfigError(f"`dataset_config` {str(path)!r} has no [[datasets.subsets]] entry")
     return folders
+
+
+def _inherited(tables: tuple[dict[str, Any], ...], key: str, default: Any) -> Any:
+    """``key`` from the first of ``tables`` that sets it, else ``default``."""
+    return next((table[key] for table in tables if key in table), default)
 
 
 def _class_tokens(folder: Path | None) -> str | None:
@@ -112,7 +120,7 @@ class StepCount:
     processes: int = 1  # the world size the steps are counted for: each process takes its share of the batches
 
 
-def count_steps(cfg: TrainConfig, plan: DeviceChoice, processes: int = 1) -> StepCount:
+def count_steps(cfg: TrainConfig, device: DeviceChoice, processes: int = 1) -> StepCount:
     """The step plan of ``cfg`` for a run of ``processes`` processes, from sd-scripts' own dataset code (reads image
     sizes and captions, loads no model). Python's ``random`` is left as it was (sd-scripts draws a dataset seed from
     it).
@@ -125,7 +133,7 @@ def count_steps(cfg: TrainConfig, plan: DeviceChoice, processes: int = 1) -> Ste
     with host.active():
         train_network = host.train_network()
         train_util, config_util = train_network.train_util, train_network.config_util
-        args = parse_argv(train_network.setup_parser(), build_argv(cfg, plan))
+        args = parse_argv(train_network.setup_parser(), build_argv(cfg, device))
         train_util.prepare_dataset_args(args, True)
         if args.enable_bucket:
             _check_buckets(args)
@@ -156,12 +164,21 @@ def count_steps(cfg: TrainConfig, plan: DeviceChoice, processes: int = 1) -> Ste
         epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else 0
         every = args.save_every_n_steps
         ext = "." + args.save_model_as
-        checkpoints = tuple(
-            (step, train_util.get_step_ckpt_name(args, ext, step)) for step in range(every, total + 1, every)
-        ) if every else ()  # fmt: skip
+        checkpoints = (
+            tuple((step, train_util.get_step_ckpt_name(args, ext, step)) for step in range(every, total + 1, every))
+            if every
+            else ()
+        )
         return StepCount(
-            subsets, batches, steps_per_epoch, total, epochs, checkpoints, train_util.get_last_ckpt_name(args, ext),
-            image_paths(held_out), processes,
+            subsets,
+            batches,
+            steps_per_epoch,
+            total,
+            epochs,
+            checkpoints,
+            train_util.get_last_ckpt_name(args, ext),
+            image_paths(held_out),
+            processes,
         )
 
 
