@@ -1,12 +1,17 @@
-"""The ``spyke-lora`` command (:func:`main`), every subcommand in one table.
+"""The ``spyke-lora`` command (:func:`main`), every subcommand in one table (:data:`COMMANDS`).
 
 Subcommands: ``train``, ``plan``, ``sample``, ``validate``, ``argv``, ``runs``, ``diff``, ``doctor``, ``calibrate``,
-``compare``, ``deploy`` and ``demo``. Exit codes: 0 done, 1 a run started and failed, 2 refused before anything ran, 130 interrupted.
+``compare``, ``deploy`` and ``demo``. Exit codes: 0 done, 1 a run started and failed, 2 refused before anything
+ran, 130 interrupted.
+
+A subcommand is a row of :data:`COMMANDS`: its name, its help line, the function that adds its arguments and the
+function that runs it (``args`` in, the exit code out). A new one: write those two functions here, add the row.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -15,11 +20,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from . import __version__
 from ._config import TrainConfig, tomllib
 from ._errors import ConfigError, SpykeLoraError, TrainingError
+from ._version import __version__
 from .callbacks import Progress, describe  # noqa: F401  (describe: the event lines, tested from here)
 from .events import Event
+
+__all__ = ["COMMANDS", "Command", "main"]
+
+_RESUME_HELP = (
+    "continue a run saved with save_state = true: from its latest state (no value) or the NAME-step...-state folder "
+    "given"
+)
+_ENGINE_LOG_HELP = "write sd-scripts' own output to this file instead"
+_CHECKPOINTS_HELP = "LoRA files, or a run folder (its files, in step order)"
 
 
 def _printer(stream: IO[str]) -> Callable[[Event], None]:
@@ -46,12 +60,79 @@ def _load(args: argparse.Namespace) -> TrainConfig:
     return cfg.replace(**changes) if changes else cfg
 
 
+def _launch(args: argparse.Namespace):
+    """The run's :class:`~spyke_lora.Launch` from the command's launcher options."""
+    from ._launch import Launch
+
+    return Launch(
+        processes=args.processes,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        main_process_ip=args.main_process_ip,
+        main_process_port=args.main_process_port,
+        config_file=args.accelerate_config,
+    )
+
+
+def _launch_options(p: argparse.ArgumentParser) -> None:
+    """accelerate launch's options for a multi-process run (docs/scaling.md)."""
+    group = p.add_argument_group("several processes or machines (accelerate launch; docs/scaling.md)")
+    group.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="train in N processes over every machine (e.g. one per GPU); default 1, in-process",
+    )
+    group.add_argument("--num-machines", type=int, metavar="M", help="machines in the run (default 1)")
+    group.add_argument("--machine-rank", type=int, metavar="R", help="this machine's rank, 0 to M-1 (0: the main one)")
+    group.add_argument("--main-process-ip", metavar="IP", help="the address of machine rank 0")
+    group.add_argument(
+        "--main-process-port",
+        type=int,
+        metavar="PORT",
+        help="its rendezvous port (default: 29500 with several machines, a free one with one)",
+    )
+    group.add_argument(
+        "--accelerate-config",
+        type=Path,
+        metavar="FILE",
+        help="an accelerate config file (`accelerate config`); the options above override it",
+    )
+
+
+def _set_option(p: argparse.ArgumentParser, text: str = "change a config field") -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=text)
+
+
+def _resume_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", nargs="?", const="latest", metavar="STATE", help=_RESUME_HELP)
+
+
+# --- the subcommands: each one's arguments, then what it does ------------------------------------------------------
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path)
+    p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same output_name")
+    p.add_argument("--engine-log", type=Path, help=_ENGINE_LOG_HELP)
+    _set_option(p, "change a config field for this run")
+    _resume_option(p)
+    _launch_options(p)
+
+
 def _train(args: argparse.Namespace) -> int:
     from ._train import train
 
     cfg = _load(args)
     train(cfg, callbacks=_printer(sys.stdout), resume=args.resume, engine_log=args.engine_log, launch=_launch(args))
     return 0
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path)
+    _set_option(p)
+    _resume_option(p)
+    _launch_options(p)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -61,28 +142,11 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace):
-    """The run's :class:`~spyke_lora.Launch` from the command's launcher options."""
-    from ._launch import Launch
-
-    return Launch(
-        processes=args.processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
-        main_process_ip=args.main_process_ip, main_process_port=args.main_process_port,
-        config_file=args.accelerate_config,
-    )  # fmt: skip
-
-
-def _launch_options(p: argparse.ArgumentParser) -> None:
-    """accelerate launch's options for a multi-process run (docs/scaling.md)."""
-    group = p.add_argument_group("several processes or machines (accelerate launch; docs/scaling.md)")
-    group.add_argument("--processes", type=int, metavar="N",
-                       help="train in N processes over every machine (e.g. one per GPU); default 1, in-process")
-    group.add_argument("--num-machines", type=int, metavar="M", help="machines in the run (default 1)")
-    group.add_argument("--machine-rank", type=int, metavar="R", help="this machine's rank, 0 to M-1 (0: the main one)")
-    group.add_argument("--main-process-ip", metavar="IP", help="the address of machine rank 0")
-    group.add_argument("--main-process-port", type=int, metavar="PORT", help="its rendezvous port (default: 29500 with several machines, a free one with one)")
-    group.add_argument("--accelerate-config", type=Path, metavar="FILE",
-                       help="an accelerate config file (`accelerate config`); the options above override it")  # fmt: skip
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path)
+    p.add_argument("checkpoints", nargs="+", type=Path, help=_CHECKPOINTS_HELP)
+    _set_option(p, "change a config field (e.g. sample_steps=30)")
+    p.add_argument("--engine-log", type=Path, help=_ENGINE_LOG_HELP)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -92,6 +156,19 @@ def _sample(args: argparse.Namespace) -> int:
     made = sample(args.checkpoints, cfg, callbacks=_printer(sys.stdout), engine_log=args.engine_log)
     print(f"{len(made)} images in {cfg.output_dir / 'sample'}")
     return 0
+
+
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path)
+    p.add_argument("checkpoints", nargs="*", type=Path, help=_CHECKPOINTS_HELP)
+    p.add_argument("--base", action="store_true", help="also measure the base model alone (step 0, the reference)")
+    p.add_argument(
+        "--folder",
+        type=Path,
+        help="measure on these captioned images instead of the config's held-out ones (class images: the class drift)",
+    )
+    _set_option(p)
+    p.add_argument("--engine-log", type=Path, help=_ENGINE_LOG_HELP)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -111,6 +188,12 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _argv_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path)
+    text = "apply this device's policy (default: this machine's)"
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help=text)
+
+
 def _argv(args: argparse.Namespace) -> int:
     from ._engine import command_line, device_choice, sd_scripts_argv, write_dataset_toml, write_sample_prompts
 
@@ -122,6 +205,10 @@ def _argv(args: argparse.Namespace) -> int:
             print(f"# wrote {what} it reads: {path}", file=sys.stderr)
     print(command_line(cfg, device_choice(cfg, args.device)))
     return 0
+
+
+def _runs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="an output_dir, or a folder of them")
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -137,6 +224,11 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diff_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+
+
 def _diff(args: argparse.Namespace) -> int:
     from ._records import config_diff
 
@@ -145,12 +237,105 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, nargs="?", help="check for this config (default: the recipe's settings)")
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from ._doctor import doctor
 
     report = doctor(TrainConfig.from_toml(args.config) if args.config else None)
     print(report)
     return 0 if report.ok else 1
+
+
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--resolutions", default="64,128,256,512", metavar="PX,PX,...")
+    p.add_argument("--steps", type=int, default=3, help="training steps per point (default 3)")
+    p.add_argument("--dir", help="where to build the tiny world and keep the points (default: a temporary folder)")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Measure this machine's device at each resolution, gradient checkpointing on and off, and keep the fitted
+    memory constants for plan() (see docs/memory.md)."""
+    from ._calibrate import calibrate
+    from ._device import available_devices, resolve_device
+
+    cuda, mps = available_devices()
+    device = resolve_device(args.device, cuda_available=cuda, mps_available=mps)
+    resolutions = tuple(int(r) for r in args.resolutions.split(","))
+    with tempfile.TemporaryDirectory(prefix="spyke-lora-calibrate-") as tmp:
+        constants, _ = calibrate(device, Path(args.dir or tmp), resolutions=resolutions, steps=args.steps)
+    on, off = constants.activation_bytes[True], constants.activation_bytes[False]
+    print(
+        f"{device}: activations {on[0] / 1e3:.1f} kB per latent pixel with gradient checkpointing, "
+        f"{off[0] / 1e3:.1f} kB without; plan() uses these figures from now on"
+    )
+    return 0
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="the run's output_dir (or its NAME.samples.jsonl)")
+    p.add_argument("--name", help="the run's output_name, when the folder holds several runs")
+    p.add_argument("--out", type=Path, help="where to write the PNG (default: RUN_DIR/NAME.contact-sheet.png)")
+    p.add_argument("--cell", type=int, default=256, metavar="PX", help="size of one sample on the sheet (default 256)")
+    text = "training images to find copies of (default: the run's train_dir)"
+    p.add_argument("--train-images", type=Path, metavar="DIR", help=text)
+    text = "also rank the checkpoints by colour palette (a weak signal; see docs/choosing.md)"
+    p.add_argument("--rank", action="store_true", help=text)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Write the sheet, print its path, every warning, the ranking, and the held-out figures with the recommended
+    checkpoint when the run has them. Exit status 0 even with warnings: they are for a person to look at (errors,
+    such as no samples, exit 2)."""
+    from ._compare import ColourHistogramScorer, review, sheet_layout, write_sheet
+
+    sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
+    scorer = ColourHistogramScorer() if args.rank else None
+    rv = review(args.run_dir, args.name, train_images=args.train_images, scorer=scorer)
+    path = write_sheet(rv, args.out, args.cell)
+    print(f"contact sheet: {path}")
+    images, checked = sum(s.images for s in rv.steps), len(rv.train_images)
+    print(
+        f"{len(rv.steps)} steps x {len(rv.columns)} prompt/CFG columns, {images} images, {checked} training images checked for copies"
+    )
+    for line in rv.warnings:
+        print(f"warning: {line}")
+    if rv.ranking is not None:
+        print(f"ranking by {rv.scorer} (best first; broken steps last):")
+        broken = {s.step for s in rv.steps if s.broken}
+        for step, score in rv.ranking:
+            print(f"  step {step}: {score:.3f}{'  (broken samples)' if step in broken else ''}")
+    table = rv.table()  # the run's held-out figures (NAME.validation.jsonl), when it has them
+    if table:
+        print(table)
+    if rv.recommendation:
+        print(rv.recommendation)
+    return 0
+
+
+def _deploy_arguments(p: argparse.ArgumentParser) -> None:
+    comfyui = os.environ.get("COMFYUI_DIR") or None
+    p.add_argument("checkpoint", type=Path, help="the LoRA file, e.g. runs/x/NAME-step00000600.safetensors")
+    text = "the ComfyUI folder (holds main.py and models/); default: $COMFYUI_DIR"
+    p.add_argument("--comfyui", type=Path, default=comfyui, required=comfyui is None, metavar="DIR", help=text)
+    p.add_argument("--name", help="the file name in ComfyUI, without .safetensors (default: the run's output_name)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different file of that name (kept as a backup)")
+    p.add_argument("--config", type=Path, help="the run's config TOML to record (default: NAME.config.toml beside it)")
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from ._deploy import deploy
+
+    print(deploy(args.checkpoint, args.comfyui, args.name, overwrite=args.overwrite, config=args.config))
+    return 0
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", help="where to build the demo (default: a new temporary folder)")
+    p.add_argument("--steps", type=int, default=5)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -173,170 +358,93 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    """Write the sheet, print its path, every warning, the ranking, and the held-out figures with the recommended
-    checkpoint when the run has them. Exit status 0 even with warnings: they are for a person to look at (errors,
-    such as no samples, exit 2)."""
-    from ._compare import ColourHistogramScorer, review, sheet_layout, write_sheet
-
-    sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
-    scorer = ColourHistogramScorer() if args.rank else None
-    rv = review(args.run_dir, args.name, train_images=args.train_images, scorer=scorer)
-    path = write_sheet(rv, args.out, args.cell)
-    print(f"contact sheet: {path}")
-    images = sum(s.images for s in rv.steps)
-    print(f"{len(rv.steps)} steps x {len(rv.columns)} prompt/CFG columns, {images} images, "
-          f"{len(rv.train_images)} training images checked for copies")  # fmt: skip
-    for line in rv.warnings:
-        print(f"warning: {line}")
-    if rv.ranking is not None:
-        print(f"ranking by {rv.scorer} (best first; broken steps last):")
-        broken = {s.step for s in rv.steps if s.broken}
-        for step, score in rv.ranking:
-            print(f"  step {step}: {score:.3f}{'  (broken samples)' if step in broken else ''}")
-    table = rv.table()  # the run's held-out figures (NAME.validation.jsonl), when it has them
-    if table:
-        print(table)
-    if rv.recommendation:
-        print(rv.recommendation)
-    return 0
+# --- the table ----------------------------------------------------------------------------------------------------
 
 
-def _deploy(args: argparse.Namespace) -> int:
-    from ._deploy import deploy
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: ``spyke-lora NAME ...``."""
 
-    print(deploy(args.checkpoint, args.comfyui, args.name, overwrite=args.overwrite, config=args.config))
-    return 0
-
-
-def _calibrate(args: argparse.Namespace) -> int:
-    """Measure this machine's device at each resolution, gradient checkpointing on and off, and keep the fitted
-    memory constants for plan() (see docs/memory.md)."""
-    from ._device import available_devices, resolve_device
-    from ._memory._calibrate import calibrate
-
-    cuda, mps = available_devices()
-    device = resolve_device(args.device, cuda_available=cuda, mps_available=mps)
-    resolutions = tuple(int(r) for r in args.resolutions.split(","))
-    with tempfile.TemporaryDirectory(prefix="spyke-lora-calibrate-") as tmp:
-        constants, _ = calibrate(device, Path(args.dir or tmp), resolutions=resolutions, steps=args.steps)
-    on, off = constants.activation_bytes[True], constants.activation_bytes[False]
-    print(f"{device}: activations {on[0] / 1e3:.1f} kB per latent pixel with gradient checkpointing, "
-          f"{off[0] / 1e3:.1f} kB without; plan() uses these figures from now on")  # fmt: skip
-    return 0
+    name: str
+    help: str  # its line in ``spyke-lora --help``
+    arguments: Callable[[argparse.ArgumentParser], None]  # adds its arguments to its parser
+    run: Callable[[argparse.Namespace], int]  # does it: the parsed arguments in, the exit code out
 
 
-_RESUME_HELP = (
-    "continue a run saved with save_state = true: from its latest state (no value) or the NAME-step...-state folder "
-    "given"
+COMMANDS: tuple[Command, ...] = (
+    Command("train", "train the LoRA a TOML config describes", _train_arguments, _train),
+    Command("plan", "check a config and show what its run will do, without loading a model", _plan_arguments, _plan),
+    Command(
+        "sample",
+        "sample LoRA files on disk with a config's prompts, CFG scales and seed (as training does)",
+        _sample_arguments,
+        _sample,
+    ),
+    Command(
+        "validate",
+        "the held-out validation loss of LoRA files on disk, as a training run measures it",
+        _validate_arguments,
+        _validate,
+    ),
+    Command(
+        "argv",
+        "print the equivalent sd-scripts command line (and write the dataset TOML it reads)",
+        _argv_arguments,
+        _argv,
+    ),
+    Command("runs", "list the runs recorded in a folder: status, steps, loss, duration", _runs_arguments, _runs),
+    Command("diff", "what changed between two configs (e.g. two runs' NAME.config.toml)", _diff_arguments, _diff),
+    Command(
+        "doctor",
+        "check this machine: device, precision, engine, disk (exit 1 if it cannot train)",
+        _doctor_arguments,
+        _doctor,
+    ),
+    Command(
+        "calibrate",
+        "measure this machine's memory use per resolution (a few minutes) so plan() predicts it",
+        _calibrate_arguments,
+        _calibrate,
+    ),
+    Command(
+        "compare",
+        "draw a run's samples as a contact sheet (a row per checkpoint) and warn about broken ones",
+        _compare_arguments,
+        _compare,
+    ),
+    Command(
+        "deploy",
+        "check a LoRA file and install it into ComfyUI's models/loras (atomic; backups on --overwrite)",
+        _deploy_arguments,
+        _deploy,
+    ),
+    Command("demo", "train a few steps on a tiny, locally generated model and dataset", _demo_arguments, _demo),
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``spyke-lora`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+def _parser() -> argparse.ArgumentParser:
+    """``spyke-lora``'s parser: ``--version``, and a subparser per row of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="spyke-lora", description="Train SD1.5 LoRAs with sd-scripts, in-process.")
     parser.add_argument("--version", action="version", version=f"spyke-lora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        command.arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
 
-    p = sub.add_parser("train", help="train the LoRA a TOML config describes")
-    p.add_argument("config", type=Path)
-    p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same output_name")
-    p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field for this run")
-    p.add_argument("--resume", nargs="?", const="latest", metavar="STATE", help=_RESUME_HELP)
-    _launch_options(p)
-    p.set_defaults(run=_train)
 
-    p = sub.add_parser("plan", help="check a config and show what its run will do, without loading a model")
-    p.add_argument("config", type=Path)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field")
-    p.add_argument("--resume", nargs="?", const="latest", metavar="STATE", help=_RESUME_HELP)
-    _launch_options(p)
-    p.set_defaults(run=_plan)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``spyke-lora`` command.
 
-    p = sub.add_parser(
-        "sample", help="sample LoRA files on disk with a config's prompts, CFG scales and seed (as training does)"
-    )
-    p.add_argument("config", type=Path)
-    p.add_argument("checkpoints", nargs="+", type=Path, help="LoRA files, or a run folder (its files, in step order)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field (e.g. sample_steps=30)")
-    p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
-    p.set_defaults(run=_sample)
+    Args:
+        argv: The command's arguments (default ``sys.argv[1:]``).
 
-    p = sub.add_parser(
-        "validate", help="the held-out validation loss of LoRA files on disk, as a training run measures it"
-    )
-    p.add_argument("config", type=Path)
-    p.add_argument("checkpoints", nargs="*", type=Path, help="LoRA files, or a run folder (its files, in step order)")
-    p.add_argument("--base", action="store_true", help="also measure the base model alone (step 0, the reference)")
-    p.add_argument("--folder", type=Path, help="measure on these captioned images instead of the config's held-out "
-                   "ones (class images: the class drift)")  # fmt: skip
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config field")
-    p.add_argument("--engine-log", type=Path, help="write sd-scripts' own output to this file instead")
-    p.set_defaults(run=_validate)
-
-    p = sub.add_parser(
-        "argv", help="print the equivalent sd-scripts command line (and write the dataset TOML it reads)"
-    )
-    p.add_argument("config", type=Path)
-    p.add_argument(
-        "--device", choices=["cpu", "cuda", "mps"], help="apply this device's policy (default: this machine's)"
-    )
-    p.set_defaults(run=_argv)
-
-    p = sub.add_parser("runs", help="list the runs recorded in a folder: status, steps, loss, duration")
-    p.add_argument("folder", type=Path, help="an output_dir, or a folder of them")
-    p.set_defaults(run=_runs)
-
-    p = sub.add_parser("diff", help="what changed between two configs (e.g. two runs' NAME.config.toml)")
-    p.add_argument("a", type=Path)
-    p.add_argument("b", type=Path)
-    p.set_defaults(run=_diff)
-
-    p = sub.add_parser("doctor", help="check this machine: device, precision, engine, disk (exit 1 if it cannot train)")
-    p.add_argument("config", type=Path, nargs="?", help="check for this config (default: the recipe's settings)")
-    p.set_defaults(run=_doctor)
-
-    p = sub.add_parser(
-        "calibrate", help="measure this machine's memory use per resolution (a few minutes) so plan() predicts it"
-    )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--resolutions", default="64,128,256,512", metavar="PX,PX,...")
-    p.add_argument("--steps", type=int, default=3, help="training steps per point (default 3)")
-    p.add_argument("--dir", help="where to build the tiny world and keep the points (default: a temporary folder)")
-    p.set_defaults(run=_calibrate)
-
-    p = sub.add_parser(
-        "compare", help="draw a run's samples as a contact sheet (a row per checkpoint) and warn about broken ones"
-    )
-    p.add_argument("run_dir", type=Path, help="the run's output_dir (or its NAME.samples.jsonl)")
-    p.add_argument("--name", help="the run's output_name, when the folder holds several runs")
-    p.add_argument("--out", type=Path, help="where to write the PNG (default: RUN_DIR/NAME.contact-sheet.png)")
-    p.add_argument("--cell", type=int, default=256, metavar="PX", help="size of one sample on the sheet (default 256)")
-    p.add_argument("--train-images", type=Path, metavar="DIR",
-                   help="training images to find copies of (default: the run's train_dir)")  # fmt: skip
-    p.add_argument("--rank", action="store_true",
-                   help="also rank the checkpoints by colour palette (a weak signal; see docs/choosing.md)")  # fmt: skip
-    p.set_defaults(run=_compare)
-
-    comfyui = os.environ.get("COMFYUI_DIR") or None
-    p = sub.add_parser(
-        "deploy", help="check a LoRA file and install it into ComfyUI's models/loras (atomic; backups on --overwrite)"
-    )
-    p.add_argument("checkpoint", type=Path, help="the LoRA file, e.g. runs/x/NAME-step00000600.safetensors")
-    p.add_argument("--comfyui", type=Path, default=comfyui, required=comfyui is None, metavar="DIR",
-                   help="the ComfyUI folder (holds main.py and models/); default: $COMFYUI_DIR")  # fmt: skip
-    p.add_argument("--name", help="the file name in ComfyUI, without .safetensors (default: the run's output_name)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different file of that name (kept as a backup)")
-    p.add_argument("--config", type=Path, help="the run's config TOML to record (default: NAME.config.toml beside it)")
-    p.set_defaults(run=_deploy)
-
-    p = sub.add_parser("demo", help="train a few steps on a tiny, locally generated model and dataset")
-    p.add_argument("--dir", help="where to build the demo (default: a new temporary folder)")
-    p.add_argument("--steps", type=int, default=5)
-    p.set_defaults(run=_demo)
-
-    args = parser.parse_args(argv)
+    Returns:
+        The exit code: 0 done, 1 a run started and failed, 2 refused before anything ran (config, dataset,
+        device, engine), 130 interrupted. Errors are printed as one line on stderr.
+    """
+    args = _parser().parse_args(argv)
     try:
         return int(args.run(args))
     except TrainingError as e:  # the run started and failed
