@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import shutil
 from pathlib import Path
@@ -12,6 +11,8 @@ from . import _device, _engine
 from ._config import TrainConfig
 from ._device import choose_device, resolve_device
 from ._errors import DeviceError, EngineError
+from ._memory import constants_for, load_calibrations
+from ._mps_fallback import fallback_missing
 
 __all__ = ["DeviceReport", "doctor"]
 
@@ -76,50 +77,98 @@ def _yes(flag: bool) -> str:
 
 
 def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
-    """Check this machine for a run of ``cfg`` (by default the recipe's device and precision settings, the vendored
-    engine and the working directory as output folder). Loads no model; imports torch."""
+    """Check this machine for a run of ``cfg``. Loads no model; imports torch.
+
+    Args:
+        cfg: The run's config; by default the recipe's device and precision settings, the vendored engine and the
+            working directory as output folder.
+
+    Returns:
+        The :class:`DeviceReport`: what the machine has, the device and precision a run would use, the engine, the
+        disk and memory; ``problems`` that stop a run (then ``ok`` is False) and ``warnings`` that do not.
+    """
     problems: list[str] = []
     warnings: list[str] = []
-    requested_device = cfg.device if cfg else "auto"
-    requested_precision = cfg.mixed_precision if cfg else "auto"
-    optimizer = cfg.optimizer_type if cfg else "AdamW"
-    output_dir = cfg.output_dir if cfg else Path.cwd()
-
     facts = _device.device_facts()  # one seam: tests give it another machine's facts
     if facts.torch_version is None:
         problems.append("torch is not installed; run `make setup` (or pip install -e .)")
-    mps_built, mps_available = facts.mps_built, facts.mps_available
-    cuda_available, cuda_device = facts.cuda_available, facts.cuda_device
-
-    device = precision = None
-    try:
-        device = resolve_device(requested_device, cuda_available=cuda_available, mps_available=mps_available)
-        xformers = bool(cfg.extra_args.get("xformers", False)) if cfg else False
-        plan = choose_device(device, mixed_precision=requested_precision, optimizer_type=optimizer, xformers=xformers)
-        precision = plan.mixed_precision
-        warnings += plan.corrections
-    except DeviceError as e:
-        problems.append(str(e))
-
-    import spyke_lora
-
-    fallback_set = os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") == "1" and not spyke_lora._MPS_FALLBACK_TOO_LATE
+    device, precision = _device_and_precision(cfg, facts, problems, warnings)
+    fallback_set = not fallback_missing()
     if device == "mps" and not fallback_set:
         warnings.append(
             "PYTORCH_ENABLE_MPS_FALLBACK=1 was not set before torch was imported: an operation MPS lacks will fail; "
             "import spyke_lora before torch, or export the variable before starting Python"
         )
+    sd_dir, commit = _engine_checkout(cfg, problems, warnings)
+    output_dir = cfg.output_dir if cfg else Path.cwd()
+    free, memory = _room(output_dir, device, warnings)
+    return DeviceReport(
+        python=platform.python_version(),
+        platform=f"{platform.system()} {platform.machine()}",
+        torch_version=facts.torch_version,
+        mps_built=facts.mps_built,
+        mps_available=facts.mps_available,
+        cuda_available=facts.cuda_available,
+        cuda_device=facts.cuda_device,
+        device=device,
+        mixed_precision=precision,
+        mps_fallback_set=fallback_set,
+        sd_scripts_dir=sd_dir,
+        sd_scripts_commit=commit,
+        sd_scripts_pinned=commit == _engine.PINNED_COMMIT,
+        output_dir=output_dir,
+        free_disk_bytes=free,
+        total_memory_bytes=memory,
+        memory_model=_memory_model(device, warnings),
+        problems=tuple(problems),
+        warnings=tuple(warnings),
+    )
 
+
+def _device_and_precision(
+    cfg: TrainConfig | None, facts: _device.DeviceFacts, problems: list[str], warnings: list[str]
+) -> tuple[str | None, str | None]:
+    """The device ``cfg`` resolves to on this machine and the mixed precision the policy picks there; its
+    corrections are warnings. A device that is not available is a problem (device None), and so is what the
+    device cannot run (precision None)."""
+    requested = cfg.device if cfg else "auto"
+    try:
+        device = resolve_device(requested, cuda_available=facts.cuda_available, mps_available=facts.mps_available)
+    except DeviceError as e:
+        problems.append(str(e))
+        return None, None
+    try:
+        choice = choose_device(
+            device,
+            mixed_precision=cfg.mixed_precision if cfg else "auto",
+            optimizer_type=cfg.optimizer_type if cfg else "AdamW",
+            xformers=bool(cfg.extra_args.get("xformers", False)) if cfg else False,
+        )
+    except DeviceError as e:
+        problems.append(str(e))
+        return device, None
+    warnings += choice.corrections
+    return device, choice.mixed_precision
+
+
+def _engine_checkout(
+    cfg: TrainConfig | None, problems: list[str], warnings: list[str]
+) -> tuple[Path | None, str | None]:
+    """sd-scripts' folder and commit; a missing or broken checkout is a problem, one not at the pinned commit a
+    warning."""
     sd_dir = commit = None
     try:
         sd_dir = _engine.locate_engine(cfg.sd_scripts_dir if cfg else None)
         commit = _engine.engine_commit(sd_dir)
     except EngineError as e:
         problems.append(str(e))
-    pinned = commit == _engine.PINNED_COMMIT
-    if sd_dir is not None and not pinned:
+    if sd_dir is not None and commit != _engine.PINNED_COMMIT:
         warnings.append(f"sd-scripts at {sd_dir} is not the tested {_engine.PINNED_VERSION}; results may differ")
+    return sd_dir, commit
 
+
+def _room(output_dir: Path, device: str | None, warnings: list[str]) -> tuple[int | None, int | None]:
+    """Free disk in ``output_dir`` and the machine's memory, each a warning when short for a recipe run."""
     free = free_disk(output_dir)
     if free is not None and free < 1 * 2**30:
         warnings.append(f"only {free / 2**20:.0f} MiB free in {output_dir}; a recipe run writes about 400 MB")
@@ -128,42 +177,21 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
         warnings.append(
             f"{memory / 2**30:.0f} GiB of unified memory: SD1.5 LoRA training wants 16 GB; close other apps"
         )
+    return free, memory
 
-    memory_model = ""
-    if device is not None:
-        from ._memory._calibrate import load_calibrations
-        from ._memory._predict import constants_for
 
-        constants = constants_for(device, load_calibrations((device,)))
-        memory_model = constants.source
-        if not constants.calibrated:
-            warnings.append(
-                f"plan()'s memory figures for {device} are estimates, so gradient_checkpointing 'auto' keeps "
-                f"checkpointing on unless the run needs under half the budget; `spyke-lora calibrate` measures this "
-                f"machine in a few minutes"
-            )
-
-    return DeviceReport(
-        python=platform.python_version(),
-        platform=f"{platform.system()} {platform.machine()}",
-        torch_version=facts.torch_version,
-        mps_built=mps_built,
-        mps_available=mps_available,
-        cuda_available=cuda_available,
-        cuda_device=cuda_device,
-        device=device,
-        mixed_precision=precision,
-        mps_fallback_set=fallback_set,
-        sd_scripts_dir=sd_dir,
-        sd_scripts_commit=commit,
-        sd_scripts_pinned=pinned,
-        output_dir=output_dir,
-        free_disk_bytes=free,
-        total_memory_bytes=memory,
-        memory_model=memory_model,
-        problems=tuple(problems),
-        warnings=tuple(warnings),
-    )
+def _memory_model(device: str | None, warnings: list[str]) -> str:
+    """Where plan()'s memory figures for ``device`` come from ("" without a device); estimates are a warning."""
+    if device is None:
+        return ""
+    constants = constants_for(device, load_calibrations((device,)))
+    if not constants.calibrated:
+        warnings.append(
+            f"plan()'s memory figures for {device} are estimates, so gradient_checkpointing 'auto' keeps "
+            f"checkpointing on unless the run needs under half the budget; `spyke-lora calibrate` measures this "
+            f"machine in a few minutes"
+        )
+    return constants.source
 
 
 def free_disk(folder: Path) -> int | None:

@@ -9,16 +9,23 @@ from .conftest import CUDA_BOX, MPS_MAC
 
 def config(tmp_path, **changes):
     return TrainConfig(
-        base_model=tmp_path / "m.safetensors", train_dir=tmp_path / "10_spyke_plasma_v1",
-        output_dir=tmp_path / "out", output_name="spyke_plasma_v1", **changes,
-    )  # fmt: skip
+        base_model=tmp_path / "m.safetensors",
+        train_dir=tmp_path / "10_spyke_plasma_v1",
+        output_dir=tmp_path / "out",
+        output_name="spyke_plasma_v1",
+        **changes,
+    )
 
 
 def test_a_cpu_only_machine_can_train_on_the_cpu(tmp_path):
     report = doctor(config(tmp_path))  # the conftest's CPU-only machine, whatever this one has
     assert isinstance(report, DeviceReport) and report.ok
     assert (report.device, report.mixed_precision) == ("cpu", "no")
-    assert (report.sd_scripts_dir, report.sd_scripts_commit, report.sd_scripts_pinned) == (VENDORED, PINNED_COMMIT, True)
+    assert (report.sd_scripts_dir, report.sd_scripts_commit, report.sd_scripts_pinned) == (
+        VENDORED,
+        PINNED_COMMIT,
+        True,
+    )
     assert report.mps_fallback_set  # the test process imported spyke_lora before torch
     assert report.free_disk_bytes > 0 and report.total_memory_bytes > 2**30
     assert report.output_dir == tmp_path / "out"  # not created: its nearest existing parent was measured
@@ -40,6 +47,7 @@ def test_what_stops_a_run_is_a_problem(tmp_path):
     assert any("`sd_scripts_dir`" in p and "not an sd-scripts checkout" in p for p in report.problems)
     assert str(report).endswith("cannot train: fix the problems above")
     report = doctor(config(tmp_path, optimizer_type="AdamW8bit"))
+    assert (report.device, report.mixed_precision) == ("cpu", None)  # the device is known; what it runs is refused
     assert report.problems == (
         "`optimizer_type` 'AdamW8bit' needs bitsandbytes, which runs on CUDA only, and this run is on 'cpu'; "
         "use optimizer_type = 'AdamW'",
@@ -61,9 +69,7 @@ def test_an_mps_mac_trains_on_mps_without_mixed_precision(tmp_path, machine):
     report = doctor(config(tmp_path, mixed_precision="fp16"))
     assert report.ok and (report.device, report.mixed_precision) == ("mps", "no")
     assert (report.mps_built, report.mps_available, report.cuda_available) == (True, True, False)
-    assert report.warnings[0] == (
-        "mixed_precision 'fp16' changed to 'no' on mps: fp16 mixed precision requires a GPU"
-    )
+    assert report.warnings[0] == ("mixed_precision 'fp16' changed to 'no' on mps: fp16 mixed precision requires a GPU")
     assert "mps             built yes, available yes" in str(report) and "device          mps" in str(report)
 
 
