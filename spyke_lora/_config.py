@@ -45,7 +45,15 @@ RECIPE_SAMPLE_PROMPTS = (
 
 
 def repeats_from_folder_name(folder: Path | str) -> tuple[int, str] | None:
-    """``10_spyke_plasma_v1`` -> ``(10, "spyke_plasma_v1")``: kohya's ``N_name`` folder convention, else None."""
+    """kohya's ``N_name`` folder convention: ``10_spyke_plasma_v1`` -> ``(10, "spyke_plasma_v1")``.
+
+    Args:
+        folder: A dataset folder (only its name is read).
+
+    Returns:
+        The repeats and the class token (the caption of an image without a caption file), or None when the name
+        has no ``N_`` prefix.
+    """
     match = _FOLDER_PREFIX.match(Path(folder).name)
     if match is None:
         return None
@@ -145,8 +153,18 @@ class TrainConfig:
     # --- construction -----------------------------------------------------------------------------------------------
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        """Read a config written by :meth:`to_toml` or by hand. Relative paths are relative to the TOML's folder.
-        Unknown keys and bad values are reported together, each with its key."""
+        """Read a config written by :meth:`to_toml` or by hand.
+
+        Args:
+            path: The TOML file. Relative paths in it are relative to its folder.
+
+        Returns:
+            The config, checked.
+
+        Raises:
+            ConfigError: The file is missing or not TOML, or its keys and values have problems: every unknown key
+                (with the closest field) and bad value, together, each naming its key.
+        """
         path = Path(path).expanduser()
         try:
             with path.open("rb") as f:
@@ -161,7 +179,19 @@ class TrainConfig:
     def from_dict(
         cls, data: Mapping[str, Any], *, base_dir: Path | None = None, source: str | None = None
     ) -> TrainConfig:
-        """Build a config from plain data (a parsed TOML). Relative paths are resolved against ``base_dir``."""
+        """Build a config from plain data (a parsed TOML).
+
+        Args:
+            data: Field names to values, as TOML gives them (paths as strings, ``"none"`` for an unset field).
+            base_dir: Where relative paths are resolved from (default: the working directory).
+            source: Where ``data`` comes from, named in the error (e.g. the TOML's path).
+
+        Returns:
+            The config, checked.
+
+        Raises:
+            ConfigError: Every unknown key, missing required field and bad value, together.
+        """
         problems = _unknown_key_problems(data.keys())
         missing = [n for n in _REQUIRED if n not in data]
         problems += [f"`{n}` is required but missing; add `{n} = ...`" for n in missing]
@@ -186,7 +216,17 @@ class TrainConfig:
         return config
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes`` applied (and checked). Unknown names are an error with a suggestion."""
+        """A copy with ``changes`` applied, and checked as a new config is.
+
+        Args:
+            **changes: Field names to new values.
+
+        Returns:
+            The new config (this one is unchanged: configs are frozen).
+
+        Raises:
+            ConfigError: An unknown field name (with the closest one), or a value with a problem.
+        """
         problems = _unknown_key_problems(changes.keys())
         if problems:
             raise ConfigError(problems)
@@ -194,8 +234,12 @@ class TrainConfig:
 
     # --- output -----------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain data, what :meth:`to_toml` writes: paths as strings; ``None`` left out where it is the default,
-        else written as ``"none"`` (TOML has no null)."""
+        """The config as plain data, what :meth:`to_toml` writes.
+
+        Returns:
+            Field names to values: paths as strings, tuples as lists, ``extra_args`` as a dict; ``None`` left out
+            where it is the default, else written as ``"none"`` (TOML has no null).
+        """
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -213,13 +257,24 @@ class TrainConfig:
         return out
 
     def to_toml(self, path: str | os.PathLike[str]) -> Path:
-        """Write the config as TOML; ``TrainConfig.from_toml(path) == self``. Returns the path."""
+        """Write the config as TOML (:meth:`to_toml_string`), so that ``TrainConfig.from_toml(path) == self``.
+
+        Args:
+            path: The file to write (replaced if it exists).
+
+        Returns:
+            ``path``, as a :class:`~pathlib.Path`.
+        """
         path = Path(path)
         path.write_text(self.to_toml_string(), encoding="utf-8")
         return path
 
     def to_toml_string(self) -> str:
-        """The TOML text :meth:`to_toml` writes."""
+        """The TOML text :meth:`to_toml` writes.
+
+        Returns:
+            One ``key = value`` line per field of :meth:`to_dict`, then an ``[extra_args]`` table when it has any.
+        """
         data = self.to_dict()
         extra = data.pop("extra_args", {})
         lines = ["# spyke-lora TrainConfig", *(f"{k} = {_toml_value(v)}" for k, v in data.items())]
@@ -229,7 +284,12 @@ class TrainConfig:
 
     # --- derived values ---------------------------------------------------------------------------------------------
     def resolved_num_repeats(self) -> int | None:
-        """``num_repeats``, else the ``N_`` prefix of ``train_dir``'s name, else None (no train_dir)."""
+        """How many times each training image is repeated per epoch.
+
+        Returns:
+            ``num_repeats``, else the ``N_`` prefix of ``train_dir``'s name, else None (no ``train_dir``, or no
+            prefix).
+        """
         if self.num_repeats is not None:
             return self.num_repeats
         if self.train_dir is None:
@@ -284,16 +344,22 @@ class TrainConfig:
                 f"{self.validation_split}; try 0.1"
             )
         if self.validation_split and self.validation_dir is not None:
-            problems.append("`validation_dir` and `validation_split` are both set; hold out one way: a folder of "
-                            "its own (`validation_dir`), or a fraction of `train_dir` (`validation_split`)")  # fmt: skip
+            problems.append(
+                "`validation_dir` and `validation_split` are both set; hold out one way: a folder of "
+                "its own (`validation_dir`), or a fraction of `train_dir` (`validation_split`)"
+            )
         if self.validation_split and self.train_dir is None:
-            problems.append("`validation_split` holds out part of `train_dir`, which is not set (with "
-                            "`dataset_config`, set `validation_dir` to a folder of held-out images)")  # fmt: skip
+            problems.append(
+                "`validation_split` holds out part of `train_dir`, which is not set (with "
+                "`dataset_config`, set `validation_dir` to a folder of held-out images)"
+            )
         if self.validation_dir is None and not self.validation_split:
             unused = [n for n in ("validate_every_n_steps", "max_validation_steps") if getattr(self, n) is not None]
             return problems + [
                 f"`{n}` is set but there are no held-out images; set `validation_dir` (a folder of held-out images) "
-                f"or `validation_split`, or remove `{n}`" for n in unused]  # fmt: skip
+                f"or `validation_split`, or remove `{n}`"
+                for n in unused
+            ]
         if self.validation_dir is None:
             return problems
         for name in ("train_dir", "reg_dir"):
@@ -314,11 +380,15 @@ class TrainConfig:
                     f"start of an option), got {prompt!r}"
                 )
         if " --" in self.sample_negative_prompt or "\n" in self.sample_negative_prompt:
-            problems.append(f"`sample_negative_prompt` must be one line without ' --', got {self.sample_negative_prompt!r}")
+            problems.append(
+                f"`sample_negative_prompt` must be one line without ' --', got {self.sample_negative_prompt!r}"
+            )
         if self.sample_prompts and not self.sample_cfg_scales:
             problems.append("`sample_cfg_scales` is empty; give at least one, e.g. [7], or set `sample_prompts = []`")
         if self.sample_size is not None and self.sample_size % 8:
-            problems.append(f"`sample_size` must be a multiple of 8, got {self.sample_size}; try {self.sample_size // 8 * 8}")
+            problems.append(
+                f"`sample_size` must be a multiple of 8, got {self.sample_size}; try {self.sample_size // 8 * 8}"
+            )
         return problems
 
 
@@ -330,16 +400,31 @@ _REQUIRED = tuple(
     for f in dataclasses.fields(TrainConfig)
     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 )
-_PATH_FIELDS = tuple(
-    name for name, hint in _HINTS.items() if hint is Path or Path in typing.get_args(hint)
-)
+_PATH_FIELDS = tuple(name for name, hint in _HINTS.items() if hint is Path or Path in typing.get_args(hint))
 _MINIMUM: dict[str, float] = {  # the smallest allowed value of numeric fields
-    "num_repeats": 1, "reg_repeats": 1, "resolution": 64, "train_batch_size": 1, "keep_tokens": 0,
-    "network_dim": 1, "network_alpha": 0, "learning_rate": 0, "unet_lr": 0, "text_encoder_lr": 0,
-    "lr_warmup_steps": 0, "max_train_epochs": 1, "max_train_steps": 1, "save_every_n_steps": 1,
-    "clip_skip": 1, "prior_loss_weight": 0, "max_nonfinite_steps": 0, "sample_cfg_scales": 0, "sample_steps": 1,
-    "sample_size": 64, "validate_every_n_steps": 1, "max_validation_steps": 1,
-}  # fmt: skip
+    "num_repeats": 1,
+    "reg_repeats": 1,
+    "resolution": 64,
+    "train_batch_size": 1,
+    "keep_tokens": 0,
+    "network_dim": 1,
+    "network_alpha": 0,
+    "learning_rate": 0,
+    "unet_lr": 0,
+    "text_encoder_lr": 0,
+    "lr_warmup_steps": 0,
+    "max_train_epochs": 1,
+    "max_train_steps": 1,
+    "save_every_n_steps": 1,
+    "clip_skip": 1,
+    "prior_loss_weight": 0,
+    "max_nonfinite_steps": 0,
+    "sample_cfg_scales": 0,
+    "sample_steps": 1,
+    "sample_size": 64,
+    "validate_every_n_steps": 1,
+    "max_validation_steps": 1,
+}
 
 
 def _absolute(path: Path) -> Path:
@@ -357,13 +442,29 @@ def _type_name(hint: Any) -> str:
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 # accelerate's convention (max_memory="10GiB"): GB is 10^9 bytes, GiB is 2^30
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-               "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(value: Any) -> int | None:
-    """Bytes from an integer or a size such as "12GB" (10^9 bytes per GB) or "11.5GiB" (2^30 per GiB); None when
-    ``value`` is neither."""
+    """Bytes from a size, as ``memory_limit`` takes it.
+
+    Args:
+        value: An integer (bytes) or a size such as "12GB" (10^9 bytes per GB) or "11.5GiB" (2^30 per GiB).
+
+    Returns:
+        The bytes, or None when ``value`` is neither.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     match = _SIZE.match(value) if isinstance(value, str) else None

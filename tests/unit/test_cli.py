@@ -28,9 +28,13 @@ from spyke_lora.callbacks import Progress
 
 def write_config(tmp_path, **changes):
     cfg = TrainConfig(
-        base_model=tmp_path / "m.safetensors", train_dir=tmp_path / "10_spyke_plasma_v1", output_dir=tmp_path / "o",
-        output_name="spyke_plasma_v1", mixed_precision="fp16", **changes,
-    )  # fmt: skip
+        base_model=tmp_path / "m.safetensors",
+        train_dir=tmp_path / "10_spyke_plasma_v1",
+        output_dir=tmp_path / "o",
+        output_name="spyke_plasma_v1",
+        mixed_precision="fp16",
+        **changes,
+    )
     return cfg.to_toml(tmp_path / "c.toml")
 
 
@@ -180,8 +184,7 @@ def test_progress_resumes_its_bar_at_the_step_the_run_resumes_from(monkeypatch):
     clock[0] = 6.0
     progress(StepEnded(602, 920, 2, 0.1, 0.1, 1e-4, None, 6.0))
     # the rate counts the steps this run did (2 in 6 s), not the 600 before it: 318 steps to go take 15:54
-    assert re.search(r" 65%\|#+5? *\| 602/920 \[00:06<15:5[34],  3\.00s/step, loss=0\.1000",
-                     terminal.getvalue())  # fmt: skip
+    assert re.search(r" 65%\|#+5? *\| 602/920 \[00:06<15:5[34],  3\.00s/step, loss=0\.1000", terminal.getvalue())
 
 
 def test_progress_is_one_line_per_event_elsewhere(capsys):
@@ -245,10 +248,28 @@ def test_train_passes_the_launcher_options(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(spyke_lora._train, "train", lambda cfg, **kw: seen.append(kw["launch"]))
     config = str(write_config(tmp_path))
-    assert main(["train", config, "--processes", "8", "--num-machines", "2", "--machine-rank", "1",
-                 "--main-process-ip", "10.0.0.1", "--main-process-port", "29600"]) == 0  # fmt: skip
-    assert seen[-1] == Launch(processes=8, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
-                              main_process_port=29600)  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                config,
+                "--processes",
+                "8",
+                "--num-machines",
+                "2",
+                "--machine-rank",
+                "1",
+                "--main-process-ip",
+                "10.0.0.1",
+                "--main-process-port",
+                "29600",
+            ]
+        )
+        == 0
+    )
+    assert seen[-1] == Launch(
+        processes=8, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29600
+    )
     assert main(["train", config]) == 0 and not seen[-1].multi_process
     assert main(["train", config, "--processes", "3", "--num-machines", "2", "--main-process-ip", "h"]) == 2
 
@@ -271,8 +292,10 @@ def test_validate_command_prints_each_files_held_out_loss_against_the_base_model
 
     def measured(files, cfg, folder=None, *, engine_log="auto"):
         calls.append((files, folder))
-        return (HeldOutLoss(0, None, 1.2, folder, 3), HeldOutLoss(200, tmp_path / "x-step00000200.safetensors", 1.25,
-                                                                  folder, 3))  # fmt: skip
+        return (
+            HeldOutLoss(0, None, 1.2, folder, 3),
+            HeldOutLoss(200, tmp_path / "x-step00000200.safetensors", 1.25, folder, 3),
+        )
 
     monkeypatch.setattr(spyke_lora._validation_loss, "validation_loss", measured)
     lora = tmp_path / "x-step00000200.safetensors"

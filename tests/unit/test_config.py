@@ -20,24 +20,64 @@ def make(tmp_path, **changes):
 def test_defaults_are_the_lora01_recipe(tmp_path):
     cfg = make(tmp_path)
     recipe = {
-        "num_repeats": None, "reg_dir": None, "reg_repeats": 1, "dataset_config": None, "resolution": 512,
-        "train_batch_size": 1, "enable_bucket": True, "caption_extension": ".txt", "shuffle_caption": True,
-        "keep_tokens": 1, "flip_aug": False, "network_module": "networks.lora", "network_dim": 32,
-        "network_alpha": 16, "optimizer_type": "AdamW", "learning_rate": 1e-4, "unet_lr": 1e-4,
-        "text_encoder_lr": 5e-5, "lr_scheduler": "cosine", "lr_warmup_steps": 0, "max_train_epochs": 4,
-        "max_train_steps": None, "save_every_n_steps": 200, "mixed_precision": "auto", "save_precision": "float",
-        "clip_skip": 2, "prior_loss_weight": 1.0, "gradient_checkpointing": "auto", "seed": 42, "device": "auto",
-        "cache_latents": True, "cache_latents_to_disk": False,
-        "tokenizer_cache_dir": None, "sd_scripts_dir": None, "overwrite": False, "max_nonfinite_steps": 1,
-        "save_state": False, "sample_prompts": (
+        "num_repeats": None,
+        "reg_dir": None,
+        "reg_repeats": 1,
+        "dataset_config": None,
+        "resolution": 512,
+        "train_batch_size": 1,
+        "enable_bucket": True,
+        "caption_extension": ".txt",
+        "shuffle_caption": True,
+        "keep_tokens": 1,
+        "flip_aug": False,
+        "network_module": "networks.lora",
+        "network_dim": 32,
+        "network_alpha": 16,
+        "optimizer_type": "AdamW",
+        "learning_rate": 1e-4,
+        "unet_lr": 1e-4,
+        "text_encoder_lr": 5e-5,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 0,
+        "max_train_epochs": 4,
+        "max_train_steps": None,
+        "save_every_n_steps": 200,
+        "mixed_precision": "auto",
+        "save_precision": "float",
+        "clip_skip": 2,
+        "prior_loss_weight": 1.0,
+        "gradient_checkpointing": "auto",
+        "seed": 42,
+        "device": "auto",
+        "cache_latents": True,
+        "cache_latents_to_disk": False,
+        "tokenizer_cache_dir": None,
+        "sd_scripts_dir": None,
+        "overwrite": False,
+        "max_nonfinite_steps": 1,
+        "save_state": False,
+        "sample_prompts": (
             "spyke_plasma_v1, standing in a forest, dramatic lighting, anime style",
             "spyke_plasma_v1, crouching, looking up, urban environment",
             "spyke_plasma_v1, full body, front view, detailed character study",
-        ), "sample_cfg_scales": (5.0, 7.0, 9.0), "sample_seed": 1234, "sample_steps": 20, "sample_size": None,
-        "sample_sampler": "euler_a", "sample_negative_prompt": "", "sample_at_first": False, "tensorboard": False,
-        "extra_args": {}, "validation_dir": None, "validation_split": 0.0, "validate_every_n_steps": None, "validation_seed": None,
-        "max_validation_steps": None, "memory_limit": None,
-    }  # fmt: skip
+        ),
+        "sample_cfg_scales": (5.0, 7.0, 9.0),
+        "sample_seed": 1234,
+        "sample_steps": 20,
+        "sample_size": None,
+        "sample_sampler": "euler_a",
+        "sample_negative_prompt": "",
+        "sample_at_first": False,
+        "tensorboard": False,
+        "extra_args": {},
+        "validation_dir": None,
+        "validation_split": 0.0,
+        "validate_every_n_steps": None,
+        "validation_seed": None,
+        "max_validation_steps": None,
+        "memory_limit": None,
+    }
     actual = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     for required in ("base_model", "train_dir", "output_dir", "output_name"):
         actual.pop(required)
@@ -104,7 +144,9 @@ def test_bad_values_are_all_reported_at_once(tmp_path):
         make(tmp_path, network_dim=0, mixed_precision="fp32", flip_aug="no", learning_rate="1e-4")
     problems = info.value.problems
     assert "`network_dim` must be at least 1, got 0" in problems
-    assert any(p.startswith("`mixed_precision` must be one of 'auto', 'no', 'fp16', 'bf16', got 'fp32'") for p in problems)
+    assert any(
+        p.startswith("`mixed_precision` must be one of 'auto', 'no', 'fp16', 'bf16', got 'fp32'") for p in problems
+    )
     assert "`flip_aug` must be true or false, got 'no'" in problems
     assert "`learning_rate` must be a number, got '1e-4'" in problems
 
@@ -176,6 +218,17 @@ def test_example_spyke_config_loads():
     assert cfg.max_train_epochs == 2  # 460 steps per epoch with 100 regularisation images: 920 steps
     assert cfg.resolved_num_repeats() == 10 and cfg.reg_repeats == 1
     defaults = make(Path("/x"))
-    for field in ("network_dim", "network_alpha", "learning_rate", "unet_lr", "text_encoder_lr", "lr_scheduler",
-                  "save_every_n_steps", "clip_skip", "seed", "keep_tokens", "flip_aug"):  # fmt: skip
+    for field in (
+        "network_dim",
+        "network_alpha",
+        "learning_rate",
+        "unet_lr",
+        "text_encoder_lr",
+        "lr_scheduler",
+        "save_every_n_steps",
+        "clip_skip",
+        "seed",
+        "keep_tokens",
+        "flip_aug",
+    ):
         assert getattr(cfg, field) == getattr(defaults, field), field
