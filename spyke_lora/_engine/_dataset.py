@@ -132,24 +132,12 @@ def count_steps(cfg: TrainConfig, device: DeviceChoice, processes: int = 1) -> S
     host = host_for(cfg.sd_scripts_dir)
     with host.active():
         train_network = host.train_network()
-        train_util, config_util = train_network.train_util, train_network.config_util
+        train_util = train_network.train_util
         args = parse_argv(train_network.setup_parser(), build_argv(cfg, device))
         train_util.prepare_dataset_args(args, True)
         if args.enable_bucket:
             _check_buckets(args)
-        text = dataset_toml_text(cfg)
-        user_config: dict[str, Any] = (
-            toml.loads(text) if text is not None else config_util.load_user_config(str(cfg.dataset_config))
-        )
-        state = random.getstate()
-        quiet = io.StringIO()  # its "read caption" progress bars: a plan prints its own summary
-        try:  # sd-scripts' own dataset code: captions, image sizes, repeats, regularisation pairing, buckets
-            with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
-                sanitizer = config_util.ConfigSanitizer(True, True, args.masked_loss, True)
-                blueprint = config_util.BlueprintGenerator(sanitizer).generate(user_config, args)
-                group, held_out = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
-        finally:
-            random.setstate(state)
+        group, held_out = _dataset_group(cfg, args, train_network.config_util)
         subsets = tuple(
             SubsetCount(Path(s.image_dir), s.img_count, s.num_repeats, s.is_reg)
             for dataset in group.datasets
@@ -162,24 +150,32 @@ def count_steps(cfg: TrainConfig, device: DeviceChoice, processes: int = 1) -> S
         else:
             total = args.max_train_steps
         epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else 0
-        every = args.save_every_n_steps
-        ext = "." + args.save_model_as
-        checkpoints = (
-            tuple((step, train_util.get_step_ckpt_name(args, ext, step)) for step in range(every, total + 1, every))
-            if every
-            else ()
-        )
-        return StepCount(
-            subsets,
-            batches,
-            steps_per_epoch,
-            total,
-            epochs,
-            checkpoints,
-            train_util.get_last_ckpt_name(args, ext),
-            image_paths(held_out),
-            processes,
-        )
+        every, ext = args.save_every_n_steps, "." + args.save_model_as
+        steps = range(every, total + 1, every) if every else ()
+        checkpoints = tuple((step, train_util.get_step_ckpt_name(args, ext, step)) for step in steps)
+        final = train_util.get_last_ckpt_name(args, ext)
+        held = image_paths(held_out)
+        return StepCount(subsets, batches, steps_per_epoch, total, epochs, checkpoints, final, held, processes)
+
+
+def _dataset_group(cfg: TrainConfig, args: Any, config_util: Any) -> tuple[Any, Any]:
+    """sd-scripts' own dataset code on the run's dataset TOML and arguments: captions, image sizes, repeats,
+    regularisation pairing, buckets. Returns its training ``DatasetGroup`` and its held-out one (None without
+    ``validation_split``). Python's ``random`` is left as it was; the "read caption" progress bars are swallowed (a
+    plan prints its own summary)."""
+    text = dataset_toml_text(cfg)
+    user_config: dict[str, Any] = (
+        toml.loads(text) if text is not None else config_util.load_user_config(str(cfg.dataset_config))
+    )
+    state = random.getstate()
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
+            sanitizer = config_util.ConfigSanitizer(True, True, args.masked_loss, True)
+            blueprint = config_util.BlueprintGenerator(sanitizer).generate(user_config, args)
+            return config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
+    finally:
+        random.setstate(state)
 
 
 def image_paths(group: Any) -> tuple[Path, ...]:
