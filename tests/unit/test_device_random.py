@@ -8,7 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from spyke_lora._engine._after_save import CheckpointSampler, SampleSpec
+from spyke_lora._engine._hooks import AtomicState
 from spyke_lora._engine._host import host_for
+from spyke_lora._engine._probe import Probe
 from spyke_lora._engine._process import (
     DeviceGenerator,
     cuda_rng_calls_reach,
@@ -18,7 +21,6 @@ from spyke_lora._engine._process import (
     preserved_random_state,
 )
 from spyke_lora._engine._state import DEVICE_RNG_NAME, partial_state_dir
-from spyke_lora._engine._trainer import Probe, SampleSpec
 
 
 class StandIn:
@@ -40,10 +42,15 @@ class StandIn:
 
 def probe_for(tmp_path, generator, sampler_effect):
     folder = tmp_path / "sample"
-    plan = SampleSpec(lines=(("spyke_plasma_v1", 7.0),), seed=1, output_name="spyke", folder=folder,
-                      manifest=tmp_path / "spyke.samples.jsonl")  # fmt: skip
+    plan = SampleSpec(
+        lines=(("spyke_plasma_v1", 7.0),),
+        seed=1,
+        output_name="spyke",
+        folder=folder,
+        manifest=tmp_path / "spyke.samples.jsonl",
+    )
     events = []
-    probe = Probe(events.append, lambda: False, 0.0, lambda: None, samples=plan, generator=generator)
+    probe = CheckpointSampler(plan, events.append, generator)
 
     def sampler(step):  # sd-scripts' sampler: seeds (every generator), draws, writes NAME_STEP_LINE_..._SEED.png
         sampler_effect()
@@ -87,11 +94,11 @@ class FakeAccelerator:
 
 
 def attached(generator):
-    probe = Probe(lambda e: None, lambda: False, 0.0, lambda: None, generator=generator)
-    network = SimpleNamespace(save_weights=None, on_epoch_start=None, unet_loras=[])
+    """accelerate's save_state/load_state wrapped as a run wraps them (_hooks.AtomicState)."""
+    probe = Probe(lambda e: None, lambda: False, 0.0, lambda: None)
     accelerator = FakeAccelerator()
-    train_util = SimpleNamespace(get_last_ckpt_name=lambda args, ext: "spyke" + ext)
-    probe.attach(train_util, SimpleNamespace(save_model_as="safetensors"), network, accelerator)
+    state = AtomicState(accelerator.save_state, accelerator.load_state, probe, generator)
+    accelerator.save_state, accelerator.load_state = state.save, state.load
     return probe, accelerator
 
 
@@ -121,8 +128,11 @@ def test_a_cuda_or_cpu_state_gets_no_extra_file(tmp_path):
 
 def _sd_scripts_closure(train_network, name, accelerator):
     """sd-scripts' own nested function `name` of NetworkTrainer.train(), bound to `accelerator`."""
-    code = next(c for c in train_network.NetworkTrainer.train.__code__.co_consts
-                if isinstance(c, types.CodeType) and c.co_name == name)  # fmt: skip
+    code = next(
+        c
+        for c in train_network.NetworkTrainer.train.__code__.co_consts
+        if isinstance(c, types.CodeType) and c.co_name == name
+    )
     assert code.co_freevars == ("accelerator",)
     return types.FunctionType(code, vars(train_network), name, None, (types.CellType(accelerator),))
 
