@@ -29,7 +29,14 @@ def _read_all(folder: FolderContext) -> list[Caption]:
 
 
 def read_captions(folder: FolderContext) -> list[Caption]:
-    """The caption of every image of ``folder``, read once (the checks below share them)."""
+    """The caption of every image of a folder, read once (the caption checks share them).
+
+    Args:
+        folder: The folder's context.
+
+    Returns:
+        One :class:`Caption` per image, in the images' order.
+    """
     return folder.once(_read_all)
 
 
@@ -61,5 +68,12 @@ def check_trigger_first(folder: FolderContext, found: Findings) -> None:
 
 
 def count_captions(folder: _engine.Folder) -> int:
-    """The folder's caption files that are not empty (bytes), as the plan shows them."""
+    """The captions a plan shows for a folder.
+
+    Args:
+        folder: The folder, as the engine names it.
+
+    Returns:
+        Its caption files (``caption_extension``) that are not empty (in bytes).
+    """
     return sum(1 for p in folder.folder.iterdir() if p.suffix == folder.caption_extension and p.stat().st_size > 0)

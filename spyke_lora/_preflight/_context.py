@@ -174,12 +174,27 @@ FolderRule = Callable[[FolderContext, Findings], None]
 
 
 def list_images(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """The images in ``folder`` (sd-scripts' extensions, any case), in directory order; [] if it is not a folder."""
+    """The images in a folder.
+
+    Args:
+        folder: The folder.
+        extensions: The extensions sd-scripts treats as images (matched in any case).
+
+    Returns:
+        Its images, in directory order; [] if it is not a folder.
+    """
     wanted = {e.lower() for e in extensions}
     return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in wanted] if folder.is_dir() else []
 
 
 def names(paths: list[Any]) -> str:
-    """The first few of ``paths`` for a message, then "... and N more"."""
+    """Files for a message.
+
+    Args:
+        paths: The files (or any items) a message names.
+
+    Returns:
+        The first five, comma-separated, then "... and N more".
+    """
     shown = ", ".join(str(p) for p in paths[:_LIST])
     return shown + (f" ... and {len(paths) - _LIST} more" if len(paths) > _LIST else "")

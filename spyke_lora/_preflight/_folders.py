@@ -58,7 +58,16 @@ FOLDER_RULES: list[FolderRule] = [
 
 
 def folder_findings(folder: _engine.Folder, cfg: TrainConfig, image_extensions: tuple[str, ...]) -> Findings:
-    """The problems and warnings of one dataset folder: that it exists and has images, then :data:`FOLDER_RULES`."""
+    """The problems and warnings of one dataset folder: that it exists and has images, then :data:`FOLDER_RULES`.
+
+    Args:
+        folder: The folder, as the engine names it (its path, repeats, caption extension, class token, source).
+        cfg: The run's config.
+        image_extensions: The extensions sd-scripts treats as images.
+
+    Returns:
+        What the checks found, in their order.
+    """
     found = Findings()
     where, path = folder.source, folder.folder
     if not path.is_dir():
@@ -76,7 +85,16 @@ def folder_findings(folder: _engine.Folder, cfg: TrainConfig, image_extensions: 
 def check_folder(
     folder: _engine.Folder, cfg: TrainConfig, image_extensions: tuple[str, ...]
 ) -> tuple[list[str], list[str]]:
-    """Problems and warnings of one dataset folder (:func:`folder_findings` as two lists)."""
+    """Problems and warnings of one dataset folder (``validation_loss()`` checks its folder with it).
+
+    Args:
+        folder: The folder, as the engine names it.
+        cfg: The run's config.
+        image_extensions: The extensions sd-scripts treats as images.
+
+    Returns:
+        (problems, warnings): :func:`folder_findings` as two lists.
+    """
     found = folder_findings(folder, cfg, image_extensions)
     return found.problems, found.warnings
 

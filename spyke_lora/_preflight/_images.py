@@ -162,7 +162,14 @@ def _scan_all(folder: FolderContext) -> list[ImageScan]:
 
 
 def scan_images(folder: FolderContext) -> list[ImageScan]:
-    """Every image of ``folder`` scanned, once (the checks below share the scan)."""
+    """Every image of a folder scanned, once (the image checks share the scan).
+
+    Args:
+        folder: The folder's context.
+
+    Returns:
+        One :class:`ImageScan` per image, in the images' order.
+    """
     return folder.once(_scan_all)
 
 

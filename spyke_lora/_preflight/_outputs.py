@@ -36,8 +36,15 @@ def check_existing_outputs(ctx: CheckContext, found: Findings) -> None:
 
 
 def bytes_per_file(cfg: TrainConfig) -> float:
-    """The estimated size of one saved file: the LoRA, and with ``save_state`` its training state (the fp32 weights
-    and AdamW's two moments per weight, next to each file)."""
+    """The estimated size of one saved file.
+
+    Args:
+        cfg: The run's config (``network_dim``, ``save_precision``, ``save_state``).
+
+    Returns:
+        Bytes: the LoRA, and with ``save_state`` its training state (the fp32 weights and AdamW's two moments per
+        weight, next to each file).
+    """
     per_file = BYTES_PER_DIM_FP32 * cfg.network_dim * _SAVE_BYTES[cfg.save_precision] / 4
     if cfg.save_state:
         per_file += STATE_BYTES_PER_DIM * cfg.network_dim
