@@ -347,3 +347,54 @@ def test_calibrate_measures_each_point_fits_and_writes_what_plan_reads(tmp_path,
     assert constants.train_overhead_bytes == pytest.approx(123_000_000, rel=1e-3)
     assert load_calibrations() == {"mps": constants}
     assert said[0] == "measuring 128 px, gradient checkpointing on ..." and said[-1].startswith("wrote ")
+
+
+def test_a_calibration_point_marks_the_peak_of_each_phase_of_its_run(tmp_path, monkeypatch):
+    """`python -m spyke_lora._calibrate_point`'s figures, with the run replaced by its events (loading ends at
+    TrainStarted, training at the final file, sampling after it); the real point runs in tests/integration."""
+    from spyke_lora import _calibrate_point
+    from spyke_lora.events import CheckpointSaved, StepEnded, TrainStarted
+
+    asked = {}
+
+    class Config:
+        def replace(self, **changes):
+            asked["sample"] = changes
+            return self
+
+    class World:
+        def config(self, **changes):
+            asked["config"] = changes
+            return Config()
+
+    def fake_train(cfg, callback, engine_log):
+        asked["engine_log"] = engine_log
+        callback(TrainStarted(2, "cpu", "no", tmp_path))
+        callback(StepEnded(1, 2, 1, 0.25, 0.25, 1e-4, 5e-5, 1.0))
+        callback(StepEnded(2, 2, 1, 0.25, 0.25, 1e-4, 5e-5, 2.0))
+        callback(CheckpointSaved(2, 1, tmp_path / "spyke_plasma_v1.safetensors", True))
+
+    monkeypatch.setattr(_calibrate_point, "build_tiny_world", lambda root, resolution: World())
+    monkeypatch.setattr(_calibrate_point, "train", fake_train)
+    figures = _calibrate_point.measure(tmp_path, 64, True, 2, sample=True)
+    assert asked["config"]["max_train_steps"] == 2 and asked["config"]["gradient_checkpointing"] is True
+    assert asked["sample"]["sample_steps"] == 2 and asked["engine_log"] is None
+    assert set(figures) == {
+        "resolution",
+        "gradient_checkpointing",
+        "steps",
+        "batch_size",
+        "device",
+        "runtime_bytes",
+        "load_peak_bytes",
+        "loaded_bytes",
+        "train_peak_bytes",
+        "device_train_peak_bytes",
+        "sample_peak_bytes",
+        "device_sample_peak_bytes",
+        "peak_bytes",
+        "step_s",
+    }
+    phases = (figures["load_peak_bytes"], figures["train_peak_bytes"], figures["sample_peak_bytes"])
+    assert all(p > 0 for p in phases) and figures["peak_bytes"] >= max(phases)
+    assert len(figures["step_s"]) == 1 and figures["step_s"][0] >= 0
