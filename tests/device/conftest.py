@@ -49,7 +49,9 @@ def required_device() -> str | None:
     if not value:
         return None
     if value not in DEVICES:
-        raise pytest.UsageError(f"{REQUIRE_DEVICE_ENV}={value!r} is not a device marker: use one of {', '.join(DEVICES)}")
+        raise pytest.UsageError(
+            f"{REQUIRE_DEVICE_ENV}={value!r} is not a device marker: use one of {', '.join(DEVICES)}"
+        )
     return value
 
 

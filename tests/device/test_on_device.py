@@ -35,8 +35,10 @@ def test_lora04_runs_on_mps_without_mixed_precision(world, tmp_path):
     """LORA-04: the run is on mps with mixed precision 'no', named by the Mac's chip, shown before the first step;
     every step reports the memory MPS holds (a model is loaded: over 1 GB); losses stay finite."""
     events = []
-    result = train(world.config(output_dir=tmp_path, device="auto", mixed_precision="fp16", max_train_steps=2),
-                   callbacks=events.append)  # fmt: skip
+    result = train(
+        world.config(output_dir=tmp_path, device="auto", mixed_precision="fp16", max_train_steps=2),
+        callbacks=events.append,
+    )
     assert (events[0].device, events[0].mixed_precision) == ("mps", "no")
     assert events[0].device_name.startswith("Apple M")
     steps = [e for e in events if isinstance(e, StepEnded)]
@@ -50,8 +52,15 @@ def test_sampling_on_mps_does_not_change_the_lora(world, tmp_path):
     """sd-scripts' sampler seeds the MPS generator (torch.manual_seed) and does not put it back; training noise is
     drawn on MPS. With spyke-lora keeping the generator, a sampled run trains the LoRA an unsampled one does."""
     plain = train(world.config(output_dir=tmp_path / "plain", device="mps"))
-    sampled = train(world.config(output_dir=tmp_path / "sampled", device="mps", sample_prompts=(f"{NAME}, x",),
-                                 sample_cfg_scales=(7,), sample_steps=2))  # fmt: skip
+    sampled = train(
+        world.config(
+            output_dir=tmp_path / "sampled",
+            device="mps",
+            sample_prompts=(f"{NAME}, x",),
+            sample_cfg_scales=(7,),
+            sample_steps=2,
+        )
+    )
     assert [c.path.name for c in plain.checkpoints] == [c.path.name for c in sampled.checkpoints]
     assert plain.losses == sampled.losses
     for a, b in zip(plain.checkpoints, sampled.checkpoints):
@@ -72,8 +81,11 @@ def test_a_resumed_mps_run_starts_from_the_saved_mps_generator(world, tmp_path):
     first = train(cfg, callbacks=lambda e: Stop() if isinstance(e, StepEnded) and e.step == 3 else None)
     saved = torch.load(cfg.output_dir / f"{NAME}-step00000003-state" / "spyke-lora-mps-rng.pt", weights_only=True)
     at_start = []
-    rest = train(cfg, resume="latest",
-                 callbacks=lambda e: at_start.append(torch.mps.get_rng_state()) if isinstance(e, TrainStarted) else None)
+    rest = train(
+        cfg,
+        resume="latest",
+        callbacks=lambda e: at_start.append(torch.mps.get_rng_state()) if isinstance(e, TrainStarted) else None,
+    )
     assert torch.equal(at_start[0], saved)
     assert [(s.step, s.epoch, s.lr) for s in first.history + rest.history] == [
         (s.step, s.epoch, s.lr) for s in whole.history
@@ -92,11 +104,14 @@ def test_sd_scripts_validation_random_state_switch_runs_on_mps():
     host = host_for(None)
     with host.active():
         train_network = host.train_network()
-        codes = {c.co_name: c for c in train_network.NetworkTrainer.train.__code__.co_consts
-                 if isinstance(c, types.CodeType)}  # fmt: skip
+        codes = {
+            c.co_name: c for c in train_network.NetworkTrainer.train.__code__.co_consts if isinstance(c, types.CodeType)
+        }
         cell = types.CellType(SimpleNamespace(device=torch.device("mps")))
-        switch, restore = (types.FunctionType(codes[n], vars(train_network), n, None, (cell,))
-                           for n in ("switch_rng_state", "restore_rng_state"))  # fmt: skip
+        switch, restore = (
+            types.FunctionType(codes[n], vars(train_network), n, None, (cell,))
+            for n in ("switch_rng_state", "restore_rng_state")
+        )
         generator = device_generator("mps")
         before = torch.mps.get_rng_state()
         with cuda_rng_calls_reach(generator):
@@ -115,8 +130,10 @@ def test_validation_on_mps_is_deterministic_and_leaves_the_lora_unchanged(world,
     from spyke_lora import validation_loss
 
     plain = train(world.config(output_dir=tmp_path / "plain", device="mps"))
-    runs = [train(world.config(output_dir=tmp_path / f"held-out-{i}", device="mps",
-                               validation_dir=world.validation_dir)) for i in range(2)]  # fmt: skip
+    runs = [
+        train(world.config(output_dir=tmp_path / f"held-out-{i}", device="mps", validation_dir=world.validation_dir))
+        for i in range(2)
+    ]
     assert [v.step for v in runs[0].validations] == [2, 4, 5]
     assert all(math.isfinite(v.loss) for v in runs[0].validations)
     assert [v.loss for v in runs[0].validations] == pytest.approx([v.loss for v in runs[1].validations], abs=1e-4)
@@ -186,8 +203,21 @@ def test_the_memory_model_calibrated_on_this_mac_predicts_a_point_it_was_not_fit
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "spyke_lora._memory._measure", str(tmp_path / "work"), "256", "off", "3",
-                    str(out), "--device", "mps"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spyke_lora._memory._measure",
+            str(tmp_path / "work"),
+            "256",
+            "off",
+            "3",
+            str(out),
+            "--device",
+            "mps",
+        ],
+        check=True,
+    )
     point = json.loads(out.read_text())
     model = read_model_size(build_tiny_world(tmp_path / "work" / "world256", resolution=256).base_model)
     predicted = predict(_shape(point, 5), model, constants)

@@ -15,8 +15,9 @@ from spyke_lora._device import DeviceFacts
 # the device is injected, never assumed (`make test` must pass on a Linux CPU, a Mac and a CUDA box alike).
 CPU_MACHINE = DeviceFacts("2.14.1", mps_built=False, mps_available=False, cuda_available=False, cuda_device=None)
 MPS_MAC = DeviceFacts("2.14.1", mps_built=True, mps_available=True, cuda_available=False, cuda_device=None)
-CUDA_BOX = DeviceFacts("2.14.1", mps_built=False, mps_available=False, cuda_available=True,
-                       cuda_device="NVIDIA H100 80GB HBM3")  # fmt: skip
+CUDA_BOX = DeviceFacts(
+    "2.14.1", mps_built=False, mps_available=False, cuda_available=True, cuda_device="NVIDIA H100 80GB HBM3"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +30,7 @@ def machine(monkeypatch):
 
     on(CPU_MACHINE)
     return on
+
 
 SD1_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 
@@ -54,7 +56,14 @@ def good(tmp_path):
     write_images(tmp_path / "10_spyke_plasma_v1", 3, "spyke_plasma_v1, red disc")
     write_images(tmp_path / "reg" / "1_person", 2, "person")
     return TrainConfig(
-        base_model=tmp_path / "model.safetensors", train_dir=tmp_path / "10_spyke_plasma_v1",
-        reg_dir=tmp_path / "reg" / "1_person", output_dir=tmp_path / "out", output_name="spyke_plasma_v1",
-        resolution=64, enable_bucket=False, max_train_steps=5, save_every_n_steps=2, device="cpu",
-    )  # fmt: skip
+        base_model=tmp_path / "model.safetensors",
+        train_dir=tmp_path / "10_spyke_plasma_v1",
+        reg_dir=tmp_path / "reg" / "1_person",
+        output_dir=tmp_path / "out",
+        output_name="spyke_plasma_v1",
+        resolution=64,
+        enable_bucket=False,
+        max_train_steps=5,
+        save_every_n_steps=2,
+        device="cpu",
+    )

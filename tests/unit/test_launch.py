@@ -44,8 +44,10 @@ def test_a_wrong_launch_is_refused_naming_the_field(fields, message):
 
 def test_an_accelerate_config_file_fills_what_is_not_given(tmp_path):
     config = tmp_path / "cluster.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 8\n"
-                      "num_machines: 2\nmachine_rank: 1\nmain_process_ip: 10.0.0.1\nmain_process_port: 29600\n")  # fmt: skip
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 8\n"
+        "num_machines: 2\nmachine_rank: 1\nmain_process_ip: 10.0.0.1\nmain_process_port: 29600\n"
+    )
     launch = Launch(config_file=config)
     assert (launch.world_size, launch.num_machines, launch.machine_rank, launch.local_processes) == (8, 2, 1, 4)
     assert not launch.main_machine
@@ -169,8 +171,12 @@ def _drive(tmp_path, plan_name, emit, stop=lambda: False):
     env = worker_environment(listener.address, b"k" * 32, tmp_path / "spec.json", {"FAKE_LOGS": str(tmp_path)})
     launch_log = tmp_path / "launch.log"
     with open(launch_log, "wb") as out:
-        process = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "worker.py"),
-                                    plan_name], env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "worker.py"), plan_name],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         return _Driver(process, listener, Launch(processes=2), launch_log, emit, stop).drive()
     finally:
