@@ -189,10 +189,8 @@ def test_the_memory_model_calibrated_on_this_mac_predicts_a_point_it_was_not_fit
     import json
 
     from spyke_lora import MemoryBudget, plan
-    from spyke_lora._memory import predict
-    from spyke_lora._memory._budget import device_budget
-    from spyke_lora._memory._calibrate import _shape, calibrate
-    from spyke_lora._memory._predict import read_model_size
+    from spyke_lora._calibrate import calibrate
+    from spyke_lora._memory import device_budget, point_shape, predict, read_model_size
 
     monkeypatch.setenv("SPYKE_LORA_CACHE", str(tmp_path / "cache"))
     constants, points = calibrate("mps", tmp_path / "work", resolutions=(64, 512), steps=3, report=print)
@@ -220,7 +218,7 @@ def test_the_memory_model_calibrated_on_this_mac_predicts_a_point_it_was_not_fit
     )
     point = json.loads(out.read_text())
     model = read_model_size(build_tiny_world(tmp_path / "work" / "world256", resolution=256).base_model)
-    predicted = predict(_shape(point, 5), model, constants)
+    predicted = predict(point_shape(point, 5), model, constants)
     assert predicted.peak_bytes == pytest.approx(point["device_peak_bytes"], rel=0.15)
     world = build_tiny_world(tmp_path / "w", resolution=64)
     planned = plan(world.config(output_dir=tmp_path / "o", device="mps"), memory_budget=MemoryBudget(2**40, "test"))
