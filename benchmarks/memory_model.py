@@ -39,7 +39,7 @@ def measure(work: Path, reps: dict[int, int], steps: dict[int, int], device: str
         for rep in range(count):
             for gc in ("on", "off"):
                 out = work / f"point-{resolution}-{gc}-{rep}.json"
-                cmd = [sys.executable, "-m", "spyke_lora._memory._measure", str(work), str(resolution), gc,
+                cmd = [sys.executable, "-m", "spyke_lora._calibrate_point", str(work), str(resolution), gc,
                        str(steps[resolution]), str(out), "--device", device]  # fmt: skip
                 with (work / f"point-{resolution}-{gc}-{rep}.log").open("w") as log:
                     subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -111,8 +111,8 @@ def _gib(value: float) -> str:
 def report(work: Path, write: Path | None) -> None:
     """The fit, the predicted against the measured peak at every point, the speed gain of checkpointing off, and the
     speed target (when ``speed`` has run)."""
-    from spyke_lora._memory import CPU, predict
-    from spyke_lora._memory._calibrate import _shape, fit
+    from spyke_lora._memory import CPU, fit, predict
+    from spyke_lora._memory import point_shape as _shape
     from spyke_lora._memory._predict import SD15_FP16
 
     points = [json.loads(line) for line in (work / "points.jsonl").open()]

@@ -205,7 +205,7 @@ def test_the_memory_model_calibrated_on_this_mac_predicts_a_point_it_was_not_fit
         [
             sys.executable,
             "-m",
-            "spyke_lora._memory._measure",
+            "spyke_lora._calibrate_point",
             str(tmp_path / "work"),
             "256",
             "off",

@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
-from spyke_lora._memory import CPU, predict
-from spyke_lora._memory._calibrate import _shape, training_residual
+from spyke_lora._memory import CPU, predict, training_residual
+from spyke_lora._memory import point_shape as _shape
 from spyke_lora._memory._predict import read_model_size
 from spyke_lora.tiny_world import build_tiny_world
 
 
 def test_a_measured_point_is_within_15_percent_of_the_prediction(tmp_path):
     out = tmp_path / "point.json"
-    subprocess.run([sys.executable, "-m", "spyke_lora._memory._measure", str(tmp_path), "64", "off", "2", str(out)],
+    subprocess.run([sys.executable, "-m", "spyke_lora._calibrate_point", str(tmp_path), "64", "off", "2", str(out)],
                    check=True, capture_output=True)  # fmt: skip
     point = json.loads(out.read_text())
     assert point["resolution"] == 64 and point["gradient_checkpointing"] is False and len(point["step_s"]) == 1
