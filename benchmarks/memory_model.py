@@ -4,7 +4,7 @@ fit the memory model's constants (``spyke_lora._memory``) to them.
     .venv/bin/python benchmarks/memory_model.py measure WORK [--reps 64=1,128=1,256=3,512=3] [--steps ...]
     .venv/bin/python benchmarks/memory_model.py report WORK [--write docs/benchmarks.md]
 
-``measure`` runs every point as a fresh process (``python -m spyke_lora._memory._measure``), gradient
+``measure`` runs every point as a fresh process (``python -m spyke_lora._calibrate_point``), gradient
 checkpointing on and off alternating within every repetition, and appends one JSON line per run to
 ``WORK/points.jsonl`` (a run that is interrupted loses only itself). ``report`` fits the model to those lines,
 prints the predicted against the measured peak at every point, and the speed gain of turning checkpointing off
@@ -117,7 +117,7 @@ def report(work: Path, write: Path | None) -> None:
 
     points = [json.loads(line) for line in (work / "points.jsonl").open()]
     fitted = fit(points, SD15_FP16, "cpu")
-    lines = ["### Fitted constants (`spyke_lora/_memory/_model.py` `CPU`)", "",
+    lines = ["### Fitted constants (`spyke_lora/_memory/_predict.py` `CPU`)", "",
              f"runtime {fitted.runtime_bytes:,} B, loading overhead {fitted.load_overhead_bytes:,} B, training overhead "
              f"{fitted.train_overhead_bytes:,} B; activations per latent pixel (linear, squared): checkpointing on "
              f"{fitted.activation_bytes[True][0]:.1f}, {fitted.activation_bytes[True][1]:.4f}; off "

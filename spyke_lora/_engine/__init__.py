@@ -15,9 +15,10 @@ Everything else in the package speaks in :class:`~spyke_lora.TrainConfig`, the d
 * ``_argv``: config -> sd-scripts' arguments, dataset TOML and command line;
 * ``_outputs``: what a run writes and finds next to its LoRA files;
 * ``_state``: saved training states and resuming;
-* ``_host``, ``_process``, ``_streams``: hosting sd-scripts in this process and leaving nothing behind;
-* ``_validation``: the held-out validation loss, during a run and of files on disk;
-* ``_dataset``: sd-scripts' own step math; ``_sample``: sampling files on disk; ``_diffusers``, ``_random_model``.
+* ``_host``, ``_process``, ``_engine_log``: hosting sd-scripts in this process and leaving nothing behind;
+* ``_held_out``: the held-out validation loss, during a run and of files on disk;
+* ``_dataset``: sd-scripts' own step math; ``_sample_files``, ``_lora_weights``: sampling files on disk;
+  ``_diffusers``, ``_random_model``.
 """
 
 from ._argv import (
