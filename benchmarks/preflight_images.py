@@ -73,7 +73,7 @@ def main() -> None:
             assert not problems, problems
 
     def full_decode() -> None:
-        with mock.patch.dict(_preflight._STRUCTURE_CHECKS, clear=True):
+        with mock.patch.dict(_preflight.STRUCTURE_CHECKS, clear=True):
             check()
 
     def header_only() -> None:

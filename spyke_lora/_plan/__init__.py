@@ -16,7 +16,6 @@ from .._memory import MemoryBudget
 from .._preflight import (
     INPUT_RULES,
     RUN_RULES,
-    STATE_BYTES_PER_DIM,
     CheckContext,
     bytes_per_file,
     count_captions,
@@ -27,7 +26,6 @@ from ._data import Plan, SubsetPlan, ValidationPlan
 
 __all__ = ["Plan", "SubsetPlan", "ValidationPlan", "plan"]
 
-_STATE_BYTES_PER_DIM = STATE_BYTES_PER_DIM  # its name before the preflight's split (tests/integration/test_resume.py)
 
 
 def plan(

@@ -78,7 +78,6 @@ RUN_RULES: list[Rule] = [
     _outputs.check_disk,
 ]
 
-_STRUCTURE_CHECKS = STRUCTURE_CHECKS  # its name before the package (benchmarks/preflight_images.py patches it)
 
 
 def run_rules(rules: list[Rule], ctx: CheckContext, found: Findings | None = None) -> Findings:

@@ -6,7 +6,7 @@ import pytest
 
 from spyke_lora import ConfigError, StepEnded, Stop, TrainStarted, plan, train
 from spyke_lora._lock import lock_path, output_in_use
-from spyke_lora._plan import _STATE_BYTES_PER_DIM
+from spyke_lora._preflight import STATE_BYTES_PER_DIM
 
 NAME = "spyke_plasma_v1"
 # 3 images x 1 repeat, no regularisation: 3 steps per epoch, so 6 steps are epochs 1 and 2; a cosine schedule
@@ -34,7 +34,7 @@ def test_stop_at_3_then_resume_twice_matches_an_uninterrupted_run(world, tmp_pat
     assert (out / f"{NAME}-step00000002-state").is_dir()  # saved with the step-2 checkpoint
     # the plan's disk estimate for a state (fp32 weights + AdamW's two moments) is what sd-scripts writes
     size = sum(p.stat().st_size for p in state3.iterdir())
-    assert _STATE_BYTES_PER_DIM * cfg.network_dim == pytest.approx(size, rel=0.05)
+    assert STATE_BYTES_PER_DIM * cfg.network_dim == pytest.approx(size, rel=0.05)
     assert sorted(p.name for p in state3.iterdir()) == [
         "model.safetensors", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "spyke-lora.json",
         "train_state.json",
