@@ -27,7 +27,6 @@ from ._data import Plan, SubsetPlan, ValidationPlan
 __all__ = ["Plan", "SubsetPlan", "ValidationPlan", "plan"]
 
 
-
 def plan(
     cfg: TrainConfig,
     *,

@@ -79,7 +79,6 @@ RUN_RULES: list[Rule] = [
 ]
 
 
-
 def run_rules(rules: list[Rule], ctx: CheckContext, found: Findings | None = None) -> Findings:
     """Run ``rules`` in order on ``ctx``, adding to ``found`` (a new :class:`Findings` by default).
 
