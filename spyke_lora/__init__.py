@@ -1,5 +1,7 @@
 """spyke-lora: train Stable Diffusion 1.5 LoRAs with kohya-ss/sd-scripts inside your Python process.
 
+Usage::
+
     from spyke_lora import TrainConfig, train
     result = train(TrainConfig.from_toml("spyke.toml"), callbacks=[print])
 """
