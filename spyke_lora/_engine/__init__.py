@@ -40,6 +40,7 @@ from ._diffusers import diffusers_pipeline
 from ._engine_log import engine_output
 from ._held_out import append_validation, validation_manifest_path
 from ._host import PINNED_COMMIT, PINNED_VERSION, engine_commit, host_for, locate_engine
+from ._lora_weights import load_lora_weights, lora_alphas
 from ._outputs import (
     existing_outputs,
     samples_manifest_path,
@@ -80,7 +81,9 @@ __all__ = [
     "host_for",
     "image_extensions",
     "launched_run",
+    "load_lora_weights",
     "locate_engine",
+    "lora_alphas",
     "parse_argv",
     "preserved_random_state",
     "resolve_resume",
