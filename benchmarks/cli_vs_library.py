@@ -43,8 +43,9 @@ KINDS = ("command line", "library", "accelerate launch")
 def measure(cmd: list[str], work: Path, label: str) -> dict:
     log, device_json = work / f"{label}.log", work / f"{label}.device.json"
     child = [sys.executable, str(HERE / "_child.py"), str(device_json), *cmd]
-    out = subprocess.run([sys.executable, str(HERE / "_measure.py"), str(log), "--", *child],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(HERE / "_measure.py"), str(log), "--", *child], capture_output=True, text=True, check=True
+    )
     result = json.loads(out.stdout)
     if result["code"] != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({result['code']}); see {log}")
@@ -85,8 +86,24 @@ def run_kind(kind: str, cfg, work: Path, label: str, argv_change: Callable[[list
     if kind == "accelerate launch":
         launcher = str(Path(sys.executable).with_name("accelerate"))
         # the launcher is the measured child; it starts train_network.py as its own child (peak RSS covers both)
-        return measure([launcher, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                        "--dynamo_backend", "no", script, *argv], work, label)  # fmt: skip
+        return measure(
+            [
+                launcher,
+                "launch",
+                "--num_processes",
+                "1",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                script,
+                *argv,
+            ],
+            work,
+            label,
+        )
     return measure([script, *argv], work, label)
 
 
@@ -113,12 +130,17 @@ def compare(world_root: Path, work: Path, resolution: int, steps: int, reps: int
             rows[kind].append(run_kind(kind, cfg, work, label))
             print(f"{resolution} px, rep {rep + 1}, {kind}: {rows[kind][-1]}", file=sys.stderr, flush=True)
     lines.append(f"\n### {resolution} px, batch 1, {steps} steps, {reps} repetition(s)\n")
-    lines.append("| metric | " + " | ".join(f"{k} (median)" for k in kinds)
-                 + " | library / command line: min | median | max |")  # fmt: skip
+    lines.append(
+        "| metric | " + " | ".join(f"{k} (median)" for k in kinds) + " | library / command line: min | median | max |"
+    )
     lines.append("|---|" + "---|" * len(kinds) + "---|---|---|")
-    metrics = [("s_per_step", "seconds per step (progress bar)"), ("ready_s", "time to the training loop, s"),
-               ("first_step_s", "time to first step, s"),
-               ("wall_s", "wall time, s"), ("peak_rss_mb", "peak RSS, MB")]  # fmt: skip
+    metrics = [
+        ("s_per_step", "seconds per step (progress bar)"),
+        ("ready_s", "time to the training loop, s"),
+        ("first_step_s", "time to first step, s"),
+        ("wall_s", "wall time, s"),
+        ("peak_rss_mb", "peak RSS, MB"),
+    ]
     if any("peak_device_mb" in r for r in rows["library"]):
         metrics.append(("peak_device_mb", "peak device memory, MB"))
     for metric, title in metrics:
@@ -127,13 +149,26 @@ def compare(world_root: Path, work: Path, resolution: int, steps: int, reps: int
         spread = f"{min(r):.3f} | {statistics.median(r):.3f} | {max(r):.3f}" if r else "n/a | n/a | n/a"
         lines.append(f"| {title} | " + " | ".join(cells) + f" | {spread} |")
     lib_events = [x["s_per_step_events"] for x in rows["library"]]
-    lines.append(f"| seconds per step (library events) | - | {fmt(lib_events)} |" + " - |" * (len(kinds) - 2)
-                 + " | | |")  # fmt: skip
-    lines.append("\nPer run (" + ", ".join(kinds) + "): " + "; ".join(
-        "rep {}: {}".format(i + 1, " / ".join(
-            f"{rows[k][i]['s_per_step']:.2f} s/step, first step {rows[k][i]['first_step_s']:.1f} s, "
-            f"{rows[k][i]['peak_rss_mb']:.0f} MB" for k in kinds))
-        for i in range(reps)) + ".")  # fmt: skip
+    lines.append(
+        f"| seconds per step (library events) | - | {fmt(lib_events)} |" + " - |" * (len(kinds) - 2) + " | | |"
+    )
+    lines.append(
+        "\nPer run ("
+        + ", ".join(kinds)
+        + "): "
+        + "; ".join(
+            "rep {}: {}".format(
+                i + 1,
+                " / ".join(
+                    f"{rows[k][i]['s_per_step']:.2f} s/step, first step {rows[k][i]['first_step_s']:.1f} s, "
+                    f"{rows[k][i]['peak_rss_mb']:.0f} MB"
+                    for k in kinds
+                ),
+            )
+            for i in range(reps)
+        )
+        + "."
+    )
     return rows
 
 
@@ -164,25 +199,37 @@ def defaults(world_root: Path, work: Path, resolution: int, steps: int, reps: in
             rows[name].append(run_kind("command line", cfg, work, label, VARIANTS.get(name)))
             print(f"defaults {resolution} px, rep {rep + 1}, {name}: {rows[name][-1]}", file=sys.stderr, flush=True)
     lines.append(f"\n### Each default, before and after ({resolution} px, {steps} steps, {reps} repetition(s))\n")
-    lines.append("| setting | seconds per step | time to first step, s | wall, s | peak RSS, MB | "
-                 "step time vs defaults (median ratio) |")  # fmt: skip
+    lines.append(
+        "| setting | seconds per step | time to first step, s | wall, s | peak RSS, MB | "
+        "step time vs defaults (median ratio) |"
+    )
     lines.append("|---|---|---|---|---|---|")
     for name in names:
         r = ratios(rows, "s_per_step", kind=name, base="defaults")
-        lines.append(f"| {name} | {fmt([x['s_per_step'] for x in rows[name]])} | "
-                     f"{fmt([x['first_step_s'] for x in rows[name]], 1)} | {fmt([x['wall_s'] for x in rows[name]], 1)} | "
-                     f"{fmt([x['peak_rss_mb'] for x in rows[name]], 0)} | {fmt(r, 3)} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {fmt([x['s_per_step'] for x in rows[name]])} | "
+            f"{fmt([x['first_step_s'] for x in rows[name]], 1)} | {fmt([x['wall_s'] for x in rows[name]], 1)} | "
+            f"{fmt([x['peak_rss_mb'] for x in rows[name]], 0)} | {fmt(r, 3)} |"
+        )
 
 
 def second_run(world_root: Path, work: Path, resolution: int, steps: int, lines) -> None:
-    out = subprocess.run([sys.executable, str(HERE / "second_run.py"), str(world_root), str(work), str(resolution),
-                          str(steps)], capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(HERE / "second_run.py"), str(world_root), str(work), str(resolution), str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines.append(out.stdout)
 
 
 def validation_cost(world_root: Path, resolution: int, steps: int, lines) -> None:
-    out = subprocess.run([sys.executable, str(HERE / "validation_cost.py"), str(world_root), str(resolution),
-                          str(steps)], capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(HERE / "validation_cost.py"), str(world_root), str(resolution), str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines.append(out.stdout)
 
 
@@ -192,16 +239,21 @@ def machine() -> str:
     from spyke_lora._engine import PINNED_VERSION
 
     cpu = platform.processor() or platform.machine()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (
-        "Apple MPS" if torch.backends.mps.is_available() else f"CPU only, {os.cpu_count()} cores")  # fmt: skip
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else ("Apple MPS" if torch.backends.mps.is_available() else f"CPU only, {os.cpu_count()} cores")
+    )
     try:
         import psutil
 
         memory = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
     except ImportError:
         memory = ""
-    return (f"{platform.system()} {platform.machine()} ({cpu}{memory}), {device}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, sd-scripts {PINNED_VERSION}; {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    return (
+        f"{platform.system()} {platform.machine()} ({cpu}{memory}), {device}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, sd-scripts {PINNED_VERSION}; {time.strftime('%Y-%m-%d')}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,18 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extras-only", action="store_true", help="only the defaults and the second-run sections")
     parser.add_argument("--write", type=Path, help="also write the Markdown report to this file")
     parser.add_argument("--work", type=Path, help="where runs go (default: a new temporary folder)")
-    parser.add_argument("--kinds", default=",".join(KINDS),
-                        help="which kinds to run, comma-separated (default: all three)")  # fmt: skip
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help="which kinds to run, comma-separated (default: all three)"
+    )
     args = parser.parse_args(argv)
     kinds = tuple(k.strip() for k in args.kinds.split(","))
     if args.quick:
         args.reps, args.steps, args.resolutions, args.no_extras = 1, 3, [64], True
     work = args.work or Path(tempfile.mkdtemp(prefix="spyke-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    lines = ["# Benchmarks: spyke-lora against the sd-scripts command line", "",
-             f"Machine: {machine()}.", "",
-             "Command: `.venv/bin/python benchmarks/cli_vs_library.py " + " ".join(argv or sys.argv[1:])
-             + "` (see `benchmarks/README.md` for how each figure is taken)."]  # fmt: skip
+    lines = [
+        "# Benchmarks: spyke-lora against the sd-scripts command line",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "Command: `.venv/bin/python benchmarks/cli_vs_library.py "
+        + " ".join(argv or sys.argv[1:])
+        + "` (see `benchmarks/README.md` for how each figure is taken).",
+    ]
     for resolution in [] if args.extras_only else args.resolutions:
         compare(work, work, resolution, args.steps, args.reps, kinds, lines)
     if not args.no_extras:

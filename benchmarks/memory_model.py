@@ -39,17 +39,30 @@ def measure(work: Path, reps: dict[int, int], steps: dict[int, int], device: str
         for rep in range(count):
             for gc in ("on", "off"):
                 out = work / f"point-{resolution}-{gc}-{rep}.json"
-                cmd = [sys.executable, "-m", "spyke_lora._calibrate_point", str(work), str(resolution), gc,
-                       str(steps[resolution]), str(out), "--device", device]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "spyke_lora._calibrate_point",
+                    str(work),
+                    str(resolution),
+                    gc,
+                    str(steps[resolution]),
+                    str(out),
+                    "--device",
+                    device,
+                ]
                 with (work / f"point-{resolution}-{gc}-{rep}.log").open("w") as log:
                     subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
                 figures = json.loads(out.read_text())
                 figures["rep"] = rep
                 with lines.open("a") as f:
                     f.write(json.dumps(figures) + "\n")
-                print(f"{resolution} px, gc {gc}, rep {rep + 1}: peak {figures['peak_bytes'] / 2**30:.2f} GiB, "
-                      f"s/step {statistics.median(figures['step_s'][1:] or figures['step_s']):.2f}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"{resolution} px, gc {gc}, rep {rep + 1}: peak {figures['peak_bytes'] / 2**30:.2f} GiB, "
+                    f"s/step {statistics.median(figures['step_s'][1:] or figures['step_s']):.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 def speed(work: Path, resolution: int, steps: int, reps: int) -> list[dict]:
@@ -75,7 +88,9 @@ def speed(work: Path, resolution: int, steps: int, reps: int) -> list[dict]:
             rows.append(row)
             with (work / "speed.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{resolution} px, rep {rep + 1}, {kind}: {row['s_per_step']:.2f} s/step", file=sys.stderr, flush=True)
+            print(
+                f"{resolution} px, rep {rep + 1}, {kind}: {row['s_per_step']:.2f} s/step", file=sys.stderr, flush=True
+            )
     return rows
 
 
@@ -117,14 +132,20 @@ def report(work: Path, write: Path | None) -> None:
 
     points = [json.loads(line) for line in (work / "points.jsonl").open()]
     fitted = fit(points, SD15_FP16, "cpu")
-    lines = ["### Fitted constants (`spyke_lora/_memory/_predict.py` `CPU`)", "",
-             f"runtime {fitted.runtime_bytes:,} B, loading overhead {fitted.load_overhead_bytes:,} B, training overhead "
-             f"{fitted.train_overhead_bytes:,} B; activations per latent pixel (linear, squared): checkpointing on "
-             f"{fitted.activation_bytes[True][0]:.1f}, {fitted.activation_bytes[True][1]:.4f}; off "
-             f"{fitted.activation_bytes[False][0]:.1f}, {fitted.activation_bytes[False][1]:.4f}", ""]  # fmt: skip
-    lines += ["| px | checkpointing | runs | measured peak, GiB (median) | predicted, GiB (built-in constants) | error | "
-              "phase | loading peak, GiB | training peak, GiB: measured | predicted | error | s/step (median of runs) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "### Fitted constants (`spyke_lora/_memory/_predict.py` `CPU`)",
+        "",
+        f"runtime {fitted.runtime_bytes:,} B, loading overhead {fitted.load_overhead_bytes:,} B, training overhead "
+        f"{fitted.train_overhead_bytes:,} B; activations per latent pixel (linear, squared): checkpointing on "
+        f"{fitted.activation_bytes[True][0]:.1f}, {fitted.activation_bytes[True][1]:.4f}; off "
+        f"{fitted.activation_bytes[False][0]:.1f}, {fitted.activation_bytes[False][1]:.4f}",
+        "",
+    ]
+    lines += [
+        "| px | checkpointing | runs | measured peak, GiB (median) | predicted, GiB (built-in constants) | error | "
+        "phase | loading peak, GiB | training peak, GiB: measured | predicted | error | s/step (median of runs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     worst = 0.0
     groups: dict[tuple[int, bool], list[dict]] = {}
     for p in points:
@@ -163,10 +184,14 @@ def report(work: Path, write: Path | None) -> None:
         lib = [r for r in rows if r["kind"] == "library default"]
         ratios = [a["s_per_step"] / b["s_per_step"] for a, b in zip(seed, lib)]
         lines += ["", "| run | seed command, s/step | library default, s/step | speed-up |", "|---|---|---|---|"]
-        lines += [f"| rep {i + 1} | {a['s_per_step']:.2f} | {b['s_per_step']:.2f} | {a['s_per_step'] / b['s_per_step']:.2f}x |"
-                  for i, (a, b) in enumerate(zip(seed, lib))]  # fmt: skip
-        lines.append(f"| median | {statistics.median(r['s_per_step'] for r in seed):.2f} | "
-                     f"{statistics.median(r['s_per_step'] for r in lib):.2f} | {statistics.median(ratios):.2f}x |")  # fmt: skip
+        lines += [
+            f"| rep {i + 1} | {a['s_per_step']:.2f} | {b['s_per_step']:.2f} | {a['s_per_step'] / b['s_per_step']:.2f}x |"
+            for i, (a, b) in enumerate(zip(seed, lib))
+        ]
+        lines.append(
+            f"| median | {statistics.median(r['s_per_step'] for r in seed):.2f} | "
+            f"{statistics.median(r['s_per_step'] for r in lib):.2f} | {statistics.median(ratios):.2f}x |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if write:

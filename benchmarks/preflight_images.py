@@ -63,8 +63,14 @@ def main() -> None:
     folders = build(args.folder)
     for path in (p for folder in folders for p in folder.iterdir()):
         path.read_bytes()  # into the page cache: every way reads warm files
-    cfg = TrainConfig(base_model=args.folder / "none.safetensors", train_dir=folders[0], output_dir=args.folder / "out",
-                      output_name="bench", resolution=1024, enable_bucket=True)  # fmt: skip
+    cfg = TrainConfig(
+        base_model=args.folder / "none.safetensors",
+        train_dir=folders[0],
+        output_dir=args.folder / "out",
+        output_name="bench",
+        resolution=1024,
+        enable_bucket=True,
+    )
     subsets = [Folder(f, 1, False, ".txt", None, "`train_dir`") for f in folders]
 
     def check() -> None:

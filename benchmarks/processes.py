@@ -31,8 +31,9 @@ def one(processes: int, samples: int, work: Path, out: Path) -> None:
 
     world = build_tiny_world(work / "world")
     steps = samples // processes
-    cfg = world.config(output_dir=work / f"out-{processes}-{time.time_ns()}", max_train_steps=steps,
-                       save_every_n_steps=None)  # fmt: skip
+    cfg = world.config(
+        output_dir=work / f"out-{processes}-{time.time_ns()}", max_train_steps=steps, save_every_n_steps=None
+    )
     marks: dict[str, float] = {}
     step_times: list[float] = []
 
@@ -45,12 +46,20 @@ def one(processes: int, samples: int, work: Path, out: Path) -> None:
     result = train(cfg, clock, processes=processes)
     ended = time.time()
     timed = len(step_times) - 1  # steps after the first one
-    out.write_text(json.dumps({
-        "processes": processes, "steps": result.steps, "samples": result.steps * processes,
-        "wall_s": ended - started, "ready_s": marks["ready"] - started, "first_step_s": step_times[0] - started,
-        "samples_per_s": timed * processes / (step_times[-1] - step_times[0]) if timed else None,
-        "peak_rank0_mb": (result.peak_memory_bytes or 0) / 2**20,
-    }))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "processes": processes,
+                "steps": result.steps,
+                "samples": result.steps * processes,
+                "wall_s": ended - started,
+                "ready_s": marks["ready"] - started,
+                "first_step_s": step_times[0] - started,
+                "samples_per_s": timed * processes / (step_times[-1] - step_times[0]) if timed else None,
+                "peak_rank0_mb": (result.peak_memory_bytes or 0) / 2**20,
+            }
+        )
+    )
 
 
 _PROBE = """from accelerate import PartialState
@@ -74,8 +83,9 @@ def launcher_overhead(work: Path, reps: int) -> list[str]:
         subprocess.run([sys.executable, str(probe)], check=True, env=env, capture_output=True)
         direct.append(time.perf_counter() - t)
         t = time.perf_counter()
-        subprocess.run(launch_command(Launch(processes=2), "no", [str(probe)]), check=True, env=env,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            launch_command(Launch(processes=2), "no", [str(probe)]), check=True, env=env, capture_output=True
+        )
         launched.append(time.perf_counter() - t)
     return [
         f"\nThe launcher alone ({reps} alternating repetitions): two trivial workers through `accelerate launch "
@@ -101,23 +111,34 @@ def main() -> None:
     for rep in range(args.reps):
         for processes in (1, 2) if rep % 2 == 0 else (2, 1):
             out = args.work / f"run-{rep}-{processes}.json"
-            subprocess.run([sys.executable, __file__, "_one", str(processes), str(args.samples), str(args.work),
-                            str(out)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+            subprocess.run(
+                [sys.executable, __file__, "_one", str(processes), str(args.samples), str(args.work), str(out)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             rows[processes].append(json.loads(out.read_text()))
             print(f"rep {rep + 1}, {processes} process(es): {rows[processes][-1]}", file=sys.stderr, flush=True)
-    lines = [f"### {args.samples} samples at 64 px, 1 process against 2 (CPU, gloo), {args.reps} repetition(s)\n",
-             "| metric | 1 process (median) | 2 processes (median) | 2 / 1 (median of paired ratios) |",
-             "|---|---|---|---|"]  # fmt: skip
-    for key, title in (("wall_s", "wall time, s"), ("ready_s", "time to TrainStarted, s"),
-                       ("first_step_s", "time to first step, s"), ("samples_per_s", "training samples per s"),
-                       ("peak_rank0_mb", "peak memory of rank 0, MB")):  # fmt: skip
+    lines = [
+        f"### {args.samples} samples at 64 px, 1 process against 2 (CPU, gloo), {args.reps} repetition(s)\n",
+        "| metric | 1 process (median) | 2 processes (median) | 2 / 1 (median of paired ratios) |",
+        "|---|---|---|---|",
+    ]
+    for key, title in (
+        ("wall_s", "wall time, s"),
+        ("ready_s", "time to TrainStarted, s"),
+        ("first_step_s", "time to first step, s"),
+        ("samples_per_s", "training samples per s"),
+        ("peak_rank0_mb", "peak memory of rank 0, MB"),
+    ):
         a, b = [r[key] for r in rows[1]], [r[key] for r in rows[2]]
         paired = [y / x for x, y in zip(a, b) if x and y]
-        lines.append(f"| {title} | {statistics.median(a):.2f} | {statistics.median(b):.2f} | "
-                     f"{statistics.median(paired):.3f} |")  # fmt: skip
+        lines.append(
+            f"| {title} | {statistics.median(a):.2f} | {statistics.median(b):.2f} | {statistics.median(paired):.3f} |"
+        )
     overhead = [y["ready_s"] - x["ready_s"] for x, y in zip(rows[1], rows[2])]
-    lines.append(f"\nLauncher overhead (time to TrainStarted, 2 processes minus 1): "
-                 f"{', '.join(f'{o:+.1f} s' for o in overhead)}")  # fmt: skip
+    lines.append(
+        f"\nLauncher overhead (time to TrainStarted, 2 processes minus 1): {', '.join(f'{o:+.1f} s' for o in overhead)}"
+    )
     lines += launcher_overhead(args.work, max(3, args.reps))
     report = "\n".join(lines) + "\n"
     print(report)

@@ -63,15 +63,29 @@ def main() -> None:
         total = time.perf_counter() - t0
         trainer.load_target_model, group.new_cache_latents = originals
         rss = psutil.Process().memory_info().rss / 2**20 if psutil else float("nan")
-        rows.append((run, marks["first_step"] - t0, spent.get("load_target_model", 0.0),
-                     spent.get("new_cache_latents", 0.0), marks["started"] - t0, total, rss, result.losses))  # fmt: skip
+        rows.append(
+            (
+                run,
+                marks["first_step"] - t0,
+                spent.get("load_target_model", 0.0),
+                spent.get("new_cache_latents", 0.0),
+                marks["started"] - t0,
+                total,
+                rss,
+                result.losses,
+            )
+        )
     print(f"\n### Two runs in one process ({resolution} px, {steps} steps; `benchmarks/second_run.py`)\n")
-    print("| run | time to first step, s | of which: loading the base model | caching latents | "
-          "until TrainStarted | whole run, s | resident memory after the run, MB |")  # fmt: skip
+    print(
+        "| run | time to first step, s | of which: loading the base model | caching latents | "
+        "until TrainStarted | whole run, s | resident memory after the run, MB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for run, first, load, cache, started, total, rss, _ in rows:
-        print(f"| {run} | {first:.1f} | {load:.1f} s ({load / first:.0%}) | {cache:.2f} s | {started:.1f} | {total:.1f} "
-              f"| {rss:.0f} |")
+        print(
+            f"| {run} | {first:.1f} | {load:.1f} s ({load / first:.0%}) | {cache:.2f} s | {started:.1f} | {total:.1f} "
+            f"| {rss:.0f} |"
+        )
     same = rows[0][-1] == rows[1][-1]
     print(f"\nThe two runs' losses are {'identical' if same else 'DIFFERENT'} ({len(rows[0][-1])} steps).")
 

@@ -46,8 +46,13 @@ def main() -> None:
 
     _held_out.HeldOut.loss = timed_loss
     try:
-        cfg = world.config(output_dir=world_root / f"validation{resolution}", max_train_steps=steps,
-                           save_every_n_steps=2, overwrite=True, validation_dir=world.validation_dir)  # fmt: skip
+        cfg = world.config(
+            output_dir=world_root / f"validation{resolution}",
+            max_train_steps=steps,
+            save_every_n_steps=2,
+            overwrite=True,
+            validation_dir=world.validation_dir,
+        )
         result = train(cfg, callbacks=watch)
     finally:
         _held_out.HeldOut.loss = original
@@ -57,15 +62,21 @@ def main() -> None:
     per_pass = statistics.median(later)
     images = 2
     print(f"\n## What held-out validation costs ({resolution} px)\n")
-    print(f"One run of {result.steps} steps with {images} held-out images, a pass at every saved file "
-          f"({len(passes)} passes: steps {', '.join(str(v.step) for v in result.validations)}).\n")
+    print(
+        f"One run of {result.steps} steps with {images} held-out images, a pass at every saved file "
+        f"({len(passes)} passes: steps {', '.join(str(v.step) for v in result.validations)}).\n"
+    )
     print("| | seconds | in training steps |")
     print("|---|---|---|")
     print(f"| a training step (median) | {step_s:.2f} | 1 |")
-    print(f"| the first pass (builds the held-out dataset, caches its latents) | {passes[0]:.2f} | "
-          f"{passes[0] / step_s:.2f} |")
-    print(f"| a later pass (median of {len(later)}): {images} images x 4 timesteps, no gradients | {per_pass:.2f} | "
-          f"{per_pass / step_s:.2f} |")
+    print(
+        f"| the first pass (builds the held-out dataset, caches its latents) | {passes[0]:.2f} | "
+        f"{passes[0] / step_s:.2f} |"
+    )
+    print(
+        f"| a later pass (median of {len(later)}): {images} images x 4 timesteps, no gradients | {per_pass:.2f} | "
+        f"{per_pass / step_s:.2f} |"
+    )
     print(f"| per held-out image | {per_pass / images:.2f} | {per_pass / images / step_s:.2f} |")
 
 
