@@ -12,8 +12,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_benchmark_runs_in_its_short_mode(tmp_path):
     report = tmp_path / "benchmarks.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cli_vs_library.py"), "--quick", "--work",
-                    str(tmp_path / "work"), "--write", str(report), "--kinds", "command line,library"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "cli_vs_library.py"),
+            "--quick",
+            "--work",
+            str(tmp_path / "work"),
+            "--write",
+            str(report),
+            "--kinds",
+            "command line,library",
+        ],
+        check=True,
+        capture_output=True,
+    )
     text = report.read_text()
     assert "### 64 px, batch 1, 3 steps, 1 repetition(s)" in text
     for title in ("seconds per step (progress bar)", "time to first step, s", "wall time, s", "peak RSS, MB"):

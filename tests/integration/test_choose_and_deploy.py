@@ -32,9 +32,13 @@ def run(world, tmp_path_factory):
     """4 steps, files at steps 2 and 4 (and the final file, the step-4 weights again, so not sampled twice), each
     sampled at 2 prompts x CFG 5 and 9."""
     cfg = world.config(
-        output_dir=tmp_path_factory.mktemp("choose") / "out", max_train_steps=4, save_every_n_steps=2,
-        sample_prompts=PROMPTS, sample_cfg_scales=(5, 9), sample_steps=2,
-    )  # fmt: skip
+        output_dir=tmp_path_factory.mktemp("choose") / "out",
+        max_train_steps=4,
+        save_every_n_steps=2,
+        sample_prompts=PROMPTS,
+        sample_cfg_scales=(5, 9),
+        sample_steps=2,
+    )
     events = []
     result = train(cfg, callbacks=events.append)
     return SimpleNamespace(cfg=cfg, result=result, samples=[e for e in events if isinstance(e, SampleSaved)])
@@ -83,7 +87,8 @@ def test_deploy_installs_refuses_a_clobber_and_keeps_a_backup(run, tmp_path):
     assert sidecar["source"] == str(step2) and sidecar["step"] == 2
     # the run's NAME.config.toml, found by its name ("auto" as the run resolved it)
     assert TrainConfig.from_dict(sidecar["config"]) == run.cfg.replace(
-        gradient_checkpointing=run.result.memory.gradient_checkpointing)
+        gradient_checkpointing=run.result.memory.gradient_checkpointing
+    )
     assert sidecar["config_path"] == str(run.cfg.output_dir / f"{NAME}.config.toml")
     assert sidecar["base_model"]["name"] == run.cfg.base_model.name
     with pytest.raises(DeployError, match="overwrite"):
@@ -94,7 +99,9 @@ def test_deploy_installs_refuses_a_clobber_and_keeps_a_backup(run, tmp_path):
     assert replaced.backup.read_bytes() == step2.read_bytes()
     assert deploy(final, comfyui).status == "unchanged"
     assert sorted(p.name for p in target.parent.iterdir()) == [
-        ".spyke-lora-backup", f"{NAME}.safetensors", f"{NAME}.spyke-lora.json"
+        ".spyke-lora-backup",
+        f"{NAME}.safetensors",
+        f"{NAME}.spyke-lora.json",
     ]  # no temporary file left
 
 
@@ -105,8 +112,15 @@ def test_the_lora_loads_into_diffusers_and_changes_its_images(run):
     pipe.set_progress_bar_config(disable=True)
 
     def image():
-        out = pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=7.0, height=64, width=64, output_type="np",
-                   generator=torch.Generator().manual_seed(1234))  # fmt: skip
+        out = pipe(
+            PROMPTS[0],
+            num_inference_steps=2,
+            guidance_scale=7.0,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.Generator().manual_seed(1234),
+        )
         return out.images[0]
 
     before = image()
@@ -114,8 +128,12 @@ def test_the_lora_loads_into_diffusers_and_changes_its_images(run):
     pipe.load_lora_weights(str(final.parent), weight_name=final.name, adapter_name="spyke")
     tensors, _ = read_lora(final)
     pairs = {k.split(".")[0] for k in tensors if k.endswith(".lora_down.weight")}
-    wrapped = [n for model in (pipe.unet, pipe.text_encoder) for n, m in model.named_modules()
-               if hasattr(m, "lora_A") and "spyke" in getattr(m, "lora_A", {})]  # fmt: skip
+    wrapped = [
+        n
+        for model in (pipe.unet, pipe.text_encoder)
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A") and "spyke" in getattr(m, "lora_A", {})
+    ]
     assert len(wrapped) == len(pairs)  # every LoRA module of the file found its layer
     with_lora = image()
     assert np.isfinite(with_lora).all() and np.abs(with_lora - before).max() > 0

@@ -2,9 +2,13 @@
 the run goes on, a refused run that leaves the live run's log alone, a callback's own exit, and a run whose last
 step was not finite."""
 
+import contextlib
 import gc
+import io
+import json
 import math
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,7 +17,6 @@ from spyke_lora import (
     SpykeLoraError,
     SpykeLoraWarning,
     StepEnded,
-    Stop,
     TrainEnded,
     TrainStarted,
     iter_events,
@@ -24,7 +27,7 @@ from spyke_lora import (
 from spyke_lora._engine._host import host_for
 from spyke_lora._lock import output_in_use
 
-NAME = "spyke_plasma_v1"
+from .helpers import NAME, read_lora
 
 
 def at_most(seconds, call):
@@ -46,69 +49,88 @@ def at_most(seconds, call):
     return box["value"]
 
 
-def test_letting_go_of_a_stream_before_its_first_event_ends_its_run(world, out):
-    """close() before the first next(), a `with` block left at once, and a stream dropped unused: each ends the run
-    before the model is loaded and frees its locks; then the next train() in the process works."""
-    cfg = world.config(output_dir=out)
+@pytest.fixture(scope="module")
+def stream_run(world, tmp_path_factory):
+    """Streams let go of before their first event, then the next run into the same output, in a notebook (so
+    sd-scripts' output goes to NAME.engine.log): at ``TrainStarted`` the loop body prints, plans, asks for the
+    command line and tries a second run while the run's thread holds the engine; after step 3 it breaks out."""
+    root = tmp_path_factory.mktemp("stream")
+    cfg = world.config(output_dir=root / "out")
+    let_go = SimpleNamespace()
     stream = iter_events(cfg)
     stream.close()
-    assert (stream.result.status, stream.result.steps, stream.result.final_path) == ("stopped", 0, None)
-    assert not output_in_use(cfg)
-
+    let_go.closed = (stream.result.status, stream.result.steps, stream.result.final_path), output_in_use(cfg)
     with iter_events(cfg) as again:
         pass
-    assert again.result.status == "stopped" and not output_in_use(cfg)
-
+    let_go.left = again.result.status, output_in_use(cfg)
     iter_events(cfg)  # dropped at once: its finalizer asks the run to stop and waits for it
     gc.collect()
-    assert not output_in_use(cfg)
-    assert not list(out.glob("*.safetensors"))  # nothing was trained, nothing written
+    let_go.dropped = output_in_use(cfg)
+    let_go.written = list(cfg.output_dir.glob("*.safetensors"))
 
-    result = train(cfg, callbacks=lambda e: Stop() if isinstance(e, StepEnded) else None)
-    assert (result.status, result.steps) == ("stopped", 1) and result.final_path.is_file()
+    seen, body = [], SimpleNamespace(refused=None)
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
+        patch.setattr(spyke_lora.callbacks, "in_notebook", lambda: True)
+        for event in iter_events(cfg):  # no other reference to the stream: leaving the loop lets go of it
+            seen.append(event)
+            if isinstance(event, TrainStarted):
+                print("loop body: the run started")
+                body.argv = at_most(120, lambda: sd_scripts_argv(cfg))
+                body.other = at_most(120, lambda: plan(cfg.replace(output_dir=root / "other")))
+                try:
+                    at_most(120, lambda: train(world.config(output_dir=root / "second")))
+                except SpykeLoraError as e:
+                    body.refused = str(e)
+            if isinstance(event, StepEnded) and event.step == 3:
+                break
+    body.printed = printed.getvalue()
+    return SimpleNamespace(cfg=cfg, root=root, let_go=let_go, seen=seen, body=body)
 
 
-def test_a_loop_body_plans_and_prints_while_the_run_waits_for_it(world, out, tmp_path, monkeypatch, capsys):
+def test_letting_go_of_a_stream_before_its_first_event_ends_its_run(stream_run):
+    """close() before the first next(), a `with` block left at once, and a stream dropped unused: each ends the run
+    before the model is loaded and frees its locks; then the next run in the process works."""
+    let_go = stream_run.let_go
+    assert let_go.closed == (("stopped", 0, None), False)
+    assert let_go.left == ("stopped", False)
+    assert let_go.dropped is False
+    assert let_go.written == []  # nothing was trained, nothing written
+    final = stream_run.cfg.output_dir / f"{NAME}.safetensors"
+    assert [e.step for e in stream_run.seen if isinstance(e, StepEnded)] == [1, 2, 3] and final.is_file()
+
+
+def test_a_loop_body_plans_and_prints_while_the_run_waits_for_it(stream_run):
     """In a notebook (sd-scripts' output goes to NAME.engine.log), the loop body's print reaches the cell, plan()
     and sd_scripts_argv() return while the run's thread holds the engine, and a second run is refused at once."""
-    monkeypatch.setattr(spyke_lora.callbacks, "in_notebook", lambda: True)
-    cfg = world.config(output_dir=out)
-    seen = []
-    for event in iter_events(cfg):
-        seen.append(type(event).__name__)
-        if isinstance(event, TrainStarted):
-            print("loop body: the run started")
-            argv = at_most(120, lambda: sd_scripts_argv(cfg))
-            other = at_most(120, lambda: plan(cfg.replace(output_dir=tmp_path / "other")))
-            with pytest.raises(SpykeLoraError, match="another spyke-lora run is active in this process"):
-                at_most(120, lambda: train(world.config(output_dir=tmp_path / "second")))
-            break
-    assert seen == ["TrainStarted"]
-    assert "--output_name" in argv and other.total_steps == 5
-    assert not (tmp_path / "second").exists()  # refused before anything was written
-    log = (out / f"{NAME}.engine.log").read_text()
+    body, cfg = stream_run.body, stream_run.cfg
+    assert isinstance(stream_run.seen[0], TrainStarted)
+    assert body.refused and "another spyke-lora run is active in this process" in body.refused
+    assert "--output_name" in body.argv and body.other.total_steps == 5
+    assert not (stream_run.root / "second").exists()  # refused before anything was written
+    log = (cfg.output_dir / f"{NAME}.engine.log").read_text()
     assert "loop body" not in log and "running training" in log  # sd-scripts' output, and only that
-    assert "loop body: the run started" in capsys.readouterr().out
+    assert "loop body: the run started" in body.printed
     assert not output_in_use(cfg)
 
 
-def test_a_refused_run_leaves_the_live_runs_log_alone(world, out):
-    log = out.parent / "engine.log"
-    refused, log_then = [], []
+def test_breaking_out_of_iter_events_stops_after_that_step(stream_run):
+    out = stream_run.cfg.output_dir
+    assert [e.step for e in stream_run.seen if isinstance(e, StepEnded)] == [1, 2, 3]
+    _, metadata = read_lora(out / f"{NAME}.safetensors")
+    assert metadata["ss_steps"] == "3"  # the run ended after step 3, its LoRA saved, like Stop at step 3
+    recorded = [json.loads(line) for line in (out / f"{NAME}.events.jsonl").read_text().splitlines()]
+    assert recorded[-1]["event"] == "TrainEnded" and recorded[-1]["status"] == "stopped"
+    assert not output_in_use(out, NAME)  # the run is over: the next one may start
+    with pytest.raises(SpykeLoraError, match="already exist"):
+        next(iter(iter_events(stream_run.cfg)))  # a refusal comes out of the loop
 
-    def second_run_on_the_same_log(event):
-        if isinstance(event, TrainStarted):
-            log_then.append(log.read_text())
-            try:  # another output, so only the one-run-per-process rule refuses it
-                train(world.config(output_dir=out, output_name="other"), engine_log=log)
-            except SpykeLoraError as e:
-                refused.append(str(e))
-            return Stop()
 
-    train(world.config(output_dir=out), callbacks=second_run_on_the_same_log, engine_log=log)
-    assert refused and "another spyke-lora run is active" in refused[0]
-    assert "running training" in log_then[0]
-    assert log.read_text().startswith(log_then[0])  # not emptied by the refused run
+def test_a_refused_run_leaves_the_live_runs_log_alone(stopped_at_start):
+    """The shared run stopped at its start (conftest.py) tried another run on its own engine log."""
+    run = stopped_at_start
+    assert run.refused_on_the_log and "another spyke-lora run is active" in run.refused_on_the_log[0]
+    assert "running training" in run.log_then[0]
+    assert run.log.read_text().startswith(run.log_then[0])  # not emptied by the refused run
 
 
 def test_a_callbacks_system_exit_propagates_as_itself(world, out):
@@ -135,8 +157,16 @@ def test_a_last_step_with_a_nonfinite_loss_names_no_final_file(world, out):
     out.mkdir(parents=True)
     older = out / f"{NAME}.safetensors"
     older.write_bytes(b"an older run's final LoRA")
-    cfg = world.config(output_dir=out, learning_rate=1e30, unet_lr=1e30, text_encoder_lr=1e30, max_train_steps=2,
-                       save_every_n_steps=1, max_nonfinite_steps=0, overwrite=True)  # fmt: skip
+    cfg = world.config(
+        output_dir=out,
+        learning_rate=1e30,
+        unet_lr=1e30,
+        text_encoder_lr=1e30,
+        max_train_steps=2,
+        save_every_n_steps=1,
+        max_nonfinite_steps=0,
+        overwrite=True,
+    )
     events = []
     with pytest.warns(SpykeLoraWarning, match="no final LoRA was written at step 2: the loss was not finite"):
         result = train(cfg, callbacks=events.append)

@@ -15,8 +15,11 @@ from spyke_lora.tiny_world import build_tiny_world
 
 def test_a_measured_point_is_within_15_percent_of_the_prediction(tmp_path):
     out = tmp_path / "point.json"
-    subprocess.run([sys.executable, "-m", "spyke_lora._calibrate_point", str(tmp_path), "64", "off", "2", str(out)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "spyke_lora._calibrate_point", str(tmp_path), "64", "off", "2", str(out)],
+        check=True,
+        capture_output=True,
+    )
     point = json.loads(out.read_text())
     assert point["resolution"] == 64 and point["gradient_checkpointing"] is False and len(point["step_s"]) == 1
     # the phases in order: the runtime, the loading peak (state dict and fp32 models at once), then training on the

@@ -58,8 +58,11 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     assert bars[0].data["text/plain"] == "  0%|          | 0/6 [00:00<?, ?step/s]"  # its text when first displayed
     value, total, style, text = tqdm_bar(nb, bars[0])
     assert (value, total, style) == (6, 6, "success")
-    assert re.fullmatch(r"100%\| 6/6 \[\d\d:\d\d<00:00, +[\d.]+(s/step|step/s), loss=\d+\.\d{4}, "
-                        r"avg=\d+\.\d{4}, val=\d+\.\d{4}, lr=\d\.\d\de-\d\d, mem=\d+\.\d\d GiB\]", text), text
+    assert re.fullmatch(
+        r"100%\| 6/6 \[\d\d:\d\d<00:00, +[\d.]+(s/step|step/s), loss=\d+\.\d{4}, "
+        r"avg=\d+\.\d{4}, val=\d+\.\d{4}, lr=\d\.\d\de-\d\d, mem=\d+\.\d\d GiB\]",
+        text,
+    ), text
     assert not texts(train_cell, "text/html")
     assert len(texts(train_cell, "image/png")) == 1  # one chart, redrawn in place
     printed = "".join(texts(train_cell, "stream"))
@@ -71,16 +74,23 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     assert f"checkpoint (step 3): {run.resolve() / 'spyke_plasma_v1-step00000003.safetensors'}" in lines
     assert lines[-3] == f"final (step 6): {final}" and lines[-1] == f"completed 6 steps on cpu -> {final}"
     # the end line carries the run's measured peak memory and plan()'s prediction of it
-    assert re.fullmatch(rf"ended: completed after 6 steps; final LoRA {re.escape(str(final))}; peak memory "
-                        r"\d+\.\d\d GiB \(predicted \d+\.\d\d\)", lines[-2]), lines[-2]  # fmt: skip
+    assert re.fullmatch(
+        rf"ended: completed after 6 steps; final LoRA {re.escape(str(final))}; peak memory "
+        r"\d+\.\d\d GiB \(predicted \d+\.\d\d\)",
+        lines[-2],
+    ), lines[-2]
     # a held-out pass after the file of each step (the final file is step 6's weights: not measured twice)
     assert [line.split(":")[0] for line in lines if line.startswith("validation")] == [
-        "validation (step 3)", "validation (step 6)"]  # fmt: skip
+        "validation (step 3)",
+        "validation (step 6)",
+    ]
     assert not [line for line in lines if line.startswith(("step ", "sample "))]  # steps are the bar's
     assert "steps:" in (run / "spyke_plasma_v1.engine.log").read_text()  # sd-scripts' own bar, kept in the log
 
     # the figures: a row per validated step, both curves in one figure
-    table = "".join(o.text for o in figures_cell.outputs if o.output_type == "stream" and o.name == "stdout").splitlines()
+    table = "".join(
+        o.text for o in figures_cell.outputs if o.output_type == "stream" and o.name == "stdout"
+    ).splitlines()
     assert not [o for o in figures_cell.outputs if o.output_type == "stream" and o.name == "stderr"]  # no warning
     assert table[0].split() == ["step", "held-out", "loss", "class", "drift"]
     assert [row.split()[0] for row in table[1:]] == ["3", "6"]

@@ -33,8 +33,12 @@ def runs(world, tmp_path_factory):
     """A 2-process run of 4 steps (a checkpoint every 2, a state with each, a validation pass at each saved file)
     stopped at step 2 and resumed to its end, also in 2 processes, with 2 prompts sampled (sampling may change on a
     resume, and costs time): the events of both."""
-    cfg = world.config(output_dir=tmp_path_factory.mktemp("two") / "out", max_train_steps=4, save_state=True,
-                       validation_dir=world.validation_dir)  # fmt: skip
+    cfg = world.config(
+        output_dir=tmp_path_factory.mktemp("two") / "out",
+        max_train_steps=4,
+        save_state=True,
+        validation_dir=world.validation_dir,
+    )
     stopped, resumed = [], []
 
     def stop_at_2(event):
@@ -69,8 +73,17 @@ def test_the_resumed_run_completes_sd_scripts_steps_for_2_processes_with_rank_0s
     assert result.status == "completed" and result.steps == planned.total_steps == 4
     kinds = [type(e).__name__ for e in events]
     # step 4's file is validated and sampled; the final file (the same weights, step 4) is not again
-    assert kinds == ["TrainStarted", "StepEnded", "StepEnded", "CheckpointSaved", "ValidationEnded", "SampleSaved",
-                     "SampleSaved", "CheckpointSaved", "TrainEnded"]  # fmt: skip
+    assert kinds == [
+        "TrainStarted",
+        "StepEnded",
+        "StepEnded",
+        "CheckpointSaved",
+        "ValidationEnded",
+        "SampleSaved",
+        "SampleSaved",
+        "CheckpointSaved",
+        "TrainEnded",
+    ]
     started = events[0]
     assert (started.processes, started.total_steps, started.resumed_from_step) == (2, 4, 2)
     steps = [e for e in events if isinstance(e, StepEnded)]

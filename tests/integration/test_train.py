@@ -13,7 +13,6 @@ import shutil
 import struct
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,7 +27,6 @@ from spyke_lora import (
     CheckpointSaved,
     NonFiniteLoss,
     SampleSaved,
-    SpykeLoraError,
     StepEnded,
     Stop,
     TrainConfig,
@@ -48,9 +46,9 @@ from spyke_lora._device import device_name
 from spyke_lora._engine._host import PINNED_COMMIT, VENDORED, host_for
 from spyke_lora._lock import output_in_use
 
-from .helpers import assert_same_tensors, read_lora
+from .helpers import NAME, assert_same_tensors, read_lora
 
-NAME = "spyke_plasma_v1"
+PROMPTS = ("spyke_plasma_v1, standing in a forest", "spyke_plasma_v1, crouching, looking up")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +57,9 @@ def first_run(world, tmp_path_factory):
     which draws from Python's `random` for every styled line: the LoRA must not depend on that. It validates on
     two held-out images at every saved file: its LoRA must not depend on that either (the command-line test below
     reruns it with sd-scripts alone, which knows nothing of them)."""
-    cfg = world.config(output_dir=tmp_path_factory.mktemp("first") / "out", validation_dir=world.validation_dir,
-                       max_validation_steps=1)  # one of the two held-out images per pass: half the time
+    cfg = world.config(
+        output_dir=tmp_path_factory.mktemp("first") / "out", validation_dir=world.validation_dir, max_validation_steps=1
+    )  # one of the two held-out images per pass: half the time
     events = []
     handler = RichHandler(console=Console(stderr=True))
     root = logging.getLogger()
@@ -81,8 +80,16 @@ def first_run(world, tmp_path_factory):
     reference = tmp_path_factory.mktemp("reference")
     for saved in result.checkpoints:
         shutil.copy(saved.path, reference / saved.path.name)
-    return SimpleNamespace(cfg=cfg, result=result, events=events, logging_before=before, logging_after=after,
-                           process_before=process_before, process_after=process_after, reference=reference)
+    return SimpleNamespace(
+        cfg=cfg,
+        result=result,
+        events=events,
+        logging_before=before,
+        logging_after=after,
+        process_before=process_before,
+        process_after=process_after,
+        reference=reference,
+    )
 
 
 def test_events_arrive_in_order(first_run):
@@ -96,9 +103,14 @@ def test_events_arrive_in_order(first_run):
         "TrainEnded",
     ]  # fmt: skip
     started = events[0]
-    assert started == TrainStarted(total_steps=5, device="cpu", mixed_precision="no", output_dir=cfg.output_dir,
-                                   device_name=device_name("cpu"),
-                                   gradient_checkpointing=started.gradient_checkpointing)  # fmt: skip
+    assert started == TrainStarted(
+        total_steps=5,
+        device="cpu",
+        mixed_precision="no",
+        output_dir=cfg.output_dir,
+        device_name=device_name("cpu"),
+        gradient_checkpointing=started.gradient_checkpointing,
+    )
     # gradient_checkpointing "auto": what the event says is what the engine ran (the recorded command line)
     command = (cfg.output_dir / f"{NAME}.command.sh").read_text()
     assert ("--gradient_checkpointing" in command) is started.gradient_checkpointing
@@ -141,7 +153,8 @@ def test_held_out_validation_follows_every_saved_file(first_run):
         assert v.divergence == pytest.approx(v.loss - average[v.step], abs=1e-12)
     recorded = [json.loads(line) for line in (cfg.output_dir / f"{NAME}.events.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in recorded if r["event"] == "ValidationEnded"] == [
-        (v.step, v.loss) for v in validations]
+        (v.step, v.loss) for v in validations
+    ]
 
 
 def test_validation_loss_of_the_files_gives_the_runs_own_figures(first_run):
@@ -151,7 +164,9 @@ def test_validation_loss_of_the_files_gives_the_runs_own_figures(first_run):
     files = [reference / c.path.name for c in result.checkpoints]
     figures = validation_loss([None, *files], cfg)
     assert [(f.step, f.checkpoint, f.images, f.folder) for f in figures] == [
-        (0, None, 2, cfg.validation_dir), *((s, p, 2, cfg.validation_dir) for s, p in zip((2, 4, 5), files))]
+        (0, None, 2, cfg.validation_dir),
+        *((s, p, 2, cfg.validation_dir) for s, p in zip((2, 4, 5), files)),
+    ]
     assert [f.loss for f in figures[1:]] == pytest.approx([v.loss for v in result.validations], abs=1e-5)
     assert math.isfinite(figures[0].loss) and figures[0].loss not in [v.loss for v in result.validations]
 
@@ -176,7 +191,9 @@ def test_checkpoints_and_files(first_run):
         assert metadata["ss_network_dim"] == "32"
         assert float(metadata["ss_network_alpha"]) == 16.0
         assert metadata["ss_steps"] == str(event.step)
-        assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in tensors.values())  # save_precision float
+        assert all(
+            t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in tensors.values()
+        )  # save_precision float
 
 
 def test_result_summarises_the_run(first_run):
@@ -228,7 +245,8 @@ def test_the_run_leaves_its_records(first_run):
     out = cfg.output_dir
     # the run's own config: gradient_checkpointing "auto" as the memory plan resolved it (docs/memory.md)
     assert TrainConfig.from_toml(out / f"{NAME}.config.toml") == cfg.replace(
-        gradient_checkpointing=first_run.result.memory.gradient_checkpointing)
+        gradient_checkpointing=first_run.result.memory.gradient_checkpointing
+    )
     environment = json.loads((out / f"{NAME}.environment.json").read_text())
     assert (environment["device"], environment["mixed_precision"]) == ("cpu", "no")
     assert environment["sd_scripts_commit"] == PINNED_COMMIT
@@ -241,7 +259,12 @@ def test_the_run_leaves_its_records(first_run):
         assert chart.size == (800, 400)
     (record,) = runs(out)
     assert (record.name, record.status, record.steps, record.total_steps, record.checkpoints) == (
-        NAME, "completed", 5, 5, 3)
+        NAME,
+        "completed",
+        5,
+        5,
+        3,
+    )
     assert record.final_loss == first_run.result.losses[-1] and record.duration_s > 0
 
 
@@ -281,7 +304,10 @@ def test_stop_at_step_3_takes_exactly_3_steps(world, out):
     assert events[-1] == TrainEnded("stopped", 3, final)
     _, metadata = read_lora(final)
     assert metadata["ss_steps"] == "3"
-    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"{NAME}-step00000002.safetensors", f"{NAME}.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        f"{NAME}-step00000002.safetensors",
+        f"{NAME}.safetensors",
+    ]
 
 
 def test_callback_exception_propagates_unchanged(world, out):
@@ -327,19 +353,26 @@ def test_ctrl_c_delivers_interrupted_and_reraises(world, out):
     assert "library" not in sys.modules
 
 
-def test_epochs_and_sd_scripts_running_average(world, out):
-    """3 images x 1 repeat, no regularisation: 3 steps per epoch, so 5 steps span epochs 1 and 2. avg_loss is
-    sd-scripts' LossRecorder: in epoch 2 each step replaces the loss at its position of epoch 1."""
-    config = world.config(output_dir=out, num_repeats=1, reg_dir=None, save_every_n_steps=None)
-    assert plan(config).steps_per_epoch == 3
-    result = train(config)
+def test_epochs_and_sd_scripts_running_average(uninterrupted):
+    """3 images x 1 repeat, no regularisation: 3 steps per epoch, so 6 steps span epochs 1 and 2. avg_loss is
+    sd-scripts' LossRecorder: in epoch 2 each step replaces the loss at its position of epoch 1. (The resume tests'
+    uninterrupted reference: a file every 2 steps.)"""
+    cfg, result = uninterrupted.cfg, uninterrupted.result
+    assert plan(cfg.replace(overwrite=True)).steps_per_epoch == 3
     steps = result.history
-    assert [s.epoch for s in steps] == [1, 1, 1, 2, 2]
-    l1, l2, l3, l4, l5 = (s.loss for s in steps)
+    assert [s.epoch for s in steps] == [1, 1, 1, 2, 2, 2]
+    l1, l2, l3, l4, l5, l6 = (s.loss for s in steps)
     assert steps[2].avg_loss == pytest.approx((l1 + l2 + l3) / 3)
     assert steps[3].avg_loss == pytest.approx((l4 + l2 + l3) / 3)
     assert steps[4].avg_loss == pytest.approx((l4 + l5 + l3) / 3)
-    assert result.checkpoints == (CheckpointSaved(5, 2, out / f"{NAME}.safetensors", True),)
+    assert steps[5].avg_loss == pytest.approx((l4 + l5 + l6) / 3)
+    out = cfg.output_dir
+    assert result.checkpoints == (
+        CheckpointSaved(2, 1, out / f"{NAME}-step00000002.safetensors", False),
+        CheckpointSaved(4, 2, out / f"{NAME}-step00000004.safetensors", False),
+        CheckpointSaved(6, 2, out / f"{NAME}-step00000006.safetensors", False),
+        CheckpointSaved(6, 2, out / f"{NAME}.safetensors", True),
+    )
 
 
 def test_stop_from_a_checkpoint_event_ends_at_that_step(world, out):
@@ -355,8 +388,14 @@ def test_stop_from_a_checkpoint_event_ends_at_that_step(world, out):
     config = world.config(output_dir=out, num_repeats=1, reg_dir=None, save_every_n_steps=3)
     result = train(config, callbacks=stop_on_checkpoint)
     assert [type(e).__name__ for e in events] == [
-        "TrainStarted", "StepEnded", "StepEnded", "StepEnded", "CheckpointSaved", "CheckpointSaved", "TrainEnded",
-    ]  # fmt: skip
+        "TrainStarted",
+        "StepEnded",
+        "StepEnded",
+        "StepEnded",
+        "CheckpointSaved",
+        "CheckpointSaved",
+        "TrainEnded",
+    ]
     assert events[4] == CheckpointSaved(3, 1, out / f"{NAME}-step00000003.safetensors", False)
     assert events[5] == CheckpointSaved(3, 1, out / f"{NAME}.safetensors", True)
     assert result.status == "stopped" and result.steps == 3
@@ -364,33 +403,30 @@ def test_stop_from_a_checkpoint_event_ends_at_that_step(world, out):
     assert_same_tensors(out / f"{NAME}-step00000003.safetensors", out / f"{NAME}.safetensors")
 
 
-def test_stop_before_the_first_step_writes_nothing(world, out):
-    result = train(world.config(output_dir=out), callbacks=lambda e: Stop("changed my mind"))
-    assert (result.status, result.steps, result.final_path, result.checkpoints) == ("stopped", 0, None, ())
-    assert not list(out.glob("*.safetensors"))
+def test_stop_before_the_first_step_writes_nothing(stopped_at_start):
+    run = stopped_at_start
+    assert [type(e).__name__ for e in run.events] == ["TrainStarted", "TrainEnded"]
+    assert (run.result.status, run.result.steps, run.result.final_path, run.result.checkpoints) == (
+        "stopped",
+        0,
+        None,
+        (),
+    )
+    assert run.result.stop_reason == "changed my mind"
+    # nothing written: the one file of that kind left is another output's temporary file, not ours to delete
+    assert list(run.out.glob("*.safetensors")) == [run.other]
 
 
-def test_a_second_run_while_one_is_active_is_refused(world, out, tmp_path):
-    nested = []
-
-    def start_another(event):
-        if isinstance(event, TrainStarted):
-            try:
-                train(world.config(output_dir=tmp_path / "nested"))
-            except SpykeLoraError as e:
-                nested.append(str(e))
-            return Stop()
-
-    train(world.config(output_dir=out), callbacks=start_another)
-    assert len(nested) == 1 and "another spyke-lora run is active in this process" in nested[0]
-    assert not (tmp_path / "nested").exists()  # refused before anything was written
+def test_a_second_run_while_one_is_active_is_refused(stopped_at_start):
+    refused = stopped_at_start.refused_nested
+    assert len(refused) == 1 and "another spyke-lora run is active in this process" in refused[0]
+    assert not (stopped_at_start.root / "nested").exists()  # refused before anything was written
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_earlier_checkpoints(world, out):
     """A learning rate of 1e30 blows the weights up after the first update: the loss of step 2 is not finite."""
     events = []
-    config = world.config(output_dir=out, learning_rate=1e30, unet_lr=1e30, text_encoder_lr=1e30,
-                          save_every_n_steps=1)  # fmt: skip
+    config = world.config(output_dir=out, learning_rate=1e30, unet_lr=1e30, text_encoder_lr=1e30, save_every_n_steps=1)
     with pytest.raises(NonFiniteLoss) as info:
         train(config, callbacks=events.append)
     steps = [e for e in events if isinstance(e, StepEnded)]
@@ -404,14 +440,10 @@ def test_a_nan_loss_stops_the_run_and_keeps_earlier_checkpoints(world, out):
     assert not list(out.glob(".*partial*"))  # no temporary file left
 
 
-def test_leftover_partial_files_are_cleaned_up(world, out):
-    out.mkdir(parents=True)
-    leftover = out / f".{NAME}-step00000002.4242.partial.safetensors"  # a run killed while saving
-    leftover.write_bytes(b"half a LoRA")
-    other = out / ".other_name.4242.partial.safetensors"  # another output's: not ours to delete
-    other.write_bytes(b"x")
-    train(world.config(output_dir=out), callbacks=lambda e: Stop() if isinstance(e, TrainStarted) else None)
-    assert not leftover.exists() and other.exists()
+def test_leftover_partial_files_are_cleaned_up(stopped_at_start):
+    """A run's own temporary files left by a run killed while saving go as the next run starts; another output's
+    stay."""
+    assert not stopped_at_start.leftover.exists() and stopped_at_start.other.exists()
 
 
 def test_ctrl_c_from_a_callback_at_step_3_keeps_the_step_3_lora(world, out):
@@ -486,65 +518,60 @@ def test_a_full_disk_mid_run_stops_with_earlier_files_intact(world, out, monkeyp
     assert read_lora(out / f"{NAME}-step00000002.safetensors")[1]["ss_steps"] == "2"
 
 
-def test_sigkill_while_saving_leaves_no_partial_file_under_a_final_name(world, out, tmp_path):
+def test_sigkill_while_saving_leaves_no_partial_file_under_a_final_name(stopped_at_start):
     """A process killed in the middle of writing step 2's file: the final name never holds a truncated file; the
     half-written temporary file is removed by the next run."""
-    import os
-    import signal
+    out, killed = stopped_at_start.out, stopped_at_start.killed
+    assert killed.partial.parent == out and killed.partial.name.startswith(f".{NAME}-step00000002.")
+    assert killed.existed  # the half-written file is under its temporary name ...
+    assert killed.final_names == []  # ... and no final name holds anything
+    assert stopped_at_start.result.status == "stopped"  # the next run took over the dead process's lock ...
+    assert not killed.partial.exists()  # ... and cleaned the file up
 
-    config = world.config(output_dir=out).to_toml(tmp_path / "run.toml")
-    script = tmp_path / "slow_save.py"
-    script.write_text(
-        "import sys, time\n"
-        "import safetensors.torch\n"
-        "from spyke_lora import TrainConfig, train\n"
-        "real = safetensors.torch.save_file\n"
-        "def slow(tensors, filename, metadata=None):\n"
-        "    real(tensors, filename, metadata)\n"
-        "    size = len(open(filename, 'rb').read())\n"
-        "    open(filename, 'r+b').truncate(size // 2)  # half written, as a kill mid-write leaves it\n"
-        "    print('SAVING', filename, flush=True)\n"
-        "    time.sleep(120)\n"
-        "safetensors.torch.save_file = slow\n"
-        f"train(TrainConfig.from_toml({str(config)!r}))\n"
+
+@pytest.fixture(scope="module")
+def sampled_run(world, tmp_path_factory):
+    """The first run's training without its held-out images, through iter_events(), with 2 prompts x 2 CFG scales
+    sampled before training (step 0) and right after each of the 3 files is saved, and a TensorBoard log."""
+    cfg = world.config(
+        output_dir=tmp_path_factory.mktemp("sampled") / "out",
+        sample_prompts=PROMPTS,
+        sample_cfg_scales=(5, 9),
+        sample_steps=2,
+        sample_at_first=True,
+        tensorboard=True,
     )
-    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    try:
-        for line in child.stdout:
-            if line.startswith("SAVING"):
-                partial = Path(line.split(maxsplit=1)[1].strip())
-                break
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-    assert partial.parent == out and partial.name.startswith(f".{NAME}-step00000002.")
-    assert partial.exists()  # the half-written file is under its temporary name ...
-    assert not list(out.glob(f"{NAME}*.safetensors"))  # ... and no final name holds anything
-    train(world.config(output_dir=out), callbacks=lambda e: Stop() if isinstance(e, TrainStarted) else None)
-    assert not partial.exists()  # the next run cleaned it up (and took over the dead process's lock)
+    with iter_events(cfg) as stream:
+        events = list(stream)
+    return SimpleNamespace(cfg=cfg, events=events, result=stream.result)
 
 
-def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(first_run, world, tmp_path):
+def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(sampled_run, first_run, tmp_path):
     """2 prompts x 2 CFG scales, sampled before training (step 0) and right after each of the 3 files is saved;
     sampling restores the random generators, so the LoRA files are those of the same run without samples."""
-    prompts = ("spyke_plasma_v1, standing in a forest", "spyke_plasma_v1, crouching, looking up")
-    cfg = world.config(
-        output_dir=tmp_path / "out", sample_prompts=prompts, sample_cfg_scales=(5, 9), sample_steps=2,
-        sample_at_first=True,
-    )  # fmt: skip
-    events = []
-    result = train(cfg, callbacks=events.append)
+    cfg, events, result, prompts = sampled_run.cfg, sampled_run.events, sampled_run.result, PROMPTS
     kinds = [type(e).__name__[0] + (str(e.step) if hasattr(e, "step") else "") for e in events]
-    assert kinds == ["T"] + ["S0"] * 4 + ["S1", "S2", "C2"] + ["S2"] * 4 + ["S3", "S4", "C4"] + ["S4"] * 4 + [
-        "S5", "C5"] + ["S5"] * 4 + ["T"]  # fmt: skip
-    samples = [e for e in events if isinstance(e, SampleSaved)]
-    checkpoints = {0: None, 2: cfg.output_dir / f"{NAME}-step00000002.safetensors",
-                   4: cfg.output_dir / f"{NAME}-step00000004.safetensors", 5: cfg.output_dir / f"{NAME}.safetensors"}
-    assert [(s.step, s.prompt, s.cfg_scale, s.seed, s.checkpoint) for s in samples] == [
-        (step, prompt, scale, 1234, checkpoints[step]) for step in (0, 2, 4, 5) for prompt in prompts for scale in (5, 9)
+    four = lambda step: [f"S{step}"] * 4  # noqa: E731 - SampleSaved: 2 prompts x 2 CFG scales
+    assert kinds == [
+        "T", *four(0),                  # TrainStarted, then the samples before the first step
+        "S1", "S2", "C2", *four(2),     # StepEnded 1 and 2, the step-2 file, its samples
+        "S3", "S4", "C4", *four(4),
+        "S5", "C5", *four(5),
+        "T",                            # TrainEnded
     ]  # fmt: skip
+    samples = [e for e in events if isinstance(e, SampleSaved)]
+    checkpoints = {
+        0: None,
+        2: cfg.output_dir / f"{NAME}-step00000002.safetensors",
+        4: cfg.output_dir / f"{NAME}-step00000004.safetensors",
+        5: cfg.output_dir / f"{NAME}.safetensors",
+    }
+    assert [(s.step, s.prompt, s.cfg_scale, s.seed, s.checkpoint) for s in samples] == [
+        (step, prompt, scale, 1234, checkpoints[step])
+        for step in (0, 2, 4, 5)
+        for prompt in prompts
+        for scale in (5, 9)
+    ]
     pixels = {}
     for s in samples:
         assert s.path.parent == cfg.output_dir / "sample" and s.path.name.startswith(f"{NAME}_{s.step:06d}_")
@@ -556,10 +583,16 @@ def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(fir
     assert all(np.abs(a - b).max() > 0 for i, a in enumerate(first_step) for b in first_step[i + 1 :])
     manifest = [json.loads(line) for line in (cfg.output_dir / f"{NAME}.samples.jsonl").read_text().splitlines()]
     assert manifest == [
-        {"step": s.step, "prompt": s.prompt, "cfg_scale": s.cfg_scale, "seed": 1234,
-         "path": f"sample/{s.path.name}", "checkpoint": s.checkpoint.name if s.checkpoint else None}
+        {
+            "step": s.step,
+            "prompt": s.prompt,
+            "cfg_scale": s.cfg_scale,
+            "seed": 1234,
+            "path": f"sample/{s.path.name}",
+            "checkpoint": s.checkpoint.name if s.checkpoint else None,
+        }
         for s in samples
-    ]  # fmt: skip
+    ]
     prompt_file = (cfg.output_dir / f"{NAME}_sample_prompts.txt").read_text().splitlines()[1:]
     assert prompt_file[1] == "spyke_plasma_v1, standing in a forest --w 64 --h 64 --d 1234 --l 9.0 --s 2"
     for saved in result.checkpoints:
@@ -588,43 +621,33 @@ def _without_time(event):
     return dataclasses.replace(event, elapsed_s=0.0, memory_bytes=None) if isinstance(event, StepEnded) else event
 
 
-def test_iter_events_yields_what_callbacks_get(first_run, world, tmp_path):
-    """The stream's events are the callbacks' ones. Run without the held-out images: its events are the first run's
-    less the ValidationEnded ones, the same losses and files (validation changes nothing that is trained)."""
-    cfg = first_run.cfg.replace(output_dir=tmp_path / "out", validation_dir=None, max_validation_steps=None)
-    with iter_events(cfg) as stream:
-        events = list(stream)
+def test_iter_events_yields_what_callbacks_get(sampled_run, first_run):
+    """The stream's events are the callbacks' ones. Its run is the first run without the held-out images (and with
+    samples): its events less the SampleSaved ones are the first run's less the ValidationEnded ones, the same
+    losses and files (validation changes nothing that is trained)."""
+    cfg, events = sampled_run.cfg, sampled_run.events
     expected = [_without_time(e) for e in first_run.events if not isinstance(e, ValidationEnded)]
-    expected = [dataclasses.replace(e, output_dir=cfg.output_dir) if isinstance(e, TrainStarted) else e
-                for e in expected]  # fmt: skip
+    expected = [
+        dataclasses.replace(e, output_dir=cfg.output_dir) if isinstance(e, TrainStarted) else e for e in expected
+    ]
     moved = {p: cfg.output_dir / p.name for p in (c.path for c in first_run.result.checkpoints)}
-    expected = [dataclasses.replace(e, path=moved[e.path]) if isinstance(e, CheckpointSaved) else
-                dataclasses.replace(e, final_path=moved[e.final_path]) if isinstance(e, TrainEnded) else e
-                for e in expected]  # fmt: skip
-    assert [_without_time(e) for e in events] == expected  # same order, same losses, same files
-    assert stream.result.status == "completed" and stream.result.steps == 5
+    expected = [
+        dataclasses.replace(e, path=moved[e.path])
+        if isinstance(e, CheckpointSaved)
+        else dataclasses.replace(e, final_path=moved[e.final_path])
+        if isinstance(e, TrainEnded)
+        else e
+        for e in expected
+    ]
+    got = [_without_time(e) for e in events if not isinstance(e, SampleSaved)]
+    assert got == expected  # same order, same losses, same files
+    assert sampled_run.result.status == "completed" and sampled_run.result.steps == 5
 
 
-def test_breaking_out_of_iter_events_stops_after_that_step(world, out):
-    seen = []
-    for event in iter_events(world.config(output_dir=out)):
-        seen.append(event)
-        if isinstance(event, StepEnded) and event.step == 3:
-            break
-    assert [e.step for e in seen if isinstance(e, StepEnded)] == [1, 2, 3]
-    _, metadata = read_lora(out / f"{NAME}.safetensors")
-    assert metadata["ss_steps"] == "3"  # the run ended after step 3, its LoRA saved, like Stop at step 3
-    recorded = [json.loads(line) for line in (out / f"{NAME}.events.jsonl").read_text().splitlines()]
-    assert recorded[-1]["event"] == "TrainEnded" and recorded[-1]["status"] == "stopped"
-    assert not output_in_use(out, NAME)  # the run is over: the next one may start
-    with pytest.raises(SpykeLoraError, match="already exist"):
-        next(iter(iter_events(world.config(output_dir=out))))  # a refusal comes out of the loop
-
-
-def test_tensorboard_logs_the_losses_of_every_step(world, out):
+def test_tensorboard_logs_the_losses_of_every_step(sampled_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = train(world.config(output_dir=out, tensorboard=True, save_every_n_steps=None))
+    out, result = sampled_run.cfg.output_dir, sampled_run.result
     (run,) = (out / "tensorboard").iterdir()
     assert run.name.startswith(f"{NAME}-")  # sd-scripts appends the start time
     (logs,) = {p.parent for p in run.rglob("events.out.tfevents.*")}

@@ -18,8 +18,15 @@ def test_the_figures_are_sd_scripts_own_validation_loss(world, out, tmp_path):
 
     # latents encoded at every step (not cached), so sd-scripts' held-out latents are drawn inside its seeded pass,
     # as they are here; with cached latents, its held-out latents come from wherever training left torch's generator
-    cfg = world.config(output_dir=out, max_train_steps=2, save_every_n_steps=1, cache_latents=False, tensorboard=True,
-                       validation_dir=world.validation_dir, max_validation_steps=1)  # fmt: skip
+    cfg = world.config(
+        output_dir=out,
+        max_train_steps=2,
+        save_every_n_steps=1,
+        cache_latents=False,
+        tensorboard=True,
+        validation_dir=world.validation_dir,
+        max_validation_steps=1,
+    )
     out.mkdir(parents=True)
     toml = out / "with_held_out.toml"
     toml.write_text(
@@ -29,8 +36,15 @@ def test_the_figures_are_sd_scripts_own_validation_loss(world, out, tmp_path):
     argv = sd_scripts_argv(cfg)
     argv[argv.index("--dataset_config") + 1] = str(toml)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
-    command = [sys.executable, str(VENDORED / "train_network.py"), *argv, "--validate_every_n_steps", "1",
-               "--max_validation_steps", "1"]
+    command = [
+        sys.executable,
+        str(VENDORED / "train_network.py"),
+        *argv,
+        "--validate_every_n_steps",
+        "1",
+        "--max_validation_steps",
+        "1",
+    ]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (logs,) = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
@@ -39,8 +53,9 @@ def test_the_figures_are_sd_scripts_own_validation_loss(world, out, tmp_path):
     (epoch_average,) = [s.value for s in scalars.Scalars("loss/validation/epoch_average")]
     assert sorted(step_average) == [1, 2]
 
-    step1, final = validation_loss([out / "spyke_plasma_v1-step00000001.safetensors",
-                                    out / "spyke_plasma_v1.safetensors"], cfg)  # fmt: skip
+    step1, final = validation_loss(
+        [out / "spyke_plasma_v1-step00000001.safetensors", out / "spyke_plasma_v1.safetensors"], cfg
+    )
     assert (step1.step, final.step) == (1, 2)
     # its first pass is that pass's own mean; its end-of-epoch pass is the final weights'
     assert step1.loss == pytest.approx(step_average[1], abs=1e-5)
