@@ -12,6 +12,7 @@ from safetensors import safe_open
 NAME = "spyke_plasma_v1"
 # 3 images x 1 repeat, no regularisation: 3 steps per epoch, so 6 steps are epochs 1 and 2; a cosine schedule
 # gives every step its own learning rate.
+PROMPTS = ("spyke_plasma_v1, standing in a forest", "spyke_plasma_v1, crouching, looking up")
 SHORT = dict(num_repeats=1, reg_dir=None, max_train_steps=6, save_every_n_steps=2)
 
 

@@ -38,6 +38,7 @@ def runs(world, tmp_path_factory):
         max_train_steps=4,
         save_state=True,
         validation_dir=world.validation_dir,
+        max_validation_steps=1,  # one of the two held-out images per pass: rank 1 waits for rank 0's pass
     )
     stopped, resumed = [], []
 
@@ -47,7 +48,7 @@ def runs(world, tmp_path_factory):
 
     first = train(cfg, stop_at_2, processes=2)
     planned = plan(cfg, resume="latest", processes=2)
-    cfg = cfg.replace(sample_prompts=PROMPTS, sample_cfg_scales=(5,), sample_steps=2)
+    cfg = cfg.replace(sample_prompts=PROMPTS, sample_cfg_scales=(5,), sample_steps=1)
     second = train(cfg, resumed.append, resume="latest", processes=2)
     return cfg, (first, stopped), (second, resumed), planned
 

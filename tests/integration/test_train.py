@@ -4,24 +4,18 @@ import dataclasses
 import gc
 import importlib.metadata
 import json
-import logging
 import math
 import os
-import random
 import shlex
-import shutil
 import struct
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import psutil
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
-from rich.logging import RichHandler
 
 from spyke_lora import (
     CheckpointSaved,
@@ -34,7 +28,6 @@ from spyke_lora import (
     TrainingError,
     TrainStarted,
     ValidationEnded,
-    iter_events,
     plan,
     runs,
     sample,
@@ -46,50 +39,7 @@ from spyke_lora._device import device_name
 from spyke_lora._engine._host import PINNED_COMMIT, VENDORED, host_for
 from spyke_lora._lock import output_in_use
 
-from .helpers import NAME, assert_same_tensors, read_lora
-
-PROMPTS = ("spyke_plasma_v1, standing in a forest", "spyke_plasma_v1, crouching, looking up")
-
-
-@pytest.fixture(scope="module")
-def first_run(world, tmp_path_factory):
-    """One 5-step run shared by the tests that only inspect it. The caller's logging is a rich handler at INFO,
-    which draws from Python's `random` for every styled line: the LoRA must not depend on that. It validates on
-    two held-out images at every saved file: its LoRA must not depend on that either (the command-line test below
-    reruns it with sd-scripts alone, which knows nothing of them)."""
-    cfg = world.config(
-        output_dir=tmp_path_factory.mktemp("first") / "out", validation_dir=world.validation_dir, max_validation_steps=1
-    )  # one of the two held-out images per pass: half the time
-    events = []
-    handler = RichHandler(console=Console(stderr=True))
-    root = logging.getLogger()
-    saved_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    before = (list(root.handlers), root.level)
-    random.seed(1234)
-    process_before = (random.getstate(), torch.get_rng_state(), dict(os.environ))
-    try:
-        result = train(cfg, callbacks=[events.append])
-        after = (list(root.handlers), root.level)
-        process_after = (random.getstate(), torch.get_rng_state(), dict(os.environ))
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(saved_level)
-    # copies to compare against, whatever later tests do to the output folder
-    reference = tmp_path_factory.mktemp("reference")
-    for saved in result.checkpoints:
-        shutil.copy(saved.path, reference / saved.path.name)
-    return SimpleNamespace(
-        cfg=cfg,
-        result=result,
-        events=events,
-        logging_before=before,
-        logging_after=after,
-        process_before=process_before,
-        process_after=process_after,
-        reference=reference,
-    )
+from .helpers import NAME, PROMPTS, assert_same_tensors, read_lora
 
 
 def test_events_arrive_in_order(first_run):
@@ -268,15 +218,15 @@ def test_the_run_leaves_its_records(first_run):
     assert record.final_loss == first_run.result.losses[-1] and record.duration_s > 0
 
 
-def test_second_run_in_the_same_process_is_identical(first_run, world, tmp_path):
-    """A second train() in the same process (this one with no logging configured) gives the same files."""
-    cfg, result, reference = first_run.cfg, first_run.result, first_run.reference
-    env_before = dict(os.environ)
-    resident_before = psutil.Process().memory_info().rss
-    again = train(cfg.replace(output_dir=tmp_path / "again"))
-    assert dict(os.environ) == env_before  # a run leaves the environment as it was
+def test_second_run_in_the_same_process_is_identical(first_run, sampled_run):
+    """A later run in the same process (this one with no logging configured, and samples, which change nothing that
+    is trained) gives the same files."""
+    result, reference, again = first_run.result, first_run.reference, sampled_run.result
+    env_before, env_after = sampled_run.env
+    assert env_after == env_before  # a run leaves the environment as it was
     # the ~6 GB the run used go back to the system: without malloc_trim, glibc kept 1.5 GB more after every run
-    assert psutil.Process().memory_info().rss - resident_before < 400 * 2**20
+    resident_before, resident_after = sampled_run.resident
+    assert resident_after - resident_before < 400 * 2**20
     assert again.status == "completed" and again.steps == 5
     assert again.losses == result.losses
     assert again.validations == result.validations  # the held-out figures are deterministic too
@@ -529,35 +479,19 @@ def test_sigkill_while_saving_leaves_no_partial_file_under_a_final_name(stopped_
     assert not killed.partial.exists()  # ... and cleaned the file up
 
 
-@pytest.fixture(scope="module")
-def sampled_run(world, tmp_path_factory):
-    """The first run's training without its held-out images, through iter_events(), with 2 prompts x 2 CFG scales
-    sampled before training (step 0) and right after each of the 3 files is saved, and a TensorBoard log."""
-    cfg = world.config(
-        output_dir=tmp_path_factory.mktemp("sampled") / "out",
-        sample_prompts=PROMPTS,
-        sample_cfg_scales=(5, 9),
-        sample_steps=2,
-        sample_at_first=True,
-        tensorboard=True,
-    )
-    with iter_events(cfg) as stream:
-        events = list(stream)
-    return SimpleNamespace(cfg=cfg, events=events, result=stream.result)
-
-
 def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(sampled_run, first_run, tmp_path):
-    """2 prompts x 2 CFG scales, sampled before training (step 0) and right after each of the 3 files is saved;
-    sampling restores the random generators, so the LoRA files are those of the same run without samples."""
+    """2 prompts x 2 CFG scales, sampled before training (step 0) and right after each of the 3 files is saved (and
+    validated); sampling restores the random generators, so the LoRA files are those of the same run without
+    samples."""
     cfg, events, result, prompts = sampled_run.cfg, sampled_run.events, sampled_run.result, PROMPTS
     kinds = [type(e).__name__[0] + (str(e.step) if hasattr(e, "step") else "") for e in events]
     four = lambda step: [f"S{step}"] * 4  # noqa: E731 - SampleSaved: 2 prompts x 2 CFG scales
     assert kinds == [
-        "T", *four(0),                  # TrainStarted, then the samples before the first step
-        "S1", "S2", "C2", *four(2),     # StepEnded 1 and 2, the step-2 file, its samples
-        "S3", "S4", "C4", *four(4),
-        "S5", "C5", *four(5),
-        "T",                            # TrainEnded
+        "T", *four(0),                      # TrainStarted, then the samples before the first step
+        "S1", "S2", "C2", "V2", *four(2),   # StepEnded 1 and 2, the step-2 file, its validation, its samples
+        "S3", "S4", "C4", "V4", *four(4),
+        "S5", "C5", "V5", *four(5),
+        "T",                                # TrainEnded
     ]  # fmt: skip
     samples = [e for e in events if isinstance(e, SampleSaved)]
     checkpoints = {
@@ -594,7 +528,7 @@ def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(sam
         for s in samples
     ]
     prompt_file = (cfg.output_dir / f"{NAME}_sample_prompts.txt").read_text().splitlines()[1:]
-    assert prompt_file[1] == "spyke_plasma_v1, standing in a forest --w 64 --h 64 --d 1234 --l 9.0 --s 2"
+    assert prompt_file[1] == "spyke_plasma_v1, standing in a forest --w 64 --h 64 --d 1234 --l 9.0 --s 1"
     for saved in result.checkpoints:
         assert_same_tensors(saved.path, first_run.reference / saved.path.name)
     # sampling the files afterwards, with the same settings, gives the training run's images, bit for bit
@@ -622,11 +556,11 @@ def _without_time(event):
 
 
 def test_iter_events_yields_what_callbacks_get(sampled_run, first_run):
-    """The stream's events are the callbacks' ones. Its run is the first run without the held-out images (and with
-    samples): its events less the SampleSaved ones are the first run's less the ValidationEnded ones, the same
-    losses and files (validation changes nothing that is trained)."""
+    """The stream's events are the callbacks' ones: those of the first run (train() with a callback), the same
+    config but for its samples, less the SampleSaved ones are the first run's, in the same order, with the same
+    losses, held-out figures and files."""
     cfg, events = sampled_run.cfg, sampled_run.events
-    expected = [_without_time(e) for e in first_run.events if not isinstance(e, ValidationEnded)]
+    expected = [_without_time(e) for e in first_run.events]
     expected = [
         dataclasses.replace(e, output_dir=cfg.output_dir) if isinstance(e, TrainStarted) else e for e in expected
     ]
