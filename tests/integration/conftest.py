@@ -6,6 +6,8 @@ it), and each test reads what it needs from its events and files. A run shared w
 module fixture.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -24,6 +26,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def collected():
+    """After each test, what it left is collected. A run that ends in an exception leaves sd-scripts' frames, and
+    with them the ~6 GB of models, in reference cycles through the exception's traceback: until a full collection,
+    the next run loads beside them (measured: 19.8 s to its first event instead of 8.0 s)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
