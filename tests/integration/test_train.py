@@ -1,4 +1,8 @@
-"""The real engine, the tiny model, 64 px, 5 steps, a checkpoint every 2 steps."""
+"""The real engine, the tiny model, 64 px, 5 steps, a checkpoint every 2 steps.
+
+Tests that inspect a run read one of the suite's shared runs (shared_runs.py: ``first_run``, ``sampled_run``,
+``uninterrupted``, ``stopped_at_start``); a test whose run ends its own way (a stop, an exception, a full disk)
+trains its own."""
 
 import dataclasses
 import gc
@@ -418,7 +422,7 @@ def test_a_real_ctrl_c_stops_after_the_current_step(world, out, monkeypatch):
     import os
     import signal
 
-    from spyke_lora._engine._trainer import Probe
+    from spyke_lora._engine._probe import Probe
 
     before = signal.getsignal(signal.SIGINT)
     events = []
@@ -555,26 +559,25 @@ def _without_time(event):
     return dataclasses.replace(event, elapsed_s=0.0, memory_bytes=None) if isinstance(event, StepEnded) else event
 
 
+def _moved(event, folder):
+    """``event`` as the same run writing into ``folder`` delivers it."""
+    if isinstance(event, TrainStarted):
+        return dataclasses.replace(event, output_dir=folder)
+    if isinstance(event, CheckpointSaved):
+        return dataclasses.replace(event, path=folder / event.path.name)
+    if isinstance(event, TrainEnded) and event.final_path is not None:
+        return dataclasses.replace(event, final_path=folder / event.final_path.name)
+    return event
+
+
 def test_iter_events_yields_what_callbacks_get(sampled_run, first_run):
-    """The stream's events are the callbacks' ones: those of the first run (train() with a callback), the same
-    config but for its samples, less the SampleSaved ones are the first run's, in the same order, with the same
-    losses, held-out figures and files."""
-    cfg, events = sampled_run.cfg, sampled_run.events
-    expected = [_without_time(e) for e in first_run.events]
-    expected = [
-        dataclasses.replace(e, output_dir=cfg.output_dir) if isinstance(e, TrainStarted) else e for e in expected
-    ]
-    moved = {p: cfg.output_dir / p.name for p in (c.path for c in first_run.result.checkpoints)}
-    expected = [
-        dataclasses.replace(e, path=moved[e.path])
-        if isinstance(e, CheckpointSaved)
-        else dataclasses.replace(e, final_path=moved[e.final_path])
-        if isinstance(e, TrainEnded)
-        else e
-        for e in expected
-    ]
-    got = [_without_time(e) for e in events if not isinstance(e, SampleSaved)]
-    assert got == expected  # same order, same losses, same files
+    """The stream's events are the callbacks' ones. The sampled run streams the first run's config (which got its
+    events through a callback) with samples added: less its SampleSaved events, the stream yields the first run's
+    events, in the same order, with the same losses, held-out figures and files."""
+    folder = sampled_run.cfg.output_dir
+    expected = [_moved(_without_time(e), folder) for e in first_run.events]
+    streamed = [_without_time(e) for e in sampled_run.events if not isinstance(e, SampleSaved)]
+    assert streamed == expected  # same order, same losses, same files
     assert sampled_run.result.status == "completed" and sampled_run.result.steps == 5
 
 
