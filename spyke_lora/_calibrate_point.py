@@ -141,17 +141,6 @@ class _Phases:
         return figures
 
 
-def _high_water_mark() -> int | None:
-    """VmHWM of /proc/self/status in bytes (Linux), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _point_config(
     world: TinyWorld, out: Path, steps: int, gradient_checkpointing: bool, device: str, batch_size: int, sample: bool
 ) -> TrainConfig:
