@@ -6,11 +6,13 @@ and what the run will do, in a :class:`Plan` (``_data``), whose text is written 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from .. import _engine
 from .._config import TrainConfig
-from .._errors import ConfigError
+from .._errors import ConfigError, SpykeLoraError
 from .._launch import Launch, resolve_launch
 from .._memory import MemoryBudget
 from .._preflight import (
@@ -65,10 +67,28 @@ def plan(
     found = run_rules(INPUT_RULES, ctx)
     if found.problems:
         raise ConfigError(found.problems)
+    with _only_spyke_lora_errors("counting the steps with sd-scripts' dataset code"):
+        ctx.count  # noqa: B018 -- once, here: a ConfigError from sd-scripts' dataset code is the run's only problem
     run_rules(RUN_RULES, ctx, found)  # sd-scripts counts the steps of folders that passed
     if found.problems:
         raise ConfigError(found.problems)
-    return _assemble(ctx, tuple(found.warnings))
+    with _only_spyke_lora_errors("assembling the plan"):
+        return _assemble(ctx, tuple(found.warnings))
+
+
+@contextlib.contextmanager
+def _only_spyke_lora_errors(doing: str) -> Iterator[None]:
+    """What plan() does outside a rule raises only SpykeLoraErrors: anything else becomes a ConfigError saying what
+    was being done (the original chained)."""
+    try:
+        yield
+    except SpykeLoraError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the contract: only SpykeLoraErrors leave plan()
+        raise ConfigError(
+            f"planning failed while {doing}: {type(e).__name__}: {e}; fix what it names, or report it with this "
+            f"message if it names nothing you gave"
+        ) from e
 
 
 def _assemble(ctx: CheckContext, warnings: tuple[str, ...]) -> Plan:

@@ -27,6 +27,7 @@ from ._context import CheckContext, Derived, Findings, FolderContext, FolderRule
 from ._folders import FOLDER_RULES, check_folder, folder_findings
 from ._images import STRUCTURE_CHECKS
 from ._outputs import BYTES_PER_DIM_FP32, STATE_BYTES_PER_DIM, bytes_per_file
+from ._rules import run_rule
 
 __all__ = [
     "BYTES_PER_DIM_FP32",
@@ -47,6 +48,7 @@ __all__ = [
     "folder_findings",
     "list_images",
     "names",
+    "run_rule",
     "run_rules",
 ]
 
@@ -92,5 +94,5 @@ def run_rules(rules: list[Rule], ctx: CheckContext, found: Findings | None = Non
     """
     found = Findings() if found is None else found
     for rule in rules:
-        rule(ctx, found)
+        run_rule(rule, ctx, found)
     return found

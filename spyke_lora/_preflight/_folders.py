@@ -10,6 +10,7 @@ from .._config import TrainConfig, repeats_from_folder_name
 from ._captions import check_caption_files, check_trigger_first
 from ._context import CheckContext, Findings, FolderContext, FolderRule, names
 from ._images import check_broken_images, check_exact_size, check_extensions, check_small_images
+from ._rules import run_rule
 
 __all__ = [
     "FOLDER_RULES",
@@ -78,7 +79,7 @@ def folder_findings(folder: _engine.Folder, cfg: TrainConfig, image_extensions: 
         found.problem(f"{where} folder {str(path)!r} has no images ({', '.join(sorted(context.extensions))})")
         return found
     for rule in FOLDER_RULES:
-        rule(context, found)
+        run_rule(rule, context, found)
     return found
 
 
