@@ -3,8 +3,7 @@ cannot run says which check and why, with the other checks' findings beside it."
 
 import pytest
 
-from spyke_lora import ConfigError, DeviceError, plan, train
-from spyke_lora import _preflight
+from spyke_lora import ConfigError, DeviceError, _preflight, plan, train
 from spyke_lora._cli import main
 
 
