@@ -12,11 +12,12 @@ checkpointing ``on``/``off`` for ``STEPS`` steps and writes what the memory did,
 * ``train_peak_bytes``: the highest resident memory from then to the end; ``peak_bytes``: the highest of the run,
   from the kernel's high-water mark on Linux (``VmHWM``, exact; the run resets it as it starts), else the polls;
 * on CUDA and MPS, the allocator's figures (``device_load_peak_bytes``, ``device_loaded_bytes``,
-  ``device_peak_bytes``): torch's peak counter on CUDA, a 10 ms poll of ``torch.mps.current_allocated_memory()`` on
-  MPS (torch keeps no peak there);
+  ``device_train_peak_bytes``, the training phase's, and ``device_peak_bytes``, the run's): torch's peak counter
+  on CUDA, a 10 ms poll of ``torch.mps.current_allocated_memory()`` on MPS (torch keeps no peak there);
 * ``step_s``: the seconds between consecutive steps;
-* with ``--sample``, ``sample_peak_bytes``: the highest resident memory while the final file is sampled (one prompt,
-  two sampler steps), the training peak being taken when that file is saved.
+* with ``--sample``, ``sample_peak_bytes`` (and on CUDA and MPS ``device_sample_peak_bytes``): the highest memory
+  while the final file is sampled (one prompt, two sampler steps), the training peak being taken when that file is
+  saved. The run's ``device_peak_bytes`` is then the larger of the two phases; the fit reads each phase's own.
 """
 
 from __future__ import annotations
@@ -126,12 +127,12 @@ class _Phases:
             device_peak = self.torch.cuda.max_memory_allocated()
         if self.sample:  # the training peak was taken at the final file; what came after is sampling's
             figures["sample_peak_bytes"], figures["device_sample_peak_bytes"] = last, device_peak
-            if device != "cpu":
-                figures["device_peak_bytes"] = max(figures.pop("device_train_peak_bytes"), device_peak)
+            if device != "cpu":  # the fit reads the training phase's own peak, not the run's (sampling's, often)
+                figures["device_peak_bytes"] = max(figures["device_train_peak_bytes"], device_peak)
         else:
             figures["train_peak_bytes"] = last
             if device != "cpu":
-                figures["device_peak_bytes"] = device_peak
+                figures["device_peak_bytes"] = figures["device_train_peak_bytes"] = device_peak
         # the highest of the phases' polled peaks and, on Linux, the kernel's own high-water mark (VmHWM, which the
         # run's PeakMeter reset when training began, so it covers loading and training exactly). Not getrusage's
         # ru_maxrss: it survives exec, so a process started by a big one (a test run) reports its parent's size

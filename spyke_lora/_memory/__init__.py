@@ -66,9 +66,11 @@ __all__ = [
 # what the budget reading cannot see coming (another app growing while the run goes on, the allocator's
 # fragmentation on MPS and CUDA).
 AUTO_MARGIN = 1.25
-# ... and this when the device's figures are estimates (MPS or CUDA not calibrated): MPS's attention and allocator are
-# not the CPU's, and nobody here has measured a Mac, so a 16 GB Mac keeps checkpointing on until `spyke-lora
-# calibrate` has measured it, while a machine with twice what the estimate needs turns it off
+# ... and this when a CUDA device's figures are estimates (not calibrated): its attention and allocator are not the
+# CPU's, so an uncalibrated GPU turns checkpointing off only with twice what the estimate needs. An uncalibrated Mac
+# never does (see `_auto_checkpointing`): unified memory swaps for hours where a GPU fails at its first step, and
+# nobody here has measured a Mac, so any margin would be a guess at an edge (a 16 GB Mac at 256 px: 10.64 GiB with
+# the 2x margin against a 10.67 GiB budget)
 ESTIMATE_MARGIN = 2.0
 # a run whose measured peak exceeds the prediction by more than this shows that the model is wrong for this machine
 UNDERESTIMATE = 1.15
@@ -239,12 +241,19 @@ def _shared_budget(device: str, budget: MemoryBudget | None, held: int, sharing:
 def _auto_checkpointing(
     without: MemoryPrediction, budget: MemoryBudget, constants: MemoryConstants, device: str
 ) -> tuple[bool, str]:
-    """``gradient_checkpointing = "auto"`` resolved: off only when the peak ``without`` it, with the margin, fits."""
+    """``gradient_checkpointing = "auto"`` resolved: off only when the peak ``without`` it, with the margin, fits;
+    always on for an uncalibrated Mac (its figures are estimates, and running out of memory there means swapping)."""
     margin = AUTO_MARGIN if constants.calibrated else ESTIMATE_MARGIN
     needed = int(without.peak_bytes * margin)
     kind = "" if constants.calibrated else f" (an estimate: {device.upper()} is not calibrated)"
     if budget.bytes is None:
         return True, "auto: on, because the device's memory budget cannot be read"
+    if device == "mps" and not constants.calibrated:
+        return True, (
+            f"auto: on until this Mac is calibrated: without it the peak would be {gib(without.peak_bytes)}{kind}, "
+            f"and a Mac that runs out of memory swaps (hours instead of minutes); `spyke-lora calibrate` measures "
+            f"this device, and may turn it off"
+        )
     if needed <= budget.bytes:
         return False, (
             f"auto: off (faster): without it the peak is {gib(without.peak_bytes)}{kind}, within the budget with "

@@ -17,7 +17,7 @@ from pathlib import Path
 from .._files import cache_dir
 from ._predict import CPU, MemoryConstants, ModelSize, RunShape, latent_pixels, predict
 
-__all__ = ["calibration_path", "fit", "load_calibrations", "point_shape", "training_residual"]
+__all__ = ["calibration_path", "fit", "load_calibrations", "point_shape", "training_points", "training_residual"]
 
 
 def calibration_path(device: str) -> Path:
@@ -53,10 +53,25 @@ def point_shape(point: Mapping, images: int) -> RunShape:
 
 
 def _peaks(point: Mapping, resident: bool) -> tuple[int, int]:
-    """(loading peak, training peak) of a point as the model predicts them: resident or allocator figures."""
+    """(loading peak, training peak) of a point as the model predicts them: resident or allocator figures.
+
+    On CUDA and MPS the training phase's own peak is ``device_train_peak_bytes``; ``device_peak_bytes`` is the whole
+    run's, which for a point that also sampled is the larger of training and sampling (see :func:`training_points`).
+    """
     if resident:
         return point["load_peak_bytes"], point["train_peak_bytes"]
-    return point["device_load_peak_bytes"], point["device_peak_bytes"]
+    return point["device_load_peak_bytes"], point.get("device_train_peak_bytes", point["device_peak_bytes"])
+
+
+def training_points(points: Sequence[Mapping], resident: bool) -> list[Mapping]:
+    """The points whose training peak is known: on CUDA and MPS, a point that sampled and was measured before the
+    training phase's own peak was kept (``device_train_peak_bytes``, an older calibration file) only knows the
+    larger of training and sampling, which is not a training figure, so it is left out of the training fit (its
+    sampling figure is still used) -- unless it is the only kind there is."""
+    if resident:
+        return list(points)
+    known = [p for p in points if "device_train_peak_bytes" in p or not p.get("device_sample_peak_bytes")]
+    return known or list(points)
 
 
 def training_residual(point: Mapping, model: ModelSize, constants: MemoryConstants, images: int) -> float:
@@ -72,7 +87,19 @@ def fit(
 ) -> MemoryConstants:
     """Constants that make the model reproduce ``points`` (``_measure`` results): the runtime and the loading
     overhead from their medians; the training overhead and the activations (linear and quadratic in the latent's
-    pixels, for checkpointing on and off) by least squares over the training peaks."""
+    pixels, for checkpointing on and off) by least squares over the training phase's peaks (never a peak that
+    sampling set: :func:`training_points`); the sampling constant from the points that sampled.
+
+    Args:
+        points: The measured points (``python -m spyke_lora._calibrate_point``'s figures).
+        model: The sizes of the model they trained.
+        device: "cpu", "cuda" or "mps": resident figures on the CPU, the allocator's elsewhere.
+        images: The images whose latents the points cached.
+        source: Where the figures come from, in words (the plan shows it).
+
+    Returns:
+        The fitted constants, marked calibrated.
+    """
     import numpy as np
 
     resident = device == "cpu"
@@ -94,7 +121,7 @@ def fit(
         True,
     )
     rows, values = [], []
-    for p in points:
+    for p in training_points(points, resident):
         pixels = latent_pixels(p["resolution"]) * p.get("batch_size", 1)
         gc = bool(p["gradient_checkpointing"])
         rows.append([1.0, pixels * gc, pixels**2 * gc, pixels * (not gc), pixels**2 * (not gc)])
