@@ -47,6 +47,7 @@ from types import ModuleType
 from typing import Any
 
 from .._config import TrainConfig, repeats_from_folder_name
+from ._base_weights import merge_base_weights
 from ._lora_weights import load_lora_weights, lora_alphas
 from ._process import DeviceGenerator, preserved_random_state
 
@@ -267,6 +268,8 @@ def validate_files(
     weight_dtype, _ = train_util.prepare_dtype(args)
     vae_dtype = (torch.float32 if args.no_half_vae else weight_dtype) if trainer.cast_vae(args) else None
     _, text_encoder, vae, unet = trainer.load_target_model(args, weight_dtype, accelerator)
+    module = importlib.import_module(args.network_module)
+    merge_base_weights(args, module, (text_encoder, vae, unet), weight_dtype, accelerator)  # as train() does
     vae_dtype = vae.dtype if vae_dtype is None else vae_dtype
     vae.requires_grad_(False)
     vae.eval()
@@ -279,7 +282,6 @@ def validate_files(
         model.requires_grad_(False)
         model.eval()
         model.to(device, dtype=weight_dtype)
-    module = importlib.import_module(args.network_module)
     first = next((f for f in files if f is not None), None)
     if first is not None:
         network, first_weights = module.create_network_from_weights(

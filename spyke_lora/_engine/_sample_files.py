@@ -1,7 +1,7 @@
 """Sampling LoRA files that are already on disk, with the same sd-scripts sampler a training run uses.
 
 The base model is loaded once, the way ``NetworkTrainer.train()`` loads it (``load_target_model``, sdpa attention);
-the LoRA network is built from the first file with the module's own ``create_network_from_weights`` and applied
+``extra_args.base_weights`` are merged into it as ``train()`` merges them; the LoRA network is built from the first file with the module's own ``create_network_from_weights`` and applied
 once; every file's weights are then loaded into it in turn and sampled through ``NetworkTrainer.sample_images``. So a
 file sampled here gives the images the training run made for it (tested: bit-identical on CPU).
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ._after_save import CheckpointSampler
+from ._base_weights import merge_base_weights
 from ._lora_weights import load_lora_weights, lora_alphas
 
 
@@ -34,6 +35,8 @@ def sample_files(
     accelerator = train_util.prepare_accelerator(args)
     weight_dtype, _ = train_util.prepare_dtype(args)
     _, text_encoder, vae, unet = trainer.load_target_model(args, weight_dtype, accelerator)
+    module = importlib.import_module(args.network_module)
+    merge_base_weights(args, module, (text_encoder, vae, unet), weight_dtype, accelerator)  # as train() does
     tokenizers = trainer.get_tokenizers(trainer.get_tokenize_strategy(args))
     device = accelerator.device
     for model in (text_encoder, unet):
@@ -50,7 +53,6 @@ def sample_files(
         trainer.sample_images(accelerator, now, None, step, device, vae, tokenizers, text_encoder, unet)
 
     sampler.sampler = sample_now
-    module = importlib.import_module(args.network_module)
     network, first_weights = module.create_network_from_weights(
         1.0, str(files[0][1]), vae, text_encoder, unet, for_inference=False
     )
