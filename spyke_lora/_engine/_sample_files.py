@@ -1,8 +1,9 @@
 """Sampling LoRA files that are already on disk, with the same sd-scripts sampler a training run uses.
 
-The base model is loaded once, the way ``NetworkTrainer.train()`` loads it (``load_target_model``, sdpa attention);
-``extra_args.base_weights`` are merged into it as ``train()`` merges them; the LoRA network is built from the first file with the module's own ``create_network_from_weights`` and applied
-once; every file's weights are then loaded into it in turn and sampled through ``NetworkTrainer.sample_images``. So a
+The base model is loaded once, the way ``NetworkTrainer.train()`` loads it (``load_target_model``, sdpa attention),
+and ``extra_args.base_weights`` are merged into it as ``train()`` merges them; the LoRA network is built from the
+first file with the module's own ``create_network_from_weights`` and applied once; every file's weights are then
+loaded into it in turn and sampled through ``NetworkTrainer.sample_images``. So a
 file sampled here gives the images the training run made for it (tested: bit-identical on CPU).
 """
 
