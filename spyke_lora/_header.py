@@ -10,17 +10,31 @@ no torch needed. :func:`read_header` reports what is wrong as facts (:class:`Hea
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["Header", "HeaderError", "ModelInfo", "check_base_model", "inspect_model", "read_header"]
+__all__ = [
+    "UNET_CONV_IN",
+    "Header",
+    "HeaderError",
+    "ModelInfo",
+    "check_base_model",
+    "file_problem",
+    "inspect_model",
+    "os_error_words",
+    "read_header",
+]
 
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 _MAX_HEADER = 100 * 2**20
+# the U-Net's first convolution in an LDM checkpoint: its weight's shape[1] is the U-Net's input channels
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 # (family, test on a key, what the file is) in the order they are tried
 _FAMILIES = (
@@ -150,28 +164,103 @@ class ModelInfo:
     tensor_count: int
     size_bytes: int
     metadata: dict[str, str]
+    unet_in_channels: int | None = None  # shape[1] of UNET_CONV_IN; None without that tensor
+    has_unet: bool = False  # model.diffusion_model.* keys
+    has_vae: bool = False  # first_stage_model.* keys
 
 
 def inspect_model(path: str | Path) -> ModelInfo:
-    """Identify a checkpoint from its header; :class:`ConfigError` (naming ``base_model``) for a file that is
-    missing, a pickle, not safetensors, or truncated."""
+    """Identify a checkpoint from its header.
+
+    Args:
+        path: The safetensors file.
+
+    Returns:
+        Its family, tensors, metadata and the U-Net's and VAE's presence.
+
+    Raises:
+        ConfigError: Naming ``base_model``, for a path that is missing, a dangling link or a link loop, a folder (a
+            diffusers model's is said to be one), unreadable, a pickle, not safetensors, or truncated.
+    """
     path = Path(path)
     where = f"`base_model` {str(path)!r}"
-    if not path.is_file():
-        raise ConfigError(f"{where} does not exist; check the path")
+    if path.is_dir():
+        raise ConfigError(_folder_words(path, where))
+    problem = file_problem(path, where)
+    if problem is not None:
+        raise ConfigError(problem)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise ConfigError(_BASE_MODEL_PROBLEMS["pickle"].format(where=where))
     try:
         header = read_header(path)
     except HeaderError as e:
         raise ConfigError(e.worded(_BASE_MODEL_PROBLEMS, where)) from None
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read: {os_error_words(e, path)}") from None
     family, description = "unknown", "a file without text-encoder keys (cond_stage_model.*, conditioner.embedders.*)"
     for name, matches, text in _FAMILIES:
         if any(matches(k) for k in header.tensors):
             family, description = name, text
             break
     metadata = {str(k): str(v) for k, v in header.metadata.items()}
-    return ModelInfo(path, family, description, len(header.tensors), header.size, metadata)
+    conv_in = header.tensors.get(UNET_CONV_IN)
+    shape = conv_in.get("shape") if isinstance(conv_in, dict) else None
+    channels = int(shape[1]) if isinstance(shape, list) and len(shape) == 4 else None
+    has_unet = any(k.startswith("model.diffusion_model.") for k in header.tensors)
+    has_vae = any(k.startswith("first_stage_model.") for k in header.tensors)
+    return ModelInfo(path, family, description, len(header.tensors), header.size, metadata, channels, has_unet, has_vae)
+
+
+def file_problem(path: Path, where: str) -> str | None:
+    """Why ``path`` cannot be read as a file, naming its real cause, or None when it can be opened.
+
+    Args:
+        path: The file.
+        where: The field that names it, for the message (``"`base_model` '/m/x.safetensors'"``).
+
+    Returns:
+        The message: the path does not exist; it is a symbolic link to a missing target (named) or a loop of links;
+        it is a folder; it cannot be read (permission denied, ...). None for a file this process may read
+        (whose reading may still fail: the caller words that OSError with :func:`os_error_words`).
+    """
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{where} is a loop of symbolic links (it links back to itself); point it at the file itself"
+        if path.is_symlink():
+            target = Path(os.readlink(path))
+            target = target if target.is_absolute() else path.parent / target
+            return f"{where} is a symbolic link to {str(target)!r}, which does not exist; fix the link or the path"
+        if e.errno == errno.ENOENT:
+            return f"{where} does not exist; check the path"
+        return f"{where} cannot be read: {os_error_words(e, path)}"
+    if path.is_dir():
+        return f"{where} is a folder, not a file; name the file in it"
+    if not os.access(path, os.R_OK):  # asked, not opened: the caller's one read of it follows
+        return f"{where} cannot be read: {os_error_words(PermissionError(errno.EACCES, 'Permission denied'), path)}"
+    return None
+
+
+def os_error_words(error: OSError, path: Path) -> str:
+    """What an ``OSError`` reading ``path`` means, and the fix, in a few words."""
+    if isinstance(error, PermissionError):
+        return f"permission denied; make it readable (chmod u+r {str(path)!r}) or copy it somewhere you can read"
+    return f"{error.strerror or error} (errno {error.errno}); check the file and the disk"
+
+
+def _folder_words(path: Path, where: str) -> str:
+    """A folder given as a checkpoint: a diffusers model's, or one holding checkpoint files."""
+    if (path / "model_index.json").is_file() or (path / "unet").is_dir():
+        return (
+            f"{where} is a diffusers model folder (model_index.json, unet/, vae/, ...), not a single-file checkpoint: "
+            "spyke-lora trains from one .safetensors file (whose header plan() reads); set base_model to the "
+            "model's .safetensors release, or convert the folder with diffusers' "
+            "scripts/convert_diffusers_to_original_stable_diffusion.py --use_safetensors"
+        )
+    files = sorted(p.name for p in path.glob("*.safetensors"))[:5]
+    inside = f"it holds {', '.join(files)}" if files else "it holds no .safetensors file"
+    return f"{where} is a folder, not a checkpoint file ({inside}); set base_model to the .safetensors file itself"
 
 
 def check_base_model(path: str | Path) -> ModelInfo:
