@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from ._errors import (
 )
 from .events import Event
 
-__all__ = ["Launch", "launch_command", "run_processes", "worker_environment"]
+__all__ = ["Launch", "end_processes", "launch_command", "run_processes", "worker_environment"]
 
 _ERRORS = {c.__name__: c for c in (DeployError, DeviceError, EngineError, OutputInUse, TrainingError, SpykeLoraError)}
 _LAST_LINES = 20
@@ -262,8 +262,8 @@ def run_processes(
                 start_new_session=True,
                 cwd=os.getcwd(),
             )
-        stack.callback(_end_group, process)
         driver = _Driver(process, listener, launch, launch_log, emit, stop_requested)
+        stack.callback(driver.end_all)
         return driver.drive()
 
 
@@ -313,11 +313,15 @@ class _Driver:
                 self._interrupted()
         return self._result()
 
+    def end_all(self) -> None:
+        """End the launcher and every worker now (:func:`end_processes`)."""
+        end_processes(self.process, [w.pid for w in self.workers.values()])
+
     def _interrupted(self) -> None:
         """A Ctrl-C in the caller: the first stops every rank after the current step, the second ends them now."""
         self.interrupts += 1
         if self.interrupts > 1:
-            _end_group(self.process)
+            self.end_all()
             raise KeyboardInterrupt
         print(
             "\nspyke-lora: stopping every rank after this step (Ctrl-C again to abort at once)",
@@ -343,7 +347,7 @@ class _Driver:
             # the launcher is gone: its workers are too, or will be in a moment
             return not open_workers or time.monotonic() - self.ended_at > _ENDING_GRACE_S
         if self.died and time.monotonic() - (self.died[0].closed_at or 0) > _ENDING_GRACE_S:
-            _end_group(self.process)  # a worker died and the launcher did not end the others: do it
+            self.end_all()  # a worker died and the launcher did not end the others: do it
         return False
 
     def _read(self, conn: Connection) -> None:
@@ -480,19 +484,62 @@ def _tail(path: Path, count: int) -> list[str]:
     return lines[-count:]
 
 
-def _end_group(process: subprocess.Popen) -> None:
-    """End the launcher and every worker (its session's process group): SIGTERM, then SIGKILL after 10 s."""
-    if process.poll() is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)  # any worker the launcher left behind
-        return
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+def end_processes(process: subprocess.Popen, worker_pids: Sequence[int] = (), grace: float = 10.0) -> None:
+    """End the launcher and every worker, however the run ended: none may be left.
+
+    The launcher runs in a session of its own, so its process group is signalled (SIGTERM, then SIGKILL after
+    ``grace`` seconds). That does not reach torchrun's workers: its elastic agent starts each in a session of its
+    own (``start_new_session=True`` in torch's ``SubprocessHandler``). So every worker is also ended by its own pid,
+    those that said hello (``worker_pids``) and every process below the launcher found before it is signalled (a
+    worker still starting): SIGTERM, and SIGKILL for any still alive ``grace`` seconds later (one that ignores
+    SIGTERM).
+
+    Args:
+        process: The launcher.
+        worker_pids: The workers' pids, as they said hello.
+        grace: Seconds to wait after SIGTERM before SIGKILL.
+    """
+    import psutil
+
+    workers = _alive([*worker_pids, *_descendants(process.pid)])
+    if process.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout=grace if sig == signal.SIGTERM else 5.0)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # anything left in the launcher's group
+    for worker in workers:
+        with contextlib.suppress(psutil.Error):
+            worker.terminate()
+    _, alive = psutil.wait_procs(workers, timeout=grace)
+    for worker in alive:
+        with contextlib.suppress(psutil.Error):
+            worker.kill()
+    psutil.wait_procs(alive, timeout=5.0)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (none when it is gone)."""
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _alive(pids: Sequence[int]) -> list[Any]:
+    """``psutil.Process`` handles of the pids still running (a handle checks the process's start time, so a pid
+    reused by another process later is never signalled)."""
+    import psutil
+
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found[pid] = psutil.Process(pid)
+    return list(found.values())
