@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from ._errors import DeviceError, EngineError
 from ._memory import constants_for, load_calibrations
 from ._mps_fallback import fallback_missing
 
-__all__ = ["DeviceReport", "doctor"]
+__all__ = ["DeviceReport", "doctor", "free_disk", "output_dir_problem"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,9 @@ def doctor(cfg: TrainConfig | None = None) -> DeviceReport:
         )
     sd_dir, commit = _engine_checkout(cfg, problems, warnings)
     output_dir = cfg.output_dir if cfg else Path.cwd()
+    unwritable = output_dir_problem(output_dir) if cfg else None
+    if unwritable:
+        problems.append(unwritable)
     free, memory = _room(output_dir, device, warnings)
     return DeviceReport(
         python=platform.python_version(),
@@ -192,6 +196,37 @@ def _memory_model(device: str | None, warnings: list[str]) -> str:
             f"machine in a few minutes"
         )
     return constants.source
+
+
+def output_dir_problem(folder: Path) -> str | None:
+    """Why a run could not write its files in ``folder``, its ``output_dir``, or None. Writes nothing to find out.
+
+    Args:
+        folder: The ``output_dir`` (it is created when missing, with its parents).
+
+    Returns:
+        A message naming the folder, what is wrong (a file there or above it, a dangling symlink, no write
+        permission or a read-only file system where the folder is or would be created: ``os.access``) and the fix;
+        None when it can be written.
+    """
+    fix = "choose another output_dir (a folder you can write; it is created if missing)"
+    if folder.is_symlink() and not folder.exists():
+        return f"`output_dir` {str(folder)!r} is a symlink to {os.readlink(folder)!r}, which does not exist; {fix}"
+    if folder.exists() and not folder.is_dir():
+        return f"`output_dir` {str(folder)!r} is a file, not a folder; {fix}"
+    for candidate in (folder, *folder.parents):
+        if not candidate.exists():
+            continue
+        if not candidate.is_dir():
+            return f"`output_dir` {str(folder)!r} cannot be created: {str(candidate)!r} is a file; {fix}"
+        if not os.access(candidate, os.W_OK | os.X_OK):
+            where = "it" if candidate == folder else f"{str(candidate)!r}, where it would be created,"
+            return (
+                f"`output_dir` {str(folder)!r} cannot be written: {where} is not writable (its permissions, or a "
+                f"read-only file system); {fix}, or make {str(candidate)!r} writable"
+            )
+        return None
+    return None
 
 
 def free_disk(folder: Path) -> int | None:

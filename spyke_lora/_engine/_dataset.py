@@ -9,11 +9,14 @@ epoch with regularisation has twice the batches. ``train()`` then derives steps 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import io
 import math
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ import toml
 
 from .._config import TrainConfig, repeats_from_folder_name
 from .._device import DeviceChoice
-from .._errors import ConfigError
+from .._errors import ConfigError, SpykeLoraError
 from ._argv import build_argv, dataset_toml_text, parse_argv
 from ._host import host_for
 
@@ -37,6 +40,13 @@ class Folder:
     class_tokens: str | None  # the caption sd-scripts uses for an image without a caption file
     source: str  # the config field or dataset TOML entry that names it, for messages
     fresh_latents: tuple[str, ...] = ()  # augmentations that need a new latent every step (color_aug, random_crop)
+    dataset: int = 0  # the index of its dataset (sd-scripts drops a second subset of one folder in a dataset)
+    written: str = ""  # ``image_dir`` as sd-scripts reads it ("": ``str(folder)``); its subsets compare these
+
+    @property
+    def image_dir(self) -> str:
+        """The folder as sd-scripts' ``DreamBoothSubset.image_dir`` holds it (the string its ``__eq__`` compares)."""
+        return self.written or str(self.folder)
 
 
 def dataset_folders(cfg: TrainConfig) -> list[Folder]:
@@ -45,37 +55,126 @@ def dataset_folders(cfg: TrainConfig) -> list[Folder]:
     if cfg.dataset_config is not None:
         return _toml_folders(cfg, cfg.dataset_config)
     train, reg, extension = cfg.train_dir, cfg.reg_dir, cfg.caption_extension
-    folders = [Folder(train, cfg.resolved_num_repeats() or 1, False, extension, _class_tokens(train), "`train_dir`")]
+    repeats = cfg.resolved_num_repeats()  # 0 from a '0_' folder: sd-scripts ignores it (the preflight refuses it)
+    repeats = 1 if repeats is None else repeats
+    folders = [Folder(train, repeats, False, extension, _class_tokens(train), "`train_dir`")]
     if reg is not None:
         folders.append(Folder(reg, cfg.reg_repeats, True, extension, _class_tokens(reg), "`reg_dir`"))
     return folders
 
 
 def _toml_folders(cfg: TrainConfig, path: Path) -> list[Folder]:
-    """Every subset of the dataset TOML at ``path``, a relative ``image_dir`` from the TOML's folder."""
-    try:
-        data = toml.loads(path.read_text(encoding="utf-8"))
-    except (OSError, toml.TomlDecodeError) as e:
-        raise ConfigError(f"`dataset_config` {str(path)!r} cannot be read as TOML: {e}") from None
+    """Every subset of the dataset TOML at ``path``, read by sd-scripts' own ``load_user_config``; a relative
+    ``image_dir`` resolved as sd-scripts resolves it (from the working directory, ``os.path.isdir`` in
+    ``load_dreambooth_dir``, train_util.py l.1973), refused where the TOML's folder would give another folder."""
+    data = read_dataset_config(cfg, path)
     general = data.get("general", {})
-    folders = []
+    folders, problems = [], []
     for d, dataset in enumerate(data.get("datasets", [])):
         for s, subset in enumerate(dataset.get("subsets", [])):
             where = f"{path.name} datasets[{d}].subsets[{s}]"
             if "image_dir" not in subset:
-                raise ConfigError(f"{where} has no `image_dir`; add the folder of its images")
-            folder = Path(subset["image_dir"]).expanduser()
-            if not folder.is_absolute():
-                folder = path.parent / folder
+                problems.append(f"{where} has no `image_dir`; add the folder of its images")
+                continue
+            problems += _relative_path_problems(where, path, subset)
             tables = (subset, dataset, general)  # the value of a key: the subset's, else the dataset's, else general's
+            repeats = _inherited(tables, "num_repeats", 1)
+            if isinstance(repeats, bool) or not isinstance(repeats, int):
+                problems.append(f"{where} `num_repeats` must be a whole number such as 10, got {repeats!r}")
+                continue
             fresh = tuple(key for key in ("color_aug", "random_crop") if _inherited(tables, key, False))
-            repeats = int(_inherited(tables, "num_repeats", 1))
             extension = _inherited(tables, "caption_extension", cfg.caption_extension)
             is_reg, tokens = bool(subset.get("is_reg", False)), subset.get("class_tokens")
-            folders.append(Folder(folder, repeats, is_reg, extension, tokens, where, fresh))
+            written = str(subset["image_dir"])
+            folder = Path(os.path.abspath(written))
+            folders.append(Folder(folder, repeats, is_reg, extension, tokens, where, fresh, d, written))
+    if problems:
+        raise ConfigError(problems)
     if not folders:
         raise ConfigError(f"`dataset_config` {str(path)!r} has no [[datasets.subsets]] entry")
     return folders
+
+
+# The paths of a dataset TOML's subset that sd-scripts opens as written (relative: from the working directory):
+# the images, the masks (``conditioning_data_dir``, with masked_loss) and a fine-tuning subset's metadata.
+_SUBSET_PATHS = ("image_dir", "conditioning_data_dir", "metadata_file")
+
+
+def _relative_path_problems(where: str, toml_path: Path, subset: dict[str, Any]) -> list[str]:
+    """A relative path of a subset names another file from the working directory (what sd-scripts reads) than
+    from the TOML's folder (what a reader of the TOML expects), or a path starting with ``~`` (sd-scripts does not
+    expand it): each is a problem naming both, and the absolute path to write."""
+    problems = []
+    for key in (k for k in _SUBSET_PATHS if isinstance(subset.get(k), str)):
+        written = subset[key]
+        from_cwd = Path(os.path.abspath(written))
+        if written.startswith("~"):
+            meant = Path(os.path.expanduser(written))
+            why = "starts with '~', which sd-scripts does not expand"
+        elif not os.path.isabs(written):
+            meant = Path(os.path.abspath(toml_path.parent / written))
+            why = f"is relative: sd-scripts reads it from the working directory, as {str(from_cwd)!r}"
+        else:
+            continue
+        if os.path.realpath(from_cwd) == os.path.realpath(meant):
+            continue  # the working directory is the TOML's folder: both read the same folder
+        label = "folder" if key == "image_dir" else key
+        problems.append(
+            f"{where} {label} {written!r} {why}, not from the TOML's folder ({str(meant)!r}); write the absolute "
+            f"path: {key} = {str(meant)!r}"
+        )
+    return problems
+
+
+def read_dataset_config(cfg: TrainConfig, path: Path) -> dict[str, Any]:
+    """The user's dataset TOML (or JSON) as sd-scripts reads it: its own ``config_util.load_user_config``, which
+    opens a ``.toml`` as UTF-8 with the ``toml`` package (a byte-order mark is then part of the first key) and
+    refuses any other extension but ``.json``.
+
+    Args:
+        cfg: The run's config (which sd-scripts).
+        path: The ``dataset_config`` file.
+
+    Returns:
+        Its tables.
+
+    Raises:
+        ConfigError: The file is missing, a folder, or sd-scripts cannot read it: naming the file, why, and the fix.
+    """
+    if path.is_dir():
+        raise ConfigError(f"`dataset_config` {str(path)!r} is a folder, not a dataset TOML file; name the .toml file")
+    if not path.is_file():
+        raise ConfigError(f"`dataset_config` {str(path)!r} does not exist; check the path")
+    host = host_for(cfg.sd_scripts_dir)
+    quiet = io.StringIO()
+    try:
+        with host.active(), contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
+            return dict(host.train_network().config_util.load_user_config(str(path)))
+    except SpykeLoraError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- what sd-scripts' reader raises, as a problem naming the file
+        raise ConfigError(f"`dataset_config` {str(path)!r} {_unreadable(path, e)}") from None
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why sd-scripts' reader could not read ``path``, and the fix (for a message after the file's name)."""
+    head = path.read_bytes()[:4096]
+    encoding_fix = "save it as UTF-8 (without a BOM: in a Windows editor, 'UTF-8', not 'UTF-8 with BOM')"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\0" in head:
+        return f"is UTF-16, and sd-scripts reads a dataset TOML as UTF-8; {encoding_fix}"
+    if head.startswith(codecs.BOM_UTF8):
+        return (
+            f"starts with a UTF-8 byte-order mark (BOM), which sd-scripts' TOML reader takes for part of the first "
+            f"key ({error}); {encoding_fix}"
+        )
+    if isinstance(error, UnicodeDecodeError):
+        return (
+            f"is not UTF-8 (byte {error.object[error.start]:#04x} at offset {error.start}, perhaps Latin-1 or "
+            f"Windows-1252), and sd-scripts reads a dataset TOML as UTF-8; {encoding_fix}"
+        )
+    if path.suffix.lower() not in (".toml", ".json"):
+        return f"is not a .toml or .json file, the only kinds sd-scripts reads; rename it to {path.stem}.toml"
+    return f"cannot be read as TOML: {error}; fix the line it names"
 
 
 def _inherited(tables: tuple[dict[str, Any], ...], key: str, default: Any) -> Any:
@@ -134,10 +233,15 @@ def count_steps(cfg: TrainConfig, device: DeviceChoice, processes: int = 1) -> S
         train_network = host.train_network()
         train_util = train_network.train_util
         args = parse_argv(train_network.setup_parser(), build_argv(cfg, device))
-        train_util.prepare_dataset_args(args, True)
-        if args.enable_bucket:
-            _check_buckets(args)
-        group, held_out = _dataset_group(cfg, args, train_network.config_util)
+        if args.gradient_accumulation_steps < 1:  # the preflight refuses it first; other callers get the same
+            raise ConfigError(
+                f"`extra_args.gradient_accumulation_steps` must be at least 1, got {args.gradient_accumulation_steps}"
+            )
+        with sd_scripts_errors(cfg, host.root):
+            train_util.prepare_dataset_args(args, True)
+            if args.enable_bucket:
+                _check_buckets(args)
+            group, held_out = _dataset_group(cfg, args, train_network.config_util)
         subsets = tuple(
             SubsetCount(Path(s.image_dir), s.img_count, s.num_repeats, s.is_reg)
             for dataset in group.datasets
@@ -176,6 +280,58 @@ def _dataset_group(cfg: TrainConfig, args: Any, config_util: Any) -> tuple[Any, 
             return config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
     finally:
         random.setstate(state)
+
+
+# sd-scripts' local names of the file its dataset code is reading (read_caption's cap_path, load_image's image_path,
+# make_buckets' absolute path, a subset's info cache), innermost first.
+_FILE_LOCALS = ("cap_path", "image_path", "img_path", "abs_path", "absolute_path", "npz_path", "info_cache_file")
+
+
+@contextlib.contextmanager
+def sd_scripts_errors(cfg: TrainConfig, root: Path) -> Iterator[None]:
+    """What sd-scripts' dataset code raises while planning becomes a :class:`ConfigError` naming the file it was
+    reading: the innermost frame of sd-scripts' own code (under ``root``) holding one of its file variables, else its
+    subset's ``image_dir``, else the dataset's folders.
+
+    Args:
+        cfg: The run's config (its folders, when no frame names a file).
+        root: sd-scripts' checkout: only frames of its code are read.
+
+    Raises:
+        ConfigError: For any exception but a :class:`~spyke_lora.SpykeLoraError` (raised as it is), the original
+            chained.
+    """
+    try:
+        yield
+    except SpykeLoraError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- only SpykeLoraErrors leave the planning
+        file, folder = _read_when_raised(e, str(root) + os.sep)
+        if file is not None:
+            where = f"reading {file!r}"
+        else:
+            named = [folder] if folder else [str(p) for p in (cfg.dataset_config, cfg.train_dir, cfg.reg_dir) if p]
+            where = f"reading the dataset ({', '.join(repr(f) for f in named)})"
+        raise ConfigError(
+            f"sd-scripts' dataset code failed {where}: {type(e).__name__}: {e}; fix or remove that file (sd-scripts "
+            f"would fail the same way when the run starts)"
+        ) from e
+
+
+def _read_when_raised(error: BaseException, root: str) -> tuple[str | None, str | None]:
+    """(the file, the subset's folder) sd-scripts' code was reading when it raised ``error``, innermost first."""
+    file = folder = None
+    tb = error.__traceback__
+    while tb is not None:  # outermost to innermost: a later frame's names win
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.startswith(root):
+            names = frame.f_locals
+            value = next((names[n] for n in _FILE_LOCALS if isinstance(names.get(n), (str, os.PathLike))), None)
+            file = str(value) if value else file
+            subset_dir = getattr(names.get("subset"), "image_dir", None)
+            folder = str(subset_dir) if isinstance(subset_dir, str) else folder
+        tb = tb.tb_next
+    return file, folder
 
 
 def image_paths(group: Any) -> tuple[Path, ...]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import os
 
 from .. import _engine
 from .._config import TrainConfig, repeats_from_folder_name
@@ -17,7 +18,9 @@ __all__ = [
     "check_dataset",
     "check_dataset_folders",
     "check_folder",
+    "check_repeats",
     "check_repeats_name",
+    "check_same_folders",
     "check_stems",
     "folder_findings",
 ]
@@ -101,11 +104,9 @@ def check_folder(
 
 
 def check_dataset(ctx: CheckContext, found: Findings) -> None:
-    """The dataset's folders can be named: the dataset TOML exists and reads, each subset has an ``image_dir``."""
+    """The dataset's folders can be named: the dataset TOML exists and sd-scripts reads it, each subset has an
+    ``image_dir`` (an absolute one, or one the working directory and the TOML's folder agree on)."""
     found.problems += ctx.dataset.problems
-    cfg = ctx.cfg
-    if cfg.dataset_config is not None and not cfg.dataset_config.is_file():
-        found.problem(f"`dataset_config` {str(cfg.dataset_config)!r} does not exist; check the path")
 
 
 def check_dataset_folders(ctx: CheckContext, found: Findings) -> None:
@@ -117,3 +118,55 @@ def check_dataset_folders(ctx: CheckContext, found: Findings) -> None:
                 f"{folder.source} sets {' and '.join(folder.fresh_latents)}, which change the image at every step, so "
                 f"its latents cannot be cached; set `cache_latents = false` (slower: the VAE encodes every step)"
             )
+
+
+def check_repeats(ctx: CheckContext, found: Findings) -> None:
+    """sd-scripts ignores a subset of fewer than 1 repeat (train_util.py l.2118, "ignore subset ... num_repeats is
+    less than 1"): none of its images is trained, and a dataset of only such subsets has 0 steps."""
+    for folder in ctx.dataset.value:
+        if folder.repeats >= 1:
+            continue
+        if folder.source == "`train_dir`":
+            name = folder.folder.name
+            token = name.split("_", 1)[1] if "_" in name else name
+            found.problem(
+                f"`train_dir` folder {str(folder.folder)!r} has {folder.repeats} repeats (the '{name.split('_')[0]}_' "
+                f"of its name): sd-scripts ignores a folder of fewer than 1 repeat, so none of its images would be "
+                f"trained; rename the folder to '10_{token}', or set num_repeats = 10"
+            )
+        else:
+            found.problem(
+                f"{folder.source} sets num_repeats = {folder.repeats} ({folder.repeats} repeats): sd-scripts ignores "
+                f"a subset of fewer than 1 repeat, so none of the images in {str(folder.folder)!r} would be trained; "
+                f"set num_repeats = 1 or more"
+            )
+
+
+def check_same_folders(ctx: CheckContext, found: Findings) -> None:
+    """Two subsets of one dataset on one folder (by any path: a symlink, ``..``, a trailing slash). sd-scripts
+    keeps the first of two subsets whose ``image_dir`` strings are equal and ignores the second
+    (``DreamBoothSubset.__eq__``, train_util.py l.2124: ``reg_dir = train_dir`` trains no regularisation image); by
+    two spellings of one folder it trains its images twice (as regularisation images too). One folder in two
+    datasets is a multi-resolution run, and allowed."""
+    seen: dict[tuple[int, str], _engine.Folder] = {}
+    for folder in ctx.dataset.value:
+        key = (folder.dataset, os.path.realpath(folder.image_dir))
+        first = seen.setdefault(key, folder)
+        if first is folder:
+            continue
+        if folder.image_dir == first.image_dir:
+            what = (
+                "no regularisation image would be trained"
+                if folder.is_reg and not first.is_reg
+                else f"its settings (num_repeats = {folder.repeats}) would never be used"
+            )
+            result = f"sd-scripts ignores a second subset of one folder, so {what}"
+        else:
+            twice = ", as regularisation images too" if folder.is_reg != first.is_reg else ""
+            result = f"sd-scripts trains the folder's images once for each subset{twice}"
+        reg_dir = folder.source == "`reg_dir`"
+        fix = "set reg_dir to a folder of class images, or remove it" if reg_dir else "merge the two into one subset"
+        found.problem(
+            f"{folder.source} {str(folder.image_dir)!r} is the same folder as {first.source} "
+            f"{str(first.image_dir)!r}: {result}; {fix}"
+        )

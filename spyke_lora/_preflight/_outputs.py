@@ -2,17 +2,48 @@
 
 from __future__ import annotations
 
+import os
+
 from .. import _engine
 from .._config import TrainConfig
-from .._doctor import free_disk
+from .._doctor import free_disk, output_dir_problem
 from ._context import CheckContext, Findings
 
-__all__ = ["BYTES_PER_DIM_FP32", "STATE_BYTES_PER_DIM", "bytes_per_file", "check_disk", "check_existing_outputs"]
+__all__ = [
+    "BYTES_PER_DIM_FP32",
+    "STATE_BYTES_PER_DIM",
+    "bytes_per_file",
+    "check_disk",
+    "check_existing_outputs",
+    "check_output_dir",
+]
 
 # Measured: an SD1.5 LoRA of network_dim 32 saved as fp32 is 75.6 MB (792 tensors); size scales with dim.
 BYTES_PER_DIM_FP32 = 75_600_000 / 32
 _SAVE_BYTES = {"float": 4, "fp16": 2, "bf16": 2}
 STATE_BYTES_PER_DIM = 3 * BYTES_PER_DIM_FP32  # estimate, checked by a test: weights + AdamW's exp_avg, exp_avg_sq
+
+
+def check_output_dir(ctx: CheckContext, found: Findings) -> None:
+    """``output_dir`` can be written (:func:`~spyke_lora._doctor.output_dir_problem`: not a file, writable where it
+    is or would be created), and is no dataset folder: the run writes its records (a loss chart PNG among them) and
+    prompt file there, and the next run on that folder would train them."""
+    cfg = ctx.cfg
+    problem = output_dir_problem(cfg.output_dir)
+    if problem:
+        found.problem(problem)
+    out = os.path.realpath(cfg.output_dir)
+    folders = [(f.source, f.folder) for f in ctx.dataset.value]
+    if ctx.held_out is not None:
+        folders.append((ctx.held_out.source, ctx.held_out.folder))
+    for source, folder in folders:
+        if os.path.realpath(folder) == out:
+            found.problem(
+                f"`output_dir` {str(cfg.output_dir)!r} is the {source} folder {str(folder)!r}: the run's records and "
+                f"images (the loss chart, the samples' folder) would be written into the dataset, and trained by the "
+                f"next run on it; choose an output_dir outside the dataset (e.g. {str(folder.parent / 'loras')!r})"
+            )
+            return
 
 
 def check_existing_outputs(ctx: CheckContext, found: Findings) -> None:
