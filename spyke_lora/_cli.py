@@ -16,12 +16,13 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
 from ._config import TrainConfig, tomllib
-from ._errors import ConfigError, SpykeLoraError, TrainingError
+from ._errors import ConfigError, SpykeLoraError, SpykeLoraWarning, TrainingError
 from ._version import __version__
 from .callbacks import Progress, describe  # noqa: F401  (describe: the event lines, tested from here)
 from .events import Event
@@ -195,14 +196,28 @@ def _argv_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _argv(args: argparse.Namespace) -> int:
-    from ._engine import command_line, device_choice, sd_scripts_argv, write_dataset_toml, write_sample_prompts
+    """Print the command line, and on stderr the files it reads that a run writes: their paths and text. Printing
+    writes nothing (not even ``output_dir``): ``spyke-lora train`` writes those files, or save the text shown."""
+    from ._engine import (
+        command_line,
+        dataset_toml_path,
+        dataset_toml_text,
+        device_choice,
+        sample_prompts_path,
+        sample_prompts_text,
+        sd_scripts_argv,
+    )
 
     cfg = TrainConfig.from_toml(args.config)
     sd_scripts_argv(cfg, device=args.device)  # checked by sd-scripts' parser; corrections warned about
-    written = write_dataset_toml(cfg)  # the command below reads it: make it runnable as printed
-    for what, path in (("the dataset TOML", written), ("the sample prompts", write_sample_prompts(cfg))):
-        if path:
-            print(f"# wrote {what} it reads: {path}", file=sys.stderr)
+    files = (
+        ("the dataset TOML", dataset_toml_path(cfg), dataset_toml_text(cfg)),
+        ("the sample prompts", sample_prompts_path(cfg), sample_prompts_text(cfg)),
+    )
+    for what, path, text in files:
+        if text is not None:
+            print(f"# {what} it reads, {path} (not written: `spyke-lora train` writes it):", file=sys.stderr)
+            print("\n".join(f"#   {line}" for line in text.splitlines()), file=sys.stderr)
     print(command_line(cfg, device_choice(cfg, args.device)))
     return 0
 
@@ -214,7 +229,11 @@ def _runs_arguments(p: argparse.ArgumentParser) -> None:
 def _runs(args: argparse.Namespace) -> int:
     from ._records import RunRecord, runs
 
-    found = runs(args.folder)
+    with warnings.catch_warnings(record=True) as said:  # what could not be read, one line each
+        warnings.simplefilter("always", SpykeLoraWarning)
+        found = runs(args.folder)
+    for warning in said:
+        print(f"warning: {warning.message}", file=sys.stderr)
     if not found:
         print(f"no spyke-lora runs in {args.folder}")
         return 0
@@ -262,17 +281,43 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ._calibrate import calibrate
     from ._device import available_devices, resolve_device
 
+    resolutions = _resolutions(args.resolutions)
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {args.steps}; the default is 3")
     cuda, mps = available_devices()
     device = resolve_device(args.device, cuda_available=cuda, mps_available=mps)
-    resolutions = tuple(int(r) for r in args.resolutions.split(","))
     with tempfile.TemporaryDirectory(prefix="spyke-lora-calibrate-") as tmp:
-        constants, _ = calibrate(device, Path(args.dir or tmp), resolutions=resolutions, steps=args.steps)
+        work = Path(args.dir or tmp).expanduser()
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"--dir {str(work)!r} cannot be made: {e.strerror or e}; give a writable folder"
+            ) from None
+        try:
+            constants, _ = calibrate(device, work, resolutions=resolutions, steps=args.steps)
+        except RuntimeError as e:  # a measuring process failed: its last output is in the message
+            raise TrainingError(f"calibration failed: {e}") from e
     on, off = constants.activation_bytes[True], constants.activation_bytes[False]
     print(
         f"{device}: activations {on[0] / 1e3:.1f} kB per latent pixel with gradient checkpointing, "
         f"{off[0] / 1e3:.1f} kB without; plan() uses these figures from now on"
     )
     return 0
+
+
+def _resolutions(text: str) -> tuple[int, ...]:
+    """``--resolutions 64,128,256``: each a multiple of 64, at least 64."""
+    try:
+        resolutions = tuple(int(r) for r in text.split(","))
+    except ValueError:
+        resolutions = ()
+    if not resolutions or any(r < 64 or r % 64 for r in resolutions):
+        raise ConfigError(
+            f"--resolutions must be pixel sizes, multiples of 64 separated by commas, got {text!r}; "
+            "e.g. --resolutions 64,128,256,512"
+        )
+    return resolutions
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -292,10 +337,13 @@ def _compare(args: argparse.Namespace) -> int:
     such as no samples, exit 2)."""
     from ._compare import ColourHistogramScorer, review, sheet_layout, write_sheet
 
-    sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
-    scorer = ColourHistogramScorer() if args.rank else None
-    rv = review(args.run_dir, args.name, train_images=args.train_images, scorer=scorer)
-    path = write_sheet(rv, args.out, args.cell)
+    try:
+        sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
+        scorer = ColourHistogramScorer() if args.rank else None
+        rv = review(args.run_dir, args.name, train_images=args.train_images, scorer=scorer)
+        path = write_sheet(rv, args.out, args.cell)
+    except ConfigError as e:  # no samples, a bad folder: said as it is, not as an "invalid configuration"
+        raise SpykeLoraError("; ".join(e.problems)) from None
     print(f"contact sheet: {path}")
     images, checked = sum(s.images for s in rv.steps), len(rv.train_images)
     print(
@@ -388,7 +436,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "argv",
-        "print the equivalent sd-scripts command line (and write the dataset TOML it reads)",
+        "print the equivalent sd-scripts command line (and the files it reads, which it does not write)",
         _argv_arguments,
         _argv,
     ),
@@ -441,8 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The command's arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit code: 0 done, 1 a run started and failed, 2 refused before anything ran (config, dataset,
-        device, engine), 130 interrupted. Errors are printed as one line on stderr.
+        The exit code: 0 done, 1 a run started and failed (or an internal error: an exception that is not a
+        :class:`SpykeLoraError`, a bug, printed as one line naming its type; ``SPYKE_LORA_TRACEBACK=1`` raises it
+        instead), 2 refused before anything ran (config, dataset, device, engine), 130 interrupted. Errors are
+        printed as one line on stderr.
     """
     args = _parser().parse_args(argv)
     try:
@@ -456,6 +506,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spyke-lora: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: no check foresaw it (every known cause is a SpykeLoraError with its fix)
+        if os.environ.get("SPYKE_LORA_TRACEBACK"):
+            raise
+        text = " ".join(str(e).split()) or "(no message)"
+        print(
+            f"spyke-lora: internal error: {type(e).__name__}: {text} (a bug in spyke-lora {__version__}: please "
+            f"report it, with the command you ran and this line; SPYKE_LORA_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ means the same thing wherever it is later used.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import json
@@ -28,7 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "repeats_from_folder_name"]
+__all__ = ["TrainConfig", "kohya_parent_problem", "read_toml", "repeats_from_folder_name"]
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 SavePrecision = Literal["float", "fp16", "bf16"]
@@ -58,6 +59,40 @@ def repeats_from_folder_name(folder: Path | str) -> tuple[int, str] | None:
     if match is None:
         return None
     return int(match.group(1)), match.group(2)
+
+
+def kohya_parent_problem(field: str, folder: Path) -> str | None:
+    """The problem of a dataset folder given one level too high: kohya's habit of ``train_data_dir = /data/img``
+    holding ``/data/img/10_spyke_plasma_v1`` (sd-scripts' layout without a dataset TOML, where each ``N_name``
+    subfolder is a subset), where spyke-lora's field names the ``N_name`` folder itself.
+
+    Args:
+        field: The field that names ``folder`` (``train_dir``, ``reg_dir``).
+        folder: The folder given.
+
+    Returns:
+        The message naming the ``N_name`` folders inside and the setting to use (one of them, or a dataset TOML
+        for several), or None when ``folder`` holds no ``N_name`` folder (or cannot be read).
+    """
+    try:
+        inside = sorted(p for p in Path(folder).iterdir() if repeats_from_folder_name(p) and p.is_dir())
+    except OSError:
+        return None
+    if not inside:
+        return None
+    if len(inside) == 1:
+        return (
+            f"`{field}` {str(folder)!r} holds the kohya dataset folder {inside[0].name!r} instead of being one "
+            f"(spyke-lora's `{field}` is the N_name folder itself, not sd-scripts' train_data_dir above it); "
+            f"set `{field} = {str(inside[0])!r}`"
+        )
+    names = ", ".join(repr(p.name) for p in inside[:5]) + (f" and {len(inside) - 5} more" if len(inside) > 5 else "")
+    return (
+        f"`{field}` {str(folder)!r} holds {len(inside)} kohya dataset folders ({names}) instead of being one "
+        f"(spyke-lora's `{field}` is one N_name folder, not sd-scripts' train_data_dir above them); pick one, "
+        f"e.g. `{field} = {str(inside[0])!r}`, or train on all of them with a dataset TOML (`dataset_config`) "
+        f"that lists each folder as a subset"
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,17 +197,12 @@ class TrainConfig:
             The config, checked.
 
         Raises:
-            ConfigError: The file is missing or not TOML, or its keys and values have problems: every unknown key
-                (with the closest field) and bad value, together, each naming its key.
+            ConfigError: The file is missing, a folder, unreadable, not text (:func:`read_toml`) or not TOML, or its
+                keys and values have problems: every unknown key (with the closest field) and bad value, together,
+                each naming its key.
         """
         path = Path(path).expanduser()
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist; check the path") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        data = read_toml(path, "config file")
         return cls.from_dict(data, base_dir=path.parent, source=str(path))
 
     @classmethod
@@ -314,7 +344,8 @@ class TrainConfig:
         if self.train_dir is not None and self.resolved_num_repeats() is None:
             name = self.train_dir.name
             problems.append(
-                f"`num_repeats` is not set and the folder name {name!r} of `train_dir` has no `N_` prefix; "
+                kohya_parent_problem("train_dir", self.train_dir)
+                or f"`num_repeats` is not set and the folder name {name!r} of `train_dir` has no `N_` prefix; "
                 f"set `num_repeats = 10` or rename the folder to '10_{name}'"
             )
         if self.max_train_epochs is None and self.max_train_steps is None:
@@ -541,8 +572,32 @@ def _coerce(name: str, hint: Any, value: Any) -> tuple[Any, str | None]:
     raise AssertionError(f"unhandled type {hint!r} for {name}")  # pragma: no cover
 
 
+# sd-scripts seeds NumPy with `seed` (train_network.py line 505: accelerate's set_seed -> np.random.seed), and the
+# held-out passes seed it with `validation_seed`; NumPy takes 0..2**32-1 and nothing else ("Seed must be between 0 and
+# 2**32 - 1"). A sample seed outside it is not read as a seed at all: sd-scripts' prompt line parser
+# (library/train_util.py line 6272, r"d (\d+)") skips "--d -1" and samples every checkpoint with a random seed.
+_SEEDS = {"seed": 42, "sample_seed": 1234, "validation_seed": 42}  # the field and the fix offered
+_SEED_MAX = 2**32 - 1
+# SD1.5's text encoder (CLIP ViT-L/14) has 12 layers (library/model_util.py line 1058, num_hidden_layers=12): sd-scripts
+# takes hidden_states[-clip_skip] of its 13 (the token embeddings, then each layer; library/strategy_sd.py line 77),
+# so 13 trains on the embeddings before any layer and 14 or more fail with an IndexError at the first step.
+_TEXT_ENCODER_LAYERS = 12
+
+
 def _range_checked(name: str, value: float) -> tuple[Any, str | None]:
-    """(value, problem or None) against the field's minimum in ``_MINIMUM``."""
+    """(value, problem or None) against the field's minimum in ``_MINIMUM``, a seed's range, clip_skip's layers."""
+    if name in _SEEDS and not 0 <= value <= _SEED_MAX:
+        habit = "; -1 does not mean a random seed here" if value < 0 else ""
+        return value, (
+            f"`{name}` must be from 0 to {_SEED_MAX} (sd-scripts seeds NumPy with it, which takes no other value), "
+            f"got {value!r}{habit}: pick one, e.g. `{name} = {_SEEDS[name]}`"
+        )
+    if name == "clip_skip" and value > _TEXT_ENCODER_LAYERS:
+        return value, (
+            f"`clip_skip` must be at most {_TEXT_ENCODER_LAYERS}, got {value!r}: SD1.5's text encoder has "
+            f"{_TEXT_ENCODER_LAYERS} layers, and sd-scripts would train on the token embeddings (13) or fail at the "
+            f"first step (14 or more); try 2 (the anime models' habit) or 1 (the last layer)"
+        )
     low = _MINIMUM.get(name)
     if low is not None and value < low:
         return value, f"`{name}` must be at least {low:g}, got {value!r}"
@@ -583,6 +638,118 @@ def _extra_args_problems(extra: Mapping[str, Any]) -> list[str]:
                 f"`extra_args.{key}` must be true/false, a number, a string or a list of those, got {value!r}"
             )
     return problems
+
+
+# --- reading TOML -----------------------------------------------------------------------------------------------------
+
+# The byte-order marks an editor writes (Notepad's "UTF-8 with BOM" and "Unicode"), UTF-32's first: UTF-32 LE's
+# starts with UTF-16 LE's. A mark says unambiguously how the text is encoded.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"),
+)
+_SAVE_AS_UTF8 = "save it as UTF-8 (TOML files are UTF-8; in Notepad: Save As, Encoding: UTF-8)"
+
+
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a table, read as a text editor saved it.
+
+    TOML is UTF-8, and Python's ``tomllib`` reads nothing else (not even a UTF-8 byte-order mark: "Invalid
+    statement (at line 1, column 1)"). A byte-order mark says for sure how a file is encoded, so UTF-8, UTF-16 and
+    UTF-32 with one are read; text without one must be UTF-8.
+
+    Args:
+        path: The file.
+        what: What the file is, the first words of every message ("config file", "dataset TOML").
+
+    Returns:
+        The parsed table.
+
+    Raises:
+        ConfigError: Naming the file: it does not exist, is a folder (with the TOML files in it), cannot be read,
+            is UTF-16 without a byte-order mark, is not text, has bytes that are not UTF-8 (the first one's offset,
+            line and column), or is not valid TOML.
+    """
+    text = _toml_text(Path(path), what)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
+def _toml_text(path: Path, what: str) -> str:
+    """The text of a TOML file (a byte-order mark honoured and removed); ConfigError when there is none."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if path.is_symlink():
+            target = os.readlink(path)
+            raise ConfigError(f"{what} {str(path)!r} is a link to {target!r}, which does not exist; check it") from None
+        raise ConfigError(f"{what} {str(path)!r} does not exist; check the path") from None
+    except OSError as e:
+        if path.is_dir():
+            raise ConfigError(_folder_problem(path, what)) from None
+        raise ConfigError(
+            f"{what} {str(path)!r} cannot be read: {e.strerror or e}; check it and its permissions"
+        ) from None
+    for bom, codec, name in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom) :].decode(codec)
+            except UnicodeDecodeError as e:
+                raise ConfigError(
+                    f"{what} {str(path)!r} starts with a {name} byte-order mark but is not {name} text after it "
+                    f"(at offset {e.start + len(bom)}); {_SAVE_AS_UTF8}"
+                ) from None
+    if b"\0" in data:
+        order = _utf16_order(data)
+        if order:
+            raise ConfigError(
+                f"{what} {str(path)!r} is UTF-16 ({order}) text without a byte-order mark, which cannot be told "
+                f"apart for sure; {_SAVE_AS_UTF8}"
+            )
+        raise ConfigError(
+            f"{what} {str(path)!r} is not a text file (a NUL byte at offset {data.index(0)}); give the TOML file"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(_not_utf8_problem(path, what, data, e.start)) from None
+
+
+def _folder_problem(path: Path, what: str) -> str:
+    try:
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".toml" and p.is_file())
+    except OSError:
+        found = []
+    inside = ", ".join(repr(str(p)) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    hint = f": the TOML files in it are {inside}" if found else ""
+    return f"{what} {str(path)!r} is a folder, not a TOML file; give the file itself{hint}"
+
+
+def _utf16_order(data: bytes) -> str | None:
+    """ "little-endian" or "big-endian" when ``data`` reads as UTF-16 text of mostly ASCII (every other byte NUL)."""
+    high, low = data[1::2], data[0::2]  # little-endian: the high byte of an ASCII character, NUL, comes second
+    for order, zeros, others in (("little-endian", high, low), ("big-endian", low, high)):
+        if zeros and zeros.count(0) >= 0.8 * len(zeros) and others.count(0) <= 0.05 * len(others):
+            return order
+    return None
+
+
+def _not_utf8_problem(path: Path, what: str, data: bytes, offset: int) -> str:
+    line = data.count(b"\n", 0, offset) + 1
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    try:  # what the byte most likely is: Windows' own code page (Latin-1's superset)
+        seen = f" (in Windows-1252 or Latin-1 it reads {data[offset : offset + 1].decode('cp1252')!r})"
+    except UnicodeDecodeError:
+        seen = ""
+    return (
+        f"{what} {str(path)!r} is not UTF-8 text: byte 0x{data[offset]:02X} at offset {offset} (line {line}, "
+        f"column {column}) cannot be decoded{seen}; {_SAVE_AS_UTF8}"
+    )
 
 
 # --- writing TOML -----------------------------------------------------------------------------------------------------

@@ -121,15 +121,71 @@ def event_to_json(event: Event) -> dict[str, Any]:
     return data
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """The events of a run; a line cut short by a kill is skipped."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+# The fields `runs` reads of each event, and their JSON types: an event without them (an edited file, a line cut
+# short) is skipped like a line that is not JSON. Losses are numbers, or "nan"/"inf" as text (event_to_json).
+_NUMBER = (int, float)
+_LOSS = (int, float, str)
+_READ_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "TrainStarted": {"total_steps": (int,), "device": (str,)},
+    "StepEnded": {"step": (int,), "loss": _LOSS, "avg_loss": _LOSS},
+    "TrainEnded": {"status": (str,)},
+}
+
+
+def read_events(path: Path, *, warn: bool = False) -> list[dict[str, Any]]:
+    """The events of a run. A line that is not a complete event (cut short by a kill, edited) is skipped, and bytes
+    that are not UTF-8 are replaced.
+
+    Args:
+        path: The run's ``NAME.events.jsonl``.
+        warn: Say what was skipped or replaced, in a :class:`~spyke_lora.SpykeLoraWarning` naming the file.
+
+    Returns:
+        The events, in their order, as JSON objects.
+
+    Raises:
+        OSError: The file cannot be read.
+    """
+    data = Path(path).read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    out, skipped = [], 0
+    for line in text.splitlines():
         try:
-            out.append(json.loads(line))
+            event = json.loads(line)
         except ValueError:
-            continue
+            event = None
+        if _is_event(event):
+            out.append(event)
+        elif line.strip():
+            skipped += 1
+    replaced = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if warn and (skipped or replaced):
+        said = [f"{skipped} line(s) that are not a complete event skipped"] if skipped else []
+        said += [f"{replaced} byte sequence(s) that are not UTF-8 replaced"] if replaced else []
+        warn_caller(f"{path}: {' and '.join(said)} (a run killed mid-write, or an edited file)")
     return out
+
+
+def _is_event(event: Any) -> bool:
+    """A JSON object with an event name, a time and the fields of :data:`_READ_FIELDS` of their types."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return False
+    fields = {"time": _NUMBER, **_READ_FIELDS.get(event["event"], {})}
+    for name, types_ in fields.items():
+        value = event.get(name)
+        if isinstance(value, bool) or not isinstance(value, types_):
+            return False
+        if types_ is _LOSS and isinstance(value, str) and not _is_float(value):
+            return False
+    return True
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 # --- reading runs -------------------------------------------------------------------------------------------------
@@ -171,11 +227,23 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
-def read_run(events_path: str | os.PathLike[str]) -> RunRecord:
-    """The :class:`RunRecord` of one ``NAME.events.jsonl``; ConfigError when it is not a run's record."""
+def read_run(events_path: str | os.PathLike[str], *, warn: bool = False) -> RunRecord:
+    """The :class:`RunRecord` of one ``NAME.events.jsonl``.
+
+    Args:
+        events_path: The file.
+        warn: Warn about the lines skipped and the bytes replaced (:func:`read_events`).
+
+    Returns:
+        The run's record, from the events that could be read.
+
+    Raises:
+        ConfigError: It has no run's start (``TrainStarted``): it is not a run's record.
+        OSError: It cannot be read.
+    """
     path = Path(events_path)
     name = path.name[: -len(".events.jsonl")]
-    events = read_events(path)
+    events = read_events(path, warn=warn)
     starts = [e for e in events if e["event"] == "TrainStarted"]
     if not starts:
         raise ConfigError(f"{path} has no TrainStarted event: it is not a spyke-lora run record")
@@ -199,12 +267,12 @@ def read_run(events_path: str | os.PathLike[str]) -> RunRecord:
             status = "killed"
     final = steps[-1] if steps else None
     ends = [e for e in events if e["event"] == "TrainEnded"]
-    peaks = [e["peak_memory_bytes"] for e in ends if e.get("peak_memory_bytes") is not None]
+    peaks = [e["peak_memory_bytes"] for e in ends if _is_int(e.get("peak_memory_bytes"))]
     return RunRecord(
         name=name,
         folder=path.parent,
         status=status,
-        steps=final["step"] if final else starts[-1].get("resumed_from_step", 0),
+        steps=final["step"] if final else (starts[-1].get("resumed_from_step") or 0),
         total_steps=starts[-1]["total_steps"],
         final_loss=_number(final["loss"]) if final else None,
         final_avg_loss=_number(final["avg_loss"]) if final else None,
@@ -215,9 +283,18 @@ def read_run(events_path: str | os.PathLike[str]) -> RunRecord:
         config=path.with_name(f"{name}.config.toml"),
         peak_memory_bytes=max(peaks) if peaks else None,
         predicted_peak_bytes=next(
-            (e["predicted_peak_bytes"] for e in reversed(ends) if e.get("predicted_peak_bytes")), None
+            (
+                e["predicted_peak_bytes"]
+                for e in reversed(ends)
+                if _is_int(e.get("predicted_peak_bytes")) and e["predicted_peak_bytes"]
+            ),
+            None,
         ),
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _number(value: Any) -> float:
@@ -231,7 +308,9 @@ def runs(folder: str | os.PathLike[str]) -> list[RunRecord]:
         folder: a run's ``output_dir``, or the folder that holds several (one level of subfolders is read).
 
     Returns:
-        A :class:`RunRecord` per run, oldest first; a record that cannot be read is left out.
+        A :class:`RunRecord` per run, oldest first. A record that cannot be read is left out, and the lines of one
+        that cannot be read are skipped (bytes that are not UTF-8 replaced), each said in a
+        :class:`~spyke_lora.SpykeLoraWarning` naming the file.
 
     Raises:
         ConfigError: ``folder`` is not a folder.
@@ -243,9 +322,11 @@ def runs(folder: str | os.PathLike[str]) -> list[RunRecord]:
     records = []
     for path in found:
         try:
-            records.append(read_run(path))
+            records.append(read_run(path, warn=True))
         except ConfigError:
-            continue
+            warn_caller(f"{path} has no complete TrainStarted event: it is left out (not a spyke-lora run record)")
+        except OSError as e:
+            warn_caller(f"{path} cannot be read ({e.strerror or e}): it is left out")
     return sorted(records, key=lambda r: r.started_at)
 
 

@@ -7,6 +7,7 @@ copies a training image.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from ._sample_checks import PathLike, open_image, to_array
 if TYPE_CHECKING:  # pragma: no cover
     from ._scorers import Scorer
 
-__all__ = ["SheetLayout", "contact_sheet", "figure_lines", "sheet_layout", "write_sheet"]
+__all__ = ["SheetLayout", "check_sheet_folder", "contact_sheet", "figure_lines", "sheet_layout", "write_sheet"]
 
 BACKGROUND = (255, 255, 255)
 LETTERBOX = (40, 40, 40)
@@ -250,8 +251,14 @@ def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
         for c, (prompt, cfg) in enumerate(rv.columns):
             _draw_cell(draw, sheet, layout, by_key[(summary.step, prompt, cfg)], layout.cell_box(r, c), font, small)
 
-    with atomic_path(out, keep_suffix=True) as temp:
-        sheet.save(temp, format="PNG")
+    try:
+        with atomic_path(out, keep_suffix=True) as temp:
+            sheet.save(temp, format="PNG")
+    except OSError as e:  # the folder became read-only, or full, while the sheet was drawn
+        raise ConfigError(
+            f"the contact sheet cannot be written in {str(out.parent)!r}: {e.strerror or e}; "
+            "write it elsewhere with out= (--out)"
+        ) from None
     return out
 
 
@@ -331,12 +338,51 @@ def contact_sheet(
         The PNG's path.
 
     Raises:
-        ConfigError: ``cell`` is below 64, the folder of ``out`` does not exist, or the run cannot be reviewed (see
-            :func:`review`).
+        ConfigError: ``cell`` is below 64, the folder of ``out`` (or the run's folder) does not exist, is a file or is
+            read-only (said before any sample is read), or the run cannot be reviewed (see :func:`review`).
     """
     sheet_layout(1, 1, cell)  # refuses a bad cell size before any work
+    check_sheet_folder(run_dir, out)  # and a folder it cannot write
     rv = review(run_dir, name, train_images=train_images, scorer=scorer)
     return write_sheet(rv, out, cell)
+
+
+def check_sheet_folder(run_dir: PathLike, out: PathLike | None) -> None:
+    """Refuse, before any sample is read, a contact sheet that could not be written.
+
+    Args:
+        run_dir: the run's ``output_dir``, or its ``NAME.samples.jsonl``.
+        out: the PNG file, or a folder for it; None: in the run's folder.
+
+    Raises:
+        ConfigError: the sheet's folder does not exist, is a file, or cannot be written (read-only), naming it.
+    """
+    if out is not None:
+        path = Path(out).expanduser().absolute()
+        folder = path if path.is_dir() else path.parent
+    else:
+        run = Path(run_dir).expanduser().absolute()
+        if not run.is_dir() and not run.is_file():
+            return  # review() says what is wrong with it
+        folder = run if run.is_dir() else run.parent
+    _check_folder(folder)
+
+
+def _check_folder(folder: Path) -> None:
+    """The sheet's folder exists (no file in its place) and can be written."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(
+            f"cannot write the contact sheet in {str(folder)!r}: {str(blocker)!r} is a file, not a folder; "
+            "give a folder, or a .png file in one, as out= (--out)"
+        )
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write the contact sheet to {str(folder)!r}: its folder does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"the contact sheet cannot be written in {str(folder)!r}: the folder is read-only (no write permission, "
+            "or a read-only file system); write it elsewhere with out= (--out)"
+        )
 
 
 def write_sheet(rv: Review, out: PathLike | None, cell: int) -> Path:
@@ -351,11 +397,11 @@ def write_sheet(rv: Review, out: PathLike | None, cell: int) -> Path:
         The PNG's path.
 
     Raises:
-        ConfigError: the folder of ``out`` does not exist, or ``cell`` is below 64.
+        ConfigError: the folder of ``out`` does not exist, is a file or is read-only, the sheet cannot be written
+            there, or ``cell`` is below 64.
     """
     path = Path(out).expanduser() if out is not None else rv.run_dir / f"{rv.name}.contact-sheet.png"
     if path.is_dir():
         path = path / f"{rv.name}.contact-sheet.png"
-    if not path.parent.is_dir():
-        raise ConfigError(f"cannot write the contact sheet to {str(path)!r}: its folder does not exist")
+    _check_folder(path.absolute().parent)
     return _draw_sheet(rv, path.absolute(), cell)

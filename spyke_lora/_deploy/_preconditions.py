@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .._config import TrainConfig, tomllib
+from .._config import TrainConfig, read_toml
 from .._errors import ConfigError, DeployError
 from .._files import sha256
 from .._header import HeaderError, read_header
@@ -241,21 +241,23 @@ def resolve_config(
         ``(the config as a dict, its TOML file)``; either is None when unknown.
 
     Raises:
-        DeployError: the ``config`` file given does not exist.
+        DeployError: the ``config`` file given does not exist, or is a folder (the message names the config file
+            in it).
         ConfigError: the ``config`` file given is not a valid config.
     """
     if isinstance(config, TrainConfig):
         return config.to_dict(), None
     if config is not None:
         path = Path(config).expanduser().absolute()
+        if path.is_dir():
+            raise DeployError(_config_folder_problem(path, checked))
         if not path.is_file():
             raise DeployError(
                 f"`config` {str(path)!r} does not exist; pass the run's NAME.config.toml, or leave it out"
             )
         return TrainConfig.from_toml(path).to_dict(), path  # a ConfigError names what is wrong in it
     folder = checked.path.parent
-    stems = [checked.metadata.get("ss_output_name"), checked.path.stem, _STEP_SUFFIX.sub("", checked.path.stem)]
-    for stem in dict.fromkeys(s for s in stems if s and _valid_name(s)):
+    for stem in _config_stems(checked):
         path = folder / f"{stem}.config.toml"
         if path.is_file():
             try:
@@ -263,10 +265,30 @@ def resolve_config(
             except ConfigError as e:  # an older or edited config: record what the file says
                 warn_caller(f"{path} is not a valid config now ({e}); recorded as written")
                 try:
-                    return tomllib.loads(path.read_text(encoding="utf-8")), path
-                except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                    return read_toml(path), path
+                except ConfigError:  # not even TOML: its path alone is recorded
                     return None, path
     return None, None
+
+
+def _config_stems(checked: CheckedLora) -> list[str]:
+    """The names the run's ``NAME.config.toml`` can have: the run's output_name, the file's stem, the stem without
+    its step."""
+    stems = [checked.metadata.get("ss_output_name"), checked.path.stem, _STEP_SUFFIX.sub("", checked.path.stem)]
+    return list(dict.fromkeys(s for s in stems if s and _valid_name(s)))
+
+
+def _config_folder_problem(folder: Path, checked: CheckedLora) -> str:
+    """``config`` given as a folder (the run's output_dir, most likely): the config file in it to pass instead."""
+    mine = [folder / f"{stem}.config.toml" for stem in _config_stems(checked)]
+    found = [p for p in mine if p.is_file()] or sorted(folder.glob("*.config.toml"))
+    if found:
+        fix = f"pass the file: --config {str(found[0])!r}" + (
+            f" (the folder has {len(found)}: {', '.join(p.name for p in found[:4])})" if len(found) > 1 else ""
+        )
+    else:
+        fix = "it has no NAME.config.toml (a run writes one next to its LoRA files); pass that file, or leave it out"
+    return f"`config` {str(folder)!r} is a folder, not the run's NAME.config.toml; {fix}"
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
