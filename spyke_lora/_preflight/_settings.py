@@ -165,7 +165,7 @@ def check_warmup(ctx: CheckContext, found: Findings) -> None:
         found.warning(
             f"`lr_warmup_steps` {warmup} is as long as or longer than the run's {total} steps: the learning rate is "
             f"still rising when the run ends and never reaches its value; warm up for about a tenth of the run "
-            f"(lr_warmup_steps = {total // 10}) or not at all (0)"
+            f"(lr_warmup_steps = {max(1, total // 10)}) or not at all (0)"
         )
 
 
