@@ -6,7 +6,10 @@ mark on every sample that looks broken (black, one flat colour, NaN pixels) or c
 :func:`review` gives the same findings as data; :func:`rank_checkpoints` orders the steps with a :class:`Scorer`.
 When the run measured a held-out validation loss (``NAME.validation.jsonl``), :func:`review` adds those figures
 (and class drift) per step, :func:`rank_checkpoints` without a scorer ranks by them, and the review recommends the
-step of the lowest held-out loss whose samples are not broken. The choice itself is made by looking at the sheet:
+step of the lowest held-out loss whose samples are not broken and whose figure a file on disk still holds (each
+manifest line records its file's ``ss_steps`` and ``sshs_model_hash``; a line whose file was written over since, as
+a resumed run's final file is, is left out). A run with held-out figures and no samples is reviewed and ranked by
+them. The choice itself is made by looking at the sheet:
 see docs/choosing.md. Where things live:
 
 * ``_sample_checks``: the checks on one sample image (:func:`check_sample`) and the image helpers;
@@ -20,7 +23,7 @@ see docs/choosing.md. Where things live:
 Imports go one way, down this list: ``_rank`` and ``_sheet`` use ``_review``, which uses the modules above it.
 """
 
-from ._figures import Figures, StepLoss, loss_order, read_figures, recommend, table
+from ._figures import Figures, StepLoss, checkpoint_path, loss_order, read_figures, recommend, table
 from ._rank import rank_checkpoints
 from ._review import Review, review
 from ._rows import Cell, StepSummary
@@ -42,6 +45,7 @@ __all__ = [
     "StepLoss",
     "StepSummary",
     "check_sample",
+    "checkpoint_path",
     "contact_sheet",
     "figure_lines",
     "loss_order",

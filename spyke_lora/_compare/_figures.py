@@ -9,6 +9,13 @@ A run with held-out images (``validation_dir``) writes one JSON line per figure 
 ``validation_loss(files, cfg)`` later); ``held_out: false`` lines are the loss on another folder
 (``validation_loss(files, cfg, folder=...)``, typically class images: class drift). Step 0 with no checkpoint is the
 base model alone, the reference. The newest line for a (step, folder) wins. Lower loss is better.
+
+A line names a file, and what identifies the file's content (``ss_steps``, ``sshs_model_hash``; see
+``_engine/_file_identity.py``): a line whose file no longer holds that content is dropped when the manifest is read
+(after a stop at step 500 and a resume to 920, ``NAME.safetensors`` holds step 920, and its step-500 line goes), and
+said in the table. A held-out pass between saved files (``validate_every_n_steps`` finer than ``save_every_n_steps``)
+has no file: its figure is a point of the curve (the run's loss chart, TensorBoard), never ranked or recommended. A
+recommendation is always a file on disk that holds the step recommended.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._engine import check_recorded
+
 if TYPE_CHECKING:  # pragma: no cover
     from ._rows import StepSummary
 
-__all__ = ["Figures", "StepLoss", "loss_order", "read_figures", "recommend", "table"]
+__all__ = ["Figures", "StepLoss", "checkpoint_path", "loss_order", "read_figures", "recommend", "table"]
 
 NOISE = 0.005  # best two held-out losses closer than this (relative): say they are within noise of each other
 
@@ -54,6 +63,19 @@ class Figures:
     held_out_folder: Path | None
     held_out_images: int | None
     class_folders: tuple[tuple[str, Path], ...]  # (label, folder), in first-measured order
+    # (step, file name, why) of every line left out: its file no longer holds what was measured
+    dropped: tuple[tuple[int, str, str], ...] = ()
+
+    @property
+    def between_files(self) -> tuple[int, ...]:
+        """The steps with a held-out figure and no file (passes between saved files): a curve, not candidates."""
+        return tuple(r.step for r in self.rows if r.step != 0 and r.checkpoint is None and r.held_out_loss is not None)
+
+    def on_file(self) -> dict[int, float]:
+        """``{step: held-out loss}`` of every step but 0 whose figure a file on disk holds: the candidates."""
+        return {
+            r.step: r.held_out_loss for r in self.rows if r.step != 0 and r.checkpoint and r.held_out_loss is not None
+        }
 
     @property
     def has_held_out(self) -> bool:
@@ -80,26 +102,38 @@ def _folder(text: Any, run_dir: Path) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else run_dir / path))
 
 
-def read_figures(manifest: Path) -> Figures | None:
-    """Read a run's validation manifest.
+def checkpoint_path(text: str, run_dir: Path) -> Path:
+    """A manifest line's file: a name (or a relative path) in the run folder, or an absolute path.
 
     Args:
-        manifest: the run's ``NAME.validation.jsonl``.
+        text: the line's ``checkpoint``.
+        run_dir: the manifest's folder.
 
     Returns:
-        Its figures; None when it does not exist or holds no usable line (a run without validation).
+        The file's path.
     """
-    try:
-        text = manifest.read_text(encoding="utf-8")
-    except OSError:
-        return None
-    run_dir = manifest.parent
-    lines: dict[tuple[int, Path], dict[str, Any]] = {}
-    held_out_folder: Path | None = None
-    seen: list[Path] = []
-    for line in text.splitlines():
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else run_dir / path
+
+
+def _saved_at(step: int, run_dir: Path, name: str, cache: dict[Path, Any]) -> str | None:
+    """The run's file that holds ``step`` (its step file, or its final file), for a line written before the lines
+    recorded the file of a pass made at a step's end; None when neither holds that step."""
+    for candidate in (f"{name}-step{step:08d}.safetensors", f"{name}.safetensors"):
+        if check_recorded(run_dir / candidate, step, {}, cache).steps == step:
+            return candidate
+    return None
+
+
+def _parse(text: str, run_dir: Path, name: str) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
+    """The manifest's usable lines, oldest first, those whose file no longer holds what they recorded left out
+    (returned apart as ``(step, file name, why)``)."""
+    cache: dict[Path, Any] = {}
+    kept: list[dict[str, Any]] = []
+    dropped: list[tuple[int, str, str]] = []
+    for text_line in text.splitlines():
         try:
-            item = json.loads(line)
+            item = json.loads(text_line)
             step, loss = int(item["step"]), float(item["loss"])
             folder = _folder(item["folder"], run_dir)
         except (ValueError, KeyError, TypeError):
@@ -107,22 +141,71 @@ def read_figures(manifest: Path) -> Figures | None:
         checkpoint = item.get("checkpoint")
         if step == 0 and checkpoint:
             continue  # a file whose step is unknown: neither a candidate nor the base model's reference
-        held_out = bool(item.get("held_out", True))
+        if checkpoint:
+            path = checkpoint_path(str(checkpoint), run_dir)
+            check = check_recorded(path, step, item, cache)
+            if not check.holds:
+                dropped.append((step, path.name if path.parent == run_dir else str(path), check.note or ""))
+                continue
+        elif step != 0 and bool(item.get("held_out", True)):
+            checkpoint = _saved_at(step, run_dir, name, cache)
+        images = item.get("images")
+        kept.append(
+            {
+                "step": step,
+                "folder": folder,
+                "loss": loss,
+                "held_out": bool(item.get("held_out", True)),
+                "images": images if isinstance(images, int) else None,
+                "checkpoint": Path(str(checkpoint)).name if checkpoint else None,
+            }
+        )
+    return kept, dropped
+
+
+def read_figures(manifest: Path) -> Figures | None:
+    """Read a run's validation manifest.
+
+    Args:
+        manifest: the run's ``NAME.validation.jsonl``.
+
+    Returns:
+        Its figures, every line whose file no longer holds what it recorded left out (``Figures.dropped``); None
+        when it does not exist or holds no usable line (a run without validation).
+    """
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    kept, dropped = _parse(text, manifest.parent, manifest.name[: -len(".validation.jsonl")])
+    lines: dict[tuple[int, Path], dict[str, Any]] = {}
+    held_out_folder: Path | None = None
+    seen: list[Path] = []
+    for item in kept:
+        step, folder = item["step"], item["folder"]
         if folder not in seen:
             seen.append(folder)
+        older = lines.get((step, folder))
+        if older is not None and older["checkpoint"] and not item["checkpoint"]:
+            continue  # a figure a file holds is not replaced by the same step's figure without one
         lines.pop((step, folder), None)  # the newest line for a (step, folder) wins
-        lines[(step, folder)] = {
-            "loss": loss,
-            "held_out": held_out,
-            "images": item.get("images"),
-            "checkpoint": Path(str(checkpoint)).name if checkpoint else None,
-        }
-        if held_out:
+        lines[(step, folder)] = item
+        if item["held_out"]:
             held_out_folder = folder  # the newest held-out folder is the run's (validation_dir)
     if not lines:
         return None
+    return _figures(manifest, lines, held_out_folder, seen, tuple(dropped))
 
-    others = [f for f in seen if f != held_out_folder]  # in first-measured order
+
+def _figures(
+    manifest: Path,
+    lines: dict[tuple[int, Path], dict[str, Any]],
+    held_out_folder: Path | None,
+    seen: list[Path],
+    dropped: tuple[tuple[int, str, str], ...],
+) -> Figures:
+    """The rows of the figures, a step each, from the newest line of each (step, folder)."""
+    others = [f for f in seen if f != held_out_folder and any(folder == f for _, folder in lines)]
     names = [f.name for f in others]
     labels = {f: (f.name if names.count(f.name) == 1 and f.name else str(f)) for f in others}
 
@@ -143,9 +226,9 @@ def read_figures(manifest: Path) -> Figures | None:
         rows.append(StepLoss(step, checkpoint, held["loss"] if held else None, class_loss, drift))
     images = None
     if held_out_folder is not None:
-        newest = [item for (_, folder), item in lines.items() if folder == held_out_folder][-1]
-        images = newest["images"] if isinstance(newest["images"], int) else None
-    return Figures(manifest, tuple(rows), held_out_folder, images, tuple((labels[f], f) for f in others))
+        images = [item for (_, folder), item in lines.items() if folder == held_out_folder][-1]["images"]
+    labelled = tuple((labels[f], f) for f in others)
+    return Figures(manifest, tuple(rows), held_out_folder, images, labelled, dropped)
 
 
 def loss_order(losses: Mapping[int, float], broken: set[int]) -> tuple[tuple[int, float], ...]:
@@ -188,12 +271,9 @@ def recommend(figures: Figures, samples: Mapping[int, StepSummary]) -> tuple[int
     """
     if not figures.has_held_out:
         return None, None
-    held = {r.step: r.held_out_loss for r in figures.rows if r.step != 0 and r.held_out_loss is not None}
+    held = figures.on_file()  # a file on disk holds each: passes between files and replaced files are no candidates
     if not held:
-        return None, (
-            "no recommendation: only the base model has a held-out loss; measure the saved files with "
-            "validation_loss(files, cfg)"
-        )
+        return None, _no_candidate(figures)
     broken = {step for step, state in samples.items() if state.broken}
     order = loss_order(held, broken)
     candidates = [(s, v) for s, v in order if s not in broken and math.isfinite(v)]
@@ -215,15 +295,7 @@ def recommend(figures: Figures, samples: Mapping[int, StepSummary]) -> tuple[int
             )
         else:
             parts.append(f"loss on {label} {_loss(value)} (no base-model figure on it, so no drift)")
-    state = samples.get(step)
-    if state is None:
-        parts.append("it has no samples to look at")
-    elif state.warnings:
-        parts.append(
-            f"its samples have {state.warnings} warning{'s' if state.warnings != 1 else ''}: look at them on the sheet"
-        )
-    else:
-        parts.append("its samples have no warnings")
+    parts.append(_samples_words(samples.get(step)))
     if len(candidates) > 1:
         second, value = candidates[1]
         gap = (value - loss) / abs(loss) if loss else math.inf
@@ -239,6 +311,40 @@ def recommend(figures: Figures, samples: Mapping[int, StepSummary]) -> tuple[int
         steps = ", ".join(f"step {s} ({_loss(held[s])})" for s in sorted(lower, key=lambda s: held[s]))
         parts.append(f"lower but with broken samples: {steps}")
     return step, "; ".join(parts)
+
+
+def _samples_words(state: StepSummary | None) -> str:
+    """What the recommendation says of the step's samples."""
+    if state is None or (state.images == 0 and state.missing == 0):
+        return "it has no samples to look at"
+    if state.warnings:
+        return (
+            f"its samples have {state.warnings} warning{'s' if state.warnings != 1 else ''}: look at them on the sheet"
+        )
+    return "its samples have no warnings"
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    return f"step{'s' if len(steps) != 1 else ''} {', '.join(str(s) for s in steps)}"
+
+
+def _no_candidate(figures: Figures) -> str:
+    """Why nothing is recommended when no file on disk holds a held-out figure."""
+    between, dropped = figures.between_files, sorted({step for step, _, _ in figures.dropped})
+    if not between and not dropped:
+        return (
+            "no recommendation: only the base model has a held-out loss; measure the saved files with "
+            "validation_loss(files, cfg)"
+        )
+    why = []
+    if between:
+        why.append(f"the passes at {_steps_text(between)} were between saved files")
+    if dropped:
+        why.append(f"the files measured at {_steps_text(dropped)} no longer hold those weights")
+    return (
+        f"no recommendation: no saved file on disk has a held-out loss ({'; '.join(why)}); measure the saved files "
+        "with validation_loss(files, cfg)"
+    )
 
 
 def table(figures: Figures, samples: Mapping[int, StepSummary], recommended: int | None) -> str:
@@ -261,7 +367,8 @@ def table(figures: Figures, samples: Mapping[int, StepSummary], recommended: int
         columns.append((f"drift {label}" if label in drift_folders else f"{label} loss", label))
     header_rows: list[list[str]] = []
     notes: list[str] = []
-    for r in figures.rows:
+    between = set(figures.between_files)  # a curve, not rows: no file holds them (said below)
+    for r in (r for r in figures.rows if r.step not in between):
         cells = [f"{r.step} (base model)" if r.step == 0 else str(r.step)]
         losses, drifts = dict(r.class_loss), dict(r.class_drift)
         for _, kind in columns:
@@ -311,4 +418,20 @@ def table(figures: Figures, samples: Mapping[int, StepSummary], recommended: int
                 f"{label} loss: the base model has no figure on {folder}, so no drift; measure it with "
                 f'validation_loss([None, *files], cfg, folder="{folder}")'
             )
-    return "\n".join(out)
+    return "\n".join(out + _left_out_lines(figures))
+
+
+def _left_out_lines(figures: Figures) -> list[str]:
+    """The table's last lines: the held-out passes between saved files, and the lines left out because their file
+    no longer holds what was measured."""
+    out = []
+    between = figures.between_files
+    if between:
+        chart = figures.manifest.name[: -len(".validation.jsonl")] + ".loss.png"
+        out.append(
+            f"held-out passes between saved files at {_steps_text(between)}: no file holds those weights, so they "
+            f"are not candidates; they are the held-out curve of {chart} and of TensorBoard"
+        )
+    for step, name, why in figures.dropped:
+        out.append(f"left out: the figure of step {step} measured on {name}; {why}")
+    return out

@@ -5,6 +5,11 @@ A run's ``NAME.samples.jsonl`` lists every sample image (step, prompt, CFG scale
 with a scorer, ranks the steps (:mod:`._scorers`); when the run also has held-out figures (``NAME.validation.jsonl``, see
 :mod:`._figures`) it adds them, ranks the steps by held-out loss and recommends one. Its :class:`Review` is what the
 contact sheet draws.
+
+A sample's file is named only while it holds the weights sampled (:func:`~spyke_lora._engine.check_recorded`): after
+a stop at step 500 and a resume to 920, ``NAME.safetensors`` holds step 920, and the step-500 row keeps its samples
+but not that name (``StepSummary.file_note`` says why). A run with held-out figures and no samples is reviewed from
+the figures alone: a row per file measured, ranked by held-out loss.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._config import tomllib
+from .._engine import check_recorded
 from .._errors import ConfigError
-from ._figures import Figures, StepLoss, loss_order, read_figures, recommend, table
+from ._figures import Figures, StepLoss, checkpoint_path, loss_order, read_figures, recommend, table
 from ._rows import Cell, StepSummary
 from ._sample_checks import BROKEN, PathLike, References, SampleWarning, check_sample
 from ._scorers import score_order, score_steps
@@ -40,13 +46,14 @@ class Review:
     From the run's ``NAME.validation.jsonl``, when it has one (else these stay empty / None): ``validation``, its
     path; ``figures``, a :class:`StepLoss` per step measured (step 0, the base model, first: the reference), also
     steps without samples; ``held_out_folder`` and ``held_out_images``; ``class_folders``, ``(label, folder)`` of
-    the other folders measured; ``loss_ranking``, ``(step, held-out loss)`` lowest first (broken steps last, step 0
-    not ranked; None without held-out figures); ``recommended``, the step of the lowest held-out loss whose samples
-    are not broken, and ``recommendation``, the sentence saying why (None without held-out figures)."""
+    the other folders measured; ``loss_ranking``, ``(step, held-out loss)`` lowest first, of the steps a file on
+    disk holds (broken steps last, step 0 and passes between saved files not ranked; None without held-out figures); ``recommended``, the step of the lowest held-out loss whose samples
+    are not broken, and ``recommendation``, the sentence saying why (None without held-out figures); ``dropped``,
+    ``(step, file, why)`` of the figures left out because their file no longer holds what was measured."""
 
     name: str
     run_dir: Path
-    manifest: Path
+    manifest: Path | None  # NAME.samples.jsonl; None: a run with held-out figures and no samples
     columns: tuple[tuple[str, float], ...]  # (prompt, cfg_scale), in sheet order
     cells: tuple[Cell, ...]  # every step x column, rows in step order
     steps: tuple[StepSummary, ...]
@@ -62,6 +69,7 @@ class Review:
     loss_ranking: tuple[tuple[int, float], ...] | None = None
     recommended: int | None = None
     recommendation: str | None = None
+    dropped: tuple[tuple[int, str, str], ...] = ()  # (step, file, why): figures whose file no longer holds them
 
     def cell(self, step: int, prompt: str, cfg_scale: float) -> Cell:
         """The cell of ``step``, ``prompt`` and ``cfg_scale``; KeyError when there is none."""
@@ -80,37 +88,47 @@ class Review:
         figure on that folder); "" when the run has no validation figures."""
         if self.validation is None or not self.figures:
             return ""
-        figures = Figures(self.validation, self.figures, self.held_out_folder, self.held_out_images, self.class_folders)
+        figures = Figures(
+            self.validation, self.figures, self.held_out_folder, self.held_out_images, self.class_folders, self.dropped
+        )
         return table(figures, {s.step: s for s in self.steps}, self.recommended)
 
 
-def _manifest(run_dir: PathLike, name: str | None) -> tuple[Path, str]:
-    """The manifest to read and its run's NAME: ``run_dir`` itself, its ``NAME.samples.jsonl``, or its only one."""
+def _manifest(run_dir: PathLike, name: str | None) -> tuple[Path | None, str, Path]:
+    """The samples manifest to read (None: the run has held-out figures and no samples), its run's NAME and folder:
+    ``run_dir`` itself, its ``NAME.samples.jsonl`` (or ``NAME.validation.jsonl``), or its only one."""
     path = Path(run_dir).expanduser()
-    if path.is_file() and path.name.endswith(".samples.jsonl"):
-        return path, path.name[: -len(".samples.jsonl")]
+    for suffix in (".samples.jsonl", ".validation.jsonl"):
+        if path.is_file() and path.name.endswith(suffix):
+            found = path if suffix == ".samples.jsonl" else None
+            return found, path.name[: -len(suffix)], path.parent
     if not path.is_dir():
         raise ConfigError(f"{str(path)!r} is not a folder; give the output_dir of a run")
     if name is not None:
         manifest = path / f"{name}.samples.jsonl"
-        if not manifest.is_file():
-            others = sorted(p.name[: -len(".samples.jsonl")] for p in path.glob("*.samples.jsonl"))
-            hint = f" (it has the samples of {', '.join(others)})" if others else ""
-            raise ConfigError(
-                f"{path} has no {name}.samples.jsonl{hint}; check the name, or make samples with "
-                "`sample_prompts` in training or `spyke-lora sample`"
-            )
-        return manifest, name
-    found = sorted(path.glob("*.samples.jsonl"))
-    if not found:
+        if manifest.is_file():
+            return manifest, name, path
+        if (path / f"{name}.validation.jsonl").is_file():
+            return None, name, path
+        others = sorted(p.name[: -len(".samples.jsonl")] for p in path.glob("*.samples.jsonl"))
+        hint = f" (it has the samples of {', '.join(others)})" if others else ""
         raise ConfigError(
-            f"{path} has no NAME.samples.jsonl, so there are no samples to compare; train with "
-            "`sample_prompts` set, or sample the saved files with `spyke-lora sample`"
+            f"{path} has no {name}.samples.jsonl{hint}; check the name, or make samples with `sample_prompts` in "
+            f"training or `spyke-lora sample` (it has no held-out figures, {name}.validation.jsonl, either)"
         )
-    if len(found) > 1:
-        names = ", ".join(p.name[: -len(".samples.jsonl")] for p in found)
-        raise ConfigError(f"{path} holds the samples of several runs ({names}); pick one with name= (--name)")
-    return found[0], found[0].name[: -len(".samples.jsonl")]
+    for suffix in (".samples.jsonl", ".validation.jsonl"):
+        found = sorted(path.glob(f"*{suffix}"))
+        if len(found) > 1:
+            names = ", ".join(p.name[: -len(suffix)] for p in found)
+            raise ConfigError(f"{path} holds the manifests of several runs ({names}); pick one with name= (--name)")
+        if found:
+            manifest = found[0] if suffix == ".samples.jsonl" else None
+            return manifest, found[0].name[: -len(suffix)], path
+    raise ConfigError(
+        f"{path} has no NAME.samples.jsonl, so there are no samples to compare, and no NAME.validation.jsonl (held-out "
+        "figures) to rank by; train with `sample_prompts` set (or sample the saved files with `spyke-lora sample`), "
+        "or with `validation_dir` (or measure them with validation_loss(files, cfg))"
+    )
 
 
 def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
@@ -231,8 +249,10 @@ def review(
         ConfigError: ``run_dir`` is not a run's folder, has no samples manifest (or several and no ``name``), the
             manifest lists no samples, or a training image given does not exist.
     """
-    manifest, name = _manifest(run_dir, name)
-    folder = manifest.parent
+    manifest, name, folder = _manifest(run_dir, name)
+    figures = read_figures(folder / f"{name}.validation.jsonl")
+    if manifest is None:
+        return _figures_only(name, folder, figures, scorer)
     entries = _read_manifest(manifest)
     prompts: list[str] = []
     for item in entries:
@@ -245,9 +265,11 @@ def review(
     references = References(train)
 
     cells, lines = [], []
+    files: dict[Path, Any] = {}  # each file's identity, read once
     for step in steps:
         for prompt, cfg in columns:
-            cell, found = _check_cell(step, prompt, cfg, by_key.get((step, prompt, cfg)), folder, references)
+            item = by_key.get((step, prompt, cfg))
+            cell, found = _check_cell(step, prompt, cfg, item, folder, references, files)
             cells.append(cell)
             lines += found
     summaries = [_summary(step, [c for c in cells if c.step == step], lines) for step in steps]
@@ -270,20 +292,43 @@ def review(
         ranking,
         scorer_name,
     )
-    figures = read_figures(folder / f"{name}.validation.jsonl")
     return rv if figures is None else _with_figures(rv, figures)
 
 
+def _figures_only(name: str, folder: Path, figures: Figures | None, scorer: Scorer | None) -> Review:
+    """The review of a run with held-out figures and no samples: a row per file measured (and the base model)."""
+    if scorer is not None:
+        raise ConfigError(
+            f"{folder} has no {name}.samples.jsonl, so there are no samples to score; rank by the held-out loss "
+            "(no scorer), or sample the saved files with `spyke-lora sample`"
+        )
+    if figures is None:
+        raise ConfigError(
+            f"{folder / (name + '.validation.jsonl')} lists no figures yet and the run has no samples; measure the "
+            "saved files with validation_loss(files, cfg)"
+        )
+    rows = [StepSummary(r.step, r.checkpoint, 0, 0, 0, False) for r in figures.rows if r.step == 0 or r.checkpoint]
+    rv = Review(name, folder, None, (), (), tuple(rows), (), ())
+    return _with_figures(rv, figures)
+
+
 def _check_cell(
-    step: int, prompt: str, cfg: float, item: dict[str, Any] | None, folder: Path, references: References
+    step: int,
+    prompt: str,
+    cfg: float,
+    item: dict[str, Any] | None,
+    folder: Path,
+    references: References,
+    files: dict[Path, Any],
 ) -> tuple[Cell, list[str]]:
-    """One cell of the sheet, its sample checked, and the warning lines it adds."""
+    """One cell of the sheet, its sample checked, and the warning lines it adds; its file named only while the file
+    holds the weights sampled (``files``: each file's identity, shared by the cells)."""
     where = f'{_step_text(step)}, CFG {cfg:g}, "{_prompt_text(prompt)}"'
     if item is None:
         found = (SampleWarning("missing", "no sample in the manifest", "missing"),)
         return Cell(step, prompt, cfg, None, None, None, found), [f"{where}: no sample in the manifest"]
     path = _sample_path(item.get("path"), folder)
-    checkpoint = Path(str(item["checkpoint"])).name if item.get("checkpoint") else None
+    checkpoint, note = _sampled_file(step, item, folder, files)
     seed = item.get("seed") if isinstance(item.get("seed"), int) else None
     if path is None or not path.is_file():
         shown = _shown(path, folder) if path else "(no path)"
@@ -294,7 +339,19 @@ def _check_cell(
         except (OSError, ValueError) as e:
             found = (SampleWarning("unreadable", f"image cannot be read ({e})", "unreadable"),)
     suffix = f" — {_shown(path, folder)}" if path is not None and path.is_file() else ""
-    return Cell(step, prompt, cfg, seed, path, checkpoint, found), [f"{where}: {w.message}{suffix}" for w in found]
+    cell = Cell(step, prompt, cfg, seed, path, checkpoint, found, note)
+    return cell, [f"{where}: {w.message}{suffix}" for w in found]
+
+
+def _sampled_file(
+    step: int, item: dict[str, Any], folder: Path, files: dict[Path, Any]
+) -> tuple[str | None, str | None]:
+    """The name of the file a sample was made from, while it holds those weights; else None and why not."""
+    if not item.get("checkpoint") or step == 0:
+        return None, None
+    path = checkpoint_path(str(item["checkpoint"]), folder)
+    check = check_recorded(path, step, item, files)
+    return (path.name, None) if check.holds else (None, check.note)
 
 
 def _summary(step: int, row: list[Cell], lines: list[str]) -> StepSummary:
@@ -302,12 +359,13 @@ def _summary(step: int, row: list[Cell], lines: list[str]) -> StepSummary:
     images = [c for c in row if c.path is not None and not any(w.kind in ("missing", "unreadable") for w in c.warnings)]
     broken = [c for c in images if any(w.kind in BROKEN for w in c.warnings)]
     checkpoint = next((c.checkpoint for c in row if c.checkpoint), None)
+    note = None if checkpoint else next((c.file_note for c in row if c.file_note), None)
     warnings = sum(len(c.warnings) for c in row)
     if images and len(broken) == len(images):
         lines.append(
             f"{_step_text(step)}: every sample is black, flat or NaN: the weights are broken; do not use this file"
         )
-    return StepSummary(step, checkpoint, len(images), len(row) - len(images), warnings, bool(broken))
+    return StepSummary(step, checkpoint, len(images), len(row) - len(images), warnings, bool(broken), file_note=note)
 
 
 def _with_figures(rv: Review, figures: Figures) -> Review:
@@ -324,9 +382,8 @@ def _with_figures(rv: Review, figures: Figures) -> Review:
             )
         )
     loss_ranking = None
-    if figures.has_held_out:
-        held = {r.step: r.held_out_loss for r in figures.rows if r.held_out_loss is not None}
-        loss_ranking = loss_order(held, {s.step for s in rv.steps if s.broken})
+    if figures.has_held_out:  # the steps a file on disk holds: passes between files are a curve, not candidates
+        loss_ranking = loss_order(figures.on_file(), {s.step for s in rv.steps if s.broken})
     recommended, recommendation = recommend(figures, {s.step: s for s in rv.steps})
     return dataclasses.replace(
         rv,
@@ -339,4 +396,5 @@ def _with_figures(rv: Review, figures: Figures) -> Review:
         loss_ranking=loss_ranking,
         recommended=recommended,
         recommendation=recommendation,
+        dropped=figures.dropped,
     )

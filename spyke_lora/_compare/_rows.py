@@ -20,8 +20,10 @@ class Cell:
     cfg_scale: float
     seed: int | None
     path: Path | None
-    checkpoint: str | None  # the LoRA file's name; None for the base model (step 0) or an unknown file
+    checkpoint: str | None  # the LoRA file's name; None for the base model (step 0), an unknown file, or a file that
+    # no longer holds the weights sampled (see ``file_note``)
     warnings: tuple[SampleWarning, ...] = ()
+    file_note: str | None = None  # why ``checkpoint`` is None though the manifest named a file (StepSummary's)
 
     @property
     def ok(self) -> bool:
@@ -32,6 +34,9 @@ class Cell:
 @dataclasses.dataclass(frozen=True)
 class StepSummary:
     """One row: a checkpoint. ``broken``: one of its samples is black, flat or NaN (do not use the file).
+    ``checkpoint``: the file that holds the step's weights; None for the base model, an unknown file, or one that
+    no longer holds them (``file_note`` says which). A run without samples has a row per file measured, with no
+    images (``images`` and ``missing`` 0).
 
     With the run's held-out figures (``NAME.validation.jsonl``): ``held_out_loss``, the step's held-out validation
     loss (None: not measured); ``class_loss``, ``(folder label, loss)`` on every other folder measured (class
@@ -48,3 +53,6 @@ class StepSummary:
     held_out_loss: float | None = None
     class_loss: tuple[tuple[str, float], ...] = ()
     class_drift: tuple[tuple[str, float], ...] = ()
+    # why the samples' file is not named (``checkpoint`` None): "replaced: its file now holds step 920" (a resumed
+    # run wrote its final file over the one sampled), "no file: NAME-step00000400.safetensors is not on disk"
+    file_note: str | None = None

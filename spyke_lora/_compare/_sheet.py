@@ -233,7 +233,7 @@ def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
         x0, y0, x1, _ = layout.label_box(r)
         title = "base" if summary.step == 0 else f"step {summary.step}"
         y = _draw_lines(draw, (x0 + gap, y0 + 2), [title], font, TEXT, line)
-        name = "base model" if summary.step == 0 else (summary.checkpoint or "")
+        name = "base model" if summary.step == 0 else (summary.checkpoint or summary.file_note or "")
         y = _draw_lines(
             draw, (x0 + gap, y), _wrap(draw, name, small, x1 - x0 - 2 * gap, 4), small, SMALL_TEXT, small_line
         )

@@ -10,6 +10,14 @@
    run is ending).
 
 Both run on rank 0 alone in a multi-process run, and each runs at most once per step.
+
+Every manifest line names its file and what identifies the file's content (``ss_steps``, ``sshs_model_hash``:
+:mod:`._file_identity`), so that a reader drops a line whose file was written over since (a resumed run's final
+``NAME.safetensors``). sd-scripts calls a step's end (``sample_images``, where the held-out pass of
+``validate_every_n_steps`` runs) before it saves that step's file (``train_network.py`` l.1480-1501): the save then
+links the pass's figure to its file with a second line, and no second pass. With ``tensorboard = true`` each pass's
+figure is also logged as ``loss/validation`` (and ``loss/validation_divergence``) in the run's TensorBoard log, at
+its step, beside sd-scripts' ``loss/current``.
 """
 
 from __future__ import annotations
@@ -19,9 +27,10 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..events import SampleSaved, ValidationEnded
+from ._file_identity import checkpoint_identity
 from ._held_out import BatchContext, HeldOut, append_validation
 from ._process import DeviceGenerator, generators_preserved
 from ._ranks import alone_on_this_rank
@@ -29,7 +38,7 @@ from ._ranks import alone_on_this_rank
 if TYPE_CHECKING:
     from ._probe import Probe
 
-__all__ = ["AfterSave", "CheckpointSampler", "HeldOutPass", "SampleSpec"]
+__all__ = ["AfterSave", "CheckpointSampler", "HeldOutPass", "SampleSpec", "log_held_out"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +101,7 @@ class CheckpointSampler:
             "seed": self.spec.seed,
             "path": os.path.relpath(path, manifest.parent),
             "checkpoint": _relative(checkpoint, manifest.parent),
+            **checkpoint_identity(checkpoint),
         }
         with manifest.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -99,14 +109,15 @@ class CheckpointSampler:
 
 
 class HeldOutPass:
-    """One held-out validation pass per step over the current weights: a line in the validation manifest, and
-    :class:`ValidationEnded` with the divergence from the running training loss."""
+    """One held-out validation pass per step over the current weights: a line in the validation manifest, the figure
+    in the run's TensorBoard log, and :class:`ValidationEnded` with the divergence from the running training loss."""
 
     def __init__(self, held_out: HeldOut, probe: Probe) -> None:
         self.held_out = held_out
         self.batch_context: BatchContext | None = None  # the last training batch's models and strategies
         self._probe = probe
-        self._validated: set[int] = set()
+        self._losses: dict[int, float] = {}  # step -> its pass's figure
+        self._files: set[tuple[int, Path | None]] = set()  # (step, file) already in the manifest
 
     @property
     def every_n_steps(self) -> int | None:
@@ -114,17 +125,43 @@ class HeldOutPass:
         return self.held_out.spec.every_n_steps
 
     def validate(self, step: int, checkpoint: Path | None = None) -> None:
-        """Validate the current weights (those saved as ``checkpoint`` when given), at most once for ``step``."""
-        if self.batch_context is None or step in self._validated:
+        """Validate the current weights (those saved as ``checkpoint`` when given), at most once for ``step``; a
+        step validated already gets a line linking its figure to ``checkpoint``."""
+        if self.batch_context is None:
             return
-        self._validated.add(step)
+        if step in self._losses:
+            if checkpoint is not None:
+                self._record(step, checkpoint, self._losses[step])
+            return
         with alone_on_this_rank():  # rank 0's own pass (a multi-process run); nothing changes with one process
             loss = self.held_out.loss(self.batch_context)
-        spec = self.held_out.spec
-        if spec.manifest is not None:
-            append_validation(spec.manifest, step, checkpoint, spec.folder, loss, self.held_out.images, True)
+        self._losses[step] = loss
+        self._record(step, checkpoint, loss)
         divergence = loss - self._probe.losses.average()
+        log_held_out(self.batch_context.accelerator, step, loss, divergence)
         self._probe.emit(ValidationEnded(step=step, epoch=self._probe.epoch, loss=loss, divergence=divergence))
+
+    def _record(self, step: int, checkpoint: Path | None, loss: float) -> None:
+        spec = self.held_out.spec
+        if spec.manifest is None or (step, checkpoint) in self._files:
+            return
+        self._files.add((step, checkpoint))
+        append_validation(spec.manifest, step, checkpoint, spec.folder, loss, self.held_out.images, True)
+
+
+def log_held_out(accelerator: Any, step: int, loss: float, divergence: float) -> None:
+    """A pass's figure in the run's TensorBoard log (``tensorboard = true``), at ``step``, as sd-scripts logs its
+    own scalars there (``NetworkTrainer.accelerator_logging``, ``train_network.py`` l.139-168: the tensorboard
+    tracker, ``step=global_step``). sd-scripts saves its final file after ``accelerator.end_training()`` closed the
+    log (l.1719-1727): a writer reopened for the final pass's figure (torch's ``SummaryWriter`` reopens itself on a
+    write) is closed again. Only rank 0 has trackers; files validated on disk have none."""
+    for tracker in getattr(accelerator, "trackers", None) or ():
+        if getattr(tracker, "name", None) != "tensorboard":
+            continue
+        closed = getattr(getattr(tracker, "writer", None), "file_writer", True) is None
+        tracker.log({"loss/validation": loss, "loss/validation_divergence": divergence}, step=step)
+        if closed:
+            tracker.finish()
 
 
 class AfterSave:
@@ -145,8 +182,9 @@ class AfterSave:
     def __call__(self, path: Path, final: bool) -> None:
         """``path`` was just written at the probe's current step (``final``: under the run's final name)."""
         step = self._probe.steps_done
-        if self.held_out is not None and (final or self.held_out.every_n_steps is None):
-            self.held_out.validate(step, path)
+        every = self.held_out.every_n_steps if self.held_out is not None else None
+        if self.held_out is not None and (final or every is None or step % every == 0):
+            self.held_out.validate(step, path)  # at a step of its rhythm: links the pass at the step's end to the file
         # a Stop asked for by these events takes effect at the next safe point, after sd-scripts' bookkeeping
         if self.sampler is not None and not self.sampler.sampled(step) and not self._probe.interrupt_requested:
             self.sampler.sample(step, path)

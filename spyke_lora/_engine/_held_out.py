@@ -48,6 +48,7 @@ from typing import Any
 
 from .._config import TrainConfig, repeats_from_folder_name
 from ._base_weights import merge_base_weights
+from ._file_identity import checkpoint_identity
 from ._lora_weights import load_lora_weights, lora_alphas
 from ._process import DeviceGenerator, preserved_random_state
 
@@ -98,7 +99,8 @@ def validation_manifest_path(cfg: TrainConfig) -> Path:
 def append_validation(
     manifest: Path, step: int, checkpoint: Path | None, folder: Path, loss: float, images: int, held_out: bool
 ) -> None:
-    """One line in the validation manifest (``checkpoint`` by name when it is in the manifest's folder)."""
+    """One line in the validation manifest (``checkpoint`` by name when it is in the manifest's folder, and what
+    identifies its content: :func:`~._file_identity.checkpoint_identity`)."""
     where = (
         None if checkpoint is None else (checkpoint.name if checkpoint.parent == manifest.parent else str(checkpoint))
     )
@@ -109,6 +111,7 @@ def append_validation(
         "loss": loss,
         "images": images,
         "held_out": held_out,
+        **checkpoint_identity(checkpoint),
     }
     with manifest.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")

@@ -1,6 +1,7 @@
 """Contact sheets, sample checks and checkpoint ranking, on a fake run folder of generated images (no engine)."""
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -33,9 +34,24 @@ def noise_image(seed: int, size: int = 64) -> Image.Image:
     return Image.fromarray(((0.5 * base + 0.5 * blocks).clip(0, 1) * 255).astype(np.uint8))
 
 
+def write_checkpoint(path, step):
+    """A LoRA file as far as its header tells (one 4-byte tensor), saved at ``step`` (its ``ss_steps``)."""
+    text = json.dumps(
+        {
+            "__metadata__": {"ss_steps": str(step)},
+            "lora_unet_x.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        }
+    ).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(4))
+    return path
+
+
 def fake_run(folder, steps=STEPS, prompts=PROMPTS, cfgs=CFGS, image=None, extra_lines=()):
-    """A run folder: a sample per step x prompt x CFG and its manifest."""
+    """A run folder: a sample per step x prompt x CFG and its manifest, and each step's LoRA file."""
     (folder / "sample").mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        if step:
+            write_checkpoint(folder / f"{NAME}-step{step:08d}.safetensors", step)
     lines = []
     seed = 0
     for step in steps:

@@ -12,7 +12,7 @@ from spyke_lora._compare import StepLoss, contact_sheet, rank_checkpoints, revie
 from spyke_lora._compare._sheet import figure_lines
 from spyke_lora._errors import ConfigError
 
-from .test_compare import NAME, Brightness, fake_run, noise_image, region
+from .test_compare import NAME, Brightness, fake_run, noise_image, region, write_checkpoint
 
 VAL = "/data/spyke/val"
 CLASS = "/data/spyke/class_images"
@@ -31,6 +31,9 @@ def figure(step, loss, folder=VAL, held_out=True, images=2):
 
 
 def write_figures(run, lines, append=False):
+    for line in lines:  # each step's LoRA file, as the run saved it
+        if line["checkpoint"] and not (run / line["checkpoint"]).exists():
+            write_checkpoint(run / line["checkpoint"], line["step"])
     with (run / f"{NAME}.validation.jsonl").open("a" if append else "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
 
