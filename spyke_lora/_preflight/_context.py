@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+import toml
 
 from .. import _engine
 from .._config import TrainConfig, repeats_from_folder_name
@@ -130,7 +133,11 @@ class CheckContext:
     @functools.cached_property
     def memory(self) -> MemoryPlan:
         """The predicted peak memory against the device's budget; ``"auto"`` gradient checkpointing resolved."""
-        held_out = len(list_images(self.held_out.folder, self.extensions)) if self.held_out is not None else 0
+        held_out = (
+            len(list_images(self.held_out.folder, sd_scripts_dir=self.cfg.sd_scripts_dir))
+            if self.held_out is not None
+            else 0
+        )
         images = sum(s.images for s in self.count.subsets) + held_out
         sharing = self.launch.local_processes if self.device.device == "cpu" else 1  # a GPU per process elsewhere
         device, precision = self.device.device, self.device.mixed_precision
@@ -158,8 +165,37 @@ class FolderContext:
 
     @functools.cached_property
     def images(self) -> list[Path]:
-        """The folder's images (sd-scripts' extensions, any case), sorted."""
-        return sorted(p for p in self.folder.folder.iterdir() if p.is_file() and p.suffix.lower() in self.extensions)
+        """The folder's images as sd-scripts lists them (its own ``glob_images``: case-sensitive extensions, no
+        dot-files; a dangling symlink or a folder named ``x.png`` included, as sd-scripts opens them), sorted."""
+        return _engine.glob_images(self.folder.folder, self.cfg.sd_scripts_dir)
+
+    @functools.cached_property
+    def skipped(self) -> list[Path]:
+        """Files whose extension is an image's in another case (``a.Png``, ``b.jPeg``) that sd-scripts' listing does
+        not return, so never trains; dot-files (macOS's ``._a.png``) left out, as sd-scripts leaves them out."""
+        listed = set(self.images)
+        return sorted(
+            path
+            for path in self.folder.folder.iterdir()
+            if path.suffix.lower() in self.extensions and not path.name.startswith(".") and path not in listed
+        )
+
+    @functools.cached_property
+    def alpha_mask(self) -> bool:
+        """Whether sd-scripts loads this folder's images with their alpha as the loss mask (``alpha_mask``): the
+        subset's, its dataset's or ``[general]``'s value in a dataset TOML, else ``extra_args.alpha_mask`` (sd-scripts'
+        ``BlueprintGenerator`` falls back in that order, config_util.py l.439)."""
+        default = bool(self.cfg.extra_args.get("alpha_mask", False))
+        index = re.search(r"datasets\[(\d+)\]\.subsets\[(\d+)\]$", self.where)
+        if self.cfg.dataset_config is None or index is None:
+            return default
+        try:
+            data = toml.loads(self.cfg.dataset_config.read_text(encoding="utf-8-sig"))
+            dataset = data["datasets"][int(index[1])]
+            tables = (dataset["subsets"][int(index[2])], dataset, data.get("general", {}))
+        except (OSError, UnicodeDecodeError, toml.TomlDecodeError, KeyError, IndexError, TypeError):
+            return default
+        return bool(next((table["alpha_mask"] for table in tables if "alpha_mask" in table), default))
 
     def once(self, compute: Callable[[FolderContext], T]) -> T:
         """``compute(self)``, computed once for this folder: what several checks read (each image's header, each
@@ -173,18 +209,19 @@ Rule = Callable[[CheckContext, Findings], None]
 FolderRule = Callable[[FolderContext, Findings], None]
 
 
-def list_images(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """The images in a folder.
+def list_images(folder: Path, extensions: tuple[str, ...] = (), sd_scripts_dir: Path | None = None) -> list[Path]:
+    """The images in a folder, as sd-scripts' own listing finds them (``glob_images``, see :attr:`FolderContext.images`).
 
     Args:
         folder: The folder.
-        extensions: The extensions sd-scripts treats as images (matched in any case).
+        extensions: Not read any more: sd-scripts' listing knows its extensions (kept so that callers need not change).
+        sd_scripts_dir: ``TrainConfig.sd_scripts_dir``, the sd-scripts whose listing is used.
 
     Returns:
-        Its images, in directory order; [] if it is not a folder.
+        Its images, sorted; [] if it is not a folder.
     """
-    wanted = {e.lower() for e in extensions}
-    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in wanted] if folder.is_dir() else []
+    del extensions  # sd-scripts' IMAGE_EXTENSIONS, matched as its glob matches them
+    return _engine.glob_images(folder, sd_scripts_dir)
 
 
 def names(paths: list[Any]) -> str:
