@@ -2,7 +2,9 @@
 
 sd-scripts decodes every image itself (caching latents, loading batches), so a preflight that decodes them too
 (``im.load()``, what ``_preflight.check_folder`` did) doubles the decoding before the first step. ``check_folder``
-now reads each header (``Image.open``) and walks the PNG chunks / JPEG segments / WEBP RIFF size instead.
+now reads each header (``Image.open``: format, size, mode, EXIF orientation, all from the header) and walks the
+PNG chunks / JPEG segments / WEBP RIFF size instead; only images with alpha have their alpha band decoded (these
+noise images have none).
 
 The folders (built once, reused): 123 random-noise RGB JPEGs of 1536x1024 (quality 95) and 123 random-noise PNGs of
 1024x1024 under /tmp/pfbench (noise: the worst case for file size, so for the walk). Each repetition times, in one
