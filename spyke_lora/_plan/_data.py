@@ -15,14 +15,21 @@ __all__ = ["Plan", "SubsetPlan", "ValidationPlan"]
 
 @dataclasses.dataclass(frozen=True)
 class SubsetPlan:
-    """One dataset folder as the run reads it: its images, non-empty captions and repeats; ``is_reg`` for
-    regularisation images."""
+    """One dataset folder as the run reads it: its images, the captions sd-scripts reads as text and repeats;
+    ``is_reg`` for regularisation images; ``caption`` what its first caption trains as (a line of the plan)."""
 
     folder: Path
     images: int
     captions: int
     repeats: int
     is_reg: bool
+    caption: str = ""  # e.g. "caption  img000.txt trains as 'spyke_plasma_v1, white cloak'" ("": not shown)
+
+    def lines(self) -> list[str]:
+        """The folder's lines in ``str(plan)``: its counts, then what one caption trains as."""
+        kind = "reg  " if self.is_reg else "train"
+        head = f"  {kind} {self.folder}: {self.images} images, {self.captions} captions, x{self.repeats}"
+        return [head, f"    {self.caption}"] if self.caption else [head]
 
 
 @dataclasses.dataclass(frozen=True)

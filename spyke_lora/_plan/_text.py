@@ -20,11 +20,7 @@ class PlanText:
             f"device          {p.device}, mixed precision {p.mixed_precision}",
             *(f"  corrected: {c}" for c in p.corrections),
             "dataset",
-            *(
-                f"  {'reg  ' if s.is_reg else 'train'} {s.folder}: {s.images} images, {s.captions} captions, "
-                f"x{s.repeats}"
-                for s in p.subsets
-            ),
+            *(line for s in p.subsets for line in s.lines()),
             *self._launch_lines(),
             f"steps           {p.steps_per_epoch} per epoch x {p.epochs} epochs = {p.total_steps}",
             *self._resume_lines(),
