@@ -355,3 +355,16 @@ def test_the_cli_exits_2_with_the_message(good, tmp_path, capsys):
     good.replace(optimizer_type="AdamWW").to_toml(path)
     assert main(["plan", str(path)]) == 2
     assert "`optimizer_type` 'AdamWW'" in capsys.readouterr().err
+
+
+def test_another_lycoris_3_version_plans_with_a_warning_naming_the_tested_one(good, monkeypatch):
+    pytest.importorskip("lycoris")
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.3.0" if name == "lycoris-lora" else real(name))
+    warnings = [w for w in plan(good.replace(network_module="lycoris.kohya")).warnings if "lycoris" in w]
+    assert len(warnings) == 1 and "lycoris-lora 3.3.0" in warnings[0] and "3.4.0" in warnings[0]
+
+
+def test_the_pinned_lycoris_plans_without_a_warning(good):
+    pytest.importorskip("lycoris")
+    assert not [w for w in plan(good.replace(network_module="lycoris.kohya")).warnings if "lycoris" in w]
