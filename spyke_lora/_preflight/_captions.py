@@ -96,7 +96,12 @@ def _diagnose(path: Path, error: str) -> str:
         zeros_odd = data[1::2].count(0) > data[0::2].count(0)
         found = f"UTF-16 {'LE' if zeros_odd else 'BE'}, without a byte-order mark"
     if found is not None:
-        return f"{found}; {error or 'read as UTF-8 it has a NUL byte after every letter'}"
+        why = (
+            "sd-scripts stops with UnicodeDecodeError"
+            if error
+            else "read as UTF-8 it has a NUL byte after every letter"
+        )
+        return f"{found}; {why}"
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -288,7 +293,8 @@ def caption_example(folder: _engine.Folder | FolderContext, cfg: TrainConfig | N
         return f"caption  {first.path.name} cannot be read ({first.unreadable})"
     if first.text is None:
         trained = reader.trains_as(context.folder.class_tokens or "")
-        return f"caption  {first.image.name if first.image else first.path.name} has no caption file: trains as {trained!r}"
+        image = first.image.name if first.image else first.path.name
+        return f"caption  {image} has no caption file: trains as {trained!r}"
     trained = reader.trains_as(first.text)
     line = f"caption  {first.path.name} trains as {trained!r}"
     if reader.shuffle_caption and len(trained.split(reader.caption_separator)) - reader.keep_tokens > 1:
