@@ -231,7 +231,10 @@ def _runs(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as said:  # what could not be read, one line each
         warnings.simplefilter("always", SpykeLoraWarning)
-        found = runs(args.folder)
+        try:
+            found = runs(args.folder)
+        except ConfigError as e:  # not a folder: said as it is, not as an "invalid configuration"
+            raise SpykeLoraError("; ".join(e.problems)) from None
     for warning in said:
         print(f"warning: {warning.message}", file=sys.stderr)
     if not found:

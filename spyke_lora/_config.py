@@ -587,10 +587,10 @@ _TEXT_ENCODER_LAYERS = 12
 def _range_checked(name: str, value: float) -> tuple[Any, str | None]:
     """(value, problem or None) against the field's minimum in ``_MINIMUM``, a seed's range, clip_skip's layers."""
     if name in _SEEDS and not 0 <= value <= _SEED_MAX:
-        habit = "; -1 does not mean a random seed here" if value < 0 else ""
+        habit = "; a negative seed does not mean a random one here" if value < 0 else ""
         return value, (
-            f"`{name}` must be from 0 to {_SEED_MAX} (sd-scripts seeds NumPy with it, which takes no other value), "
-            f"got {value!r}{habit}: pick one, e.g. `{name} = {_SEEDS[name]}`"
+            f"`{name}` must be from 0 to {_SEED_MAX}, the seeds sd-scripts takes (it seeds NumPy, which takes no "
+            f"other), got {value!r}{habit}: pick one, e.g. `{name} = {_SEEDS[name]}`"
         )
     if name == "clip_skip" and value > _TEXT_ENCODER_LAYERS:
         return value, (

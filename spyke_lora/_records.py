@@ -146,7 +146,15 @@ def read_events(path: Path, *, warn: bool = False) -> list[dict[str, Any]]:
     Raises:
         OSError: The file cannot be read.
     """
-    data = Path(path).read_bytes()
+    events, note = _read_events(Path(path))
+    if warn and note:
+        warn_caller(note)
+    return events
+
+
+def _read_events(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The events that can be read, and what was skipped or replaced (None when nothing was)."""
+    data = path.read_bytes()
     text = data.decode("utf-8", errors="replace")
     out, skipped = [], 0
     for line in text.splitlines():
@@ -159,11 +167,11 @@ def read_events(path: Path, *, warn: bool = False) -> list[dict[str, Any]]:
         elif line.strip():
             skipped += 1
     replaced = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
-    if warn and (skipped or replaced):
-        said = [f"{skipped} line(s) that are not a complete event skipped"] if skipped else []
-        said += [f"{replaced} byte sequence(s) that are not UTF-8 replaced"] if replaced else []
-        warn_caller(f"{path}: {' and '.join(said)} (a run killed mid-write, or an edited file)")
-    return out
+    if not (skipped or replaced):
+        return out, None
+    said = [f"{skipped} line(s) that are not a complete event skipped"] if skipped else []
+    said += [f"{replaced} byte sequence(s) that are not UTF-8 replaced"] if replaced else []
+    return out, f"{path}: {' and '.join(said)} (a run killed mid-write, or an edited file)"
 
 
 def _is_event(event: Any) -> bool:
@@ -243,10 +251,12 @@ def read_run(events_path: str | os.PathLike[str], *, warn: bool = False) -> RunR
     """
     path = Path(events_path)
     name = path.name[: -len(".events.jsonl")]
-    events = read_events(path, warn=warn)
+    events, note = _read_events(path)
     starts = [e for e in events if e["event"] == "TrainStarted"]
     if not starts:
         raise ConfigError(f"{path} has no TrainStarted event: it is not a spyke-lora run record")
+    if warn and note:
+        warn_caller(note)
     steps = [e for e in events if e["event"] == "StepEnded"]
     duration, open_start = 0.0, None
     for e in events:

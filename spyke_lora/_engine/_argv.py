@@ -380,9 +380,12 @@ def resolve_checkpointing(cfg: TrainConfig, device: DeviceChoice, *, here: bool 
 def _image_count(cfg: TrainConfig) -> int:
     """The images whose latents a run caches, for the memory plan (their latents are a few kB each)."""
     folders = [f for f in (cfg.train_dir, cfg.reg_dir, cfg.validation_dir) if f is not None and f.is_dir()]
-    return sum(
-        1 for folder in folders for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
-    )
+    try:
+        return sum(
+            1 for folder in folders for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+        )
+    except OSError:  # an unreadable folder: the preflight names it; the latents' few kB do not decide the plan
+        return 0
 
 
 def command_line(

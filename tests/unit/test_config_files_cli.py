@@ -220,7 +220,8 @@ def test_runs_skips_a_record_that_is_a_folder_and_says_so(tmp_path, capsys):
 def test_runs_of_a_file_or_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
     path = a_run(tmp_path / "out")
     assert main(["runs", str(path)]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and "invalid configuration" not in err
     assert main(["runs", str(tmp_path / "nope")]) == 2
 
 
@@ -523,3 +524,17 @@ def test_calibrate_with_bad_resolutions_is_refused_before_it_measures(capsys, re
     assert main(["calibrate", "--device", "cpu", "--resolutions", resolutions]) == 2
     err = capsys.readouterr().err
     assert err.startswith("spyke-lora: error: ") and "--resolutions" in err and repr(resolutions) in err
+
+
+def test_argv_with_an_unreadable_train_dir_still_prints_the_command(tmp_path, capsys, monkeypatch):
+    config = argv_config(tmp_path)
+    real_iterdir = Path.iterdir
+
+    def denied(self):
+        if self.name == "10_spyke_plasma_v1":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    assert main(["argv", str(config), "--device", "cpu"]) == 0
+    assert "--dataset_config" in capsys.readouterr().out
