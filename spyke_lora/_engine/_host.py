@@ -34,9 +34,25 @@ from typing import Any
 
 from .._errors import EngineError
 from .._user_warnings import warn_caller
+from ._compat import PINNED_COMMIT, PINNED_VERSION, commit_note, features_of, require
 
-PINNED_COMMIT = "ae72efb92babe89ff8e70f057e42db68440e8d61"
-PINNED_VERSION = "v0.10.1"
+__all__ = [
+    "ENV_VAR",
+    "PINNED_COMMIT",
+    "PINNED_VERSION",
+    "EngineHost",
+    "VENDORED",
+    "RootLoggerSnapshot",
+    "engine_commit",
+    "engine_problems",
+    "git_head",
+    "host_for",
+    "imported_names",
+    "locate_engine",
+    "quiet_git_revision",
+    "random_untouched_by_logging",
+]
+
 ENV_VAR = "SPYKE_LORA_SD_SCRIPTS"
 VENDORED = Path(__file__).resolve().parents[2] / "vendor" / "sd-scripts"
 SUBMODULE_FIX = "git submodule update --init vendor/sd-scripts"
@@ -68,16 +84,76 @@ def locate_engine(configured: Path | None) -> Path:
     )
 
 
-def engine_commit(root: Path) -> str | None:
-    """The git commit of an sd-scripts checkout, or None when it is not a git checkout."""
+_GIT_PLACE = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR")  # would point git elsewhere
+
+
+def git_head(folder: Path, *args: str) -> list[str] | None:
+    """The lines git prints for ``git rev-parse ARGS HEAD`` run in ``folder``, or None when git fails there (not a
+    git work tree, no git installed, a timeout). git's own messages ("fatal: not a git repository") are captured,
+    never shown: a run's console has only what spyke-lora and sd-scripts' logging write.
+
+    Args:
+        folder: Where git runs (its working directory).
+        *args: More ``rev-parse`` options, before ``HEAD``.
+
+    Returns:
+        The output's lines, or None.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _GIT_PLACE}
     try:
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", *args, "HEAD"],
+            cwd=folder,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
-    commit = out.stdout.strip()
-    return commit or None
+    return out.stdout.splitlines()
+
+
+def engine_commit(root: Path) -> str | None:
+    """The git commit of an sd-scripts checkout: None when it is not a git work tree of its own (no git there, or a
+    folder inside another repository, whose commit is not sd-scripts')."""
+    lines = git_head(root, "--show-toplevel")
+    if lines is None or len(lines) != 2:
+        return None
+    top, commit = lines
+    try:
+        if not Path(top).samefile(root):
+            return None
+    except OSError:
+        return None
+    return commit.strip() or None
+
+
+@contextlib.contextmanager
+def quiet_git_revision(train_util: ModuleType) -> Iterator[None]:
+    """For the block, sd-scripts' ``get_git_revision_hash`` (``library/train_util.py`` l.3302 at v0.10.1, l.3284 at
+    3e6935a) without git's message on the console: it runs ``git rev-parse HEAD`` in its ``library`` folder with git's
+    error output inherited, so a checkout that is not a git work tree printed "fatal: not a git repository" at every
+    run, past any redirection of ``sys.stderr``. The same command gives the same answer (``"(unknown)"`` where it
+    fails, as sd-scripts' ``except`` does), so the file's ``ss_sd_scripts_commit_hash`` is what sd-scripts' command
+    line writes; only the message is captured."""
+    original = getattr(train_util, "get_git_revision_hash", None)
+    if original is None:
+        yield
+        return
+    folder = Path(train_util.__file__).parent
+
+    def get_git_revision_hash() -> str:
+        lines = git_head(folder)
+        return lines[0].strip() if lines else "(unknown)"
+
+    train_util.get_git_revision_hash = get_git_revision_hash
+    try:
+        yield
+    finally:
+        train_util.get_git_revision_hash = original
 
 
 class _LastResort(logging.Handler):
@@ -211,11 +287,9 @@ class EngineHost:
         self._train_network: ModuleType | None = None
         commit = engine_commit(root)
         self.commit = commit
-        if commit is not None and commit != PINNED_COMMIT:
-            warn_caller(
-                f"sd-scripts at {root} is at commit {commit[:10]}, not the tested {PINNED_VERSION} "
-                f"({PINNED_COMMIT[:10]}); training may still work, but results are not guaranteed"
-            )
+        note = commit_note(commit)
+        if note is not None:
+            warn_caller(f"sd-scripts at {root}: {note}")
 
     def logger_names(self) -> list[str]:
         """Every logger name sd-scripts' modules can create (``logging.getLogger(__name__)``)."""
@@ -328,3 +402,26 @@ def host_for(configured: Path | None) -> EngineHost:
         if root not in _HOSTS:
             _HOSTS[root] = EngineHost(root)
         return _HOSTS[root]
+
+
+def engine_problems(cfg: Any, resumed: bool = False) -> list[str]:
+    """What this config's run would need of its sd-scripts that that checkout lacks, as messages, for ``plan()``:
+    found from the engine's code (hosted, no model loaded), not from its commit.
+
+    Args:
+        cfg: The run's :class:`~spyke_lora.TrainConfig` (``sd_scripts_dir`` says which sd-scripts).
+        resumed: Whether the run continues a saved state.
+
+    Returns:
+        The problems ([] when that sd-scripts can do every feature the run uses).
+
+    Raises:
+        EngineError: No sd-scripts is found.
+    """
+    host = host_for(cfg.sd_scripts_dir)
+    with host.active():
+        try:
+            require(host.train_network(), features_of(cfg, resumed))
+        except EngineError as e:
+            return [str(e)]
+    return []

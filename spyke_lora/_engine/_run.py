@@ -27,11 +27,12 @@ from .._lock import output_lock
 from ..events import Event
 from ._after_save import AfterSave, CheckpointSampler, HeldOutPass, SampleSpec
 from ._argv import build_argv, parse_argv, run_environment
+from ._compat import features_of, require
 from ._context import Outcome, RunContext
 from ._engine_log import caller_output, engine_output, text_progress_bars
 from ._frames import finish_after_stop
 from ._held_out import HeldOut, validate_files, validation_spec
-from ._host import EngineHost, RootLoggerSnapshot, host_for, random_untouched_by_logging
+from ._host import EngineHost, RootLoggerSnapshot, host_for, quiet_git_revision, random_untouched_by_logging
 from ._outputs import prepare_samples, remove_partial_files, write_dataset_toml
 from ._probe import NonFiniteStop, Probe, StopRun
 from ._process import (
@@ -113,6 +114,7 @@ def _engine_session(
                 restored.enter_context(module_values_restored(modules))
                 restored.enter_context(cuda_rng_calls_reach(generator))
                 restored.enter_context(text_progress_bars())
+                restored.enter_context(quiet_git_revision(train_network.train_util))
                 yield _Session(host, train_network, logging, generator)
     finally:
         free_memory()
@@ -167,6 +169,8 @@ def run(ctx: RunContext) -> Outcome:
         How the run ended.
 
     Raises:
+        EngineError: This sd-scripts lacks what the run's features need (``_compat.require``), before anything
+            is written.
         TrainingError: sd-scripts itself failed (or tried to exit the process).
         NonFiniteLoss: The loss was NaN/Inf for ``max_nonfinite_steps`` steps.
         KeyboardInterrupt: Ctrl-C (after the step's LoRA was saved, when it came between steps).
@@ -184,6 +188,8 @@ def run(ctx: RunContext) -> Outcome:
     with session as engine:
         if ctx.stop_requested():  # let go of before it started (an iter_events stream closed at once): load nothing
             return Outcome(ctx.first_step, None, stopped=True)
+        # an sd-scripts older than the run's features need: refused before a file is written or a model loaded
+        require(engine.train_network, features_of(ctx.cfg, resumed=ctx.resume is not None))
         parts = _run_parts(ctx, engine)
         try:
             with _ctrl_c_stops_after_the_step(parts.probe):
@@ -270,6 +276,7 @@ def sample_checkpoints(
         log: The file sd-scripts' own output goes to (None: the console).
 
     Raises:
+        EngineError: This sd-scripts cannot sample (``_compat.require``), before a model is loaded.
         TrainingError: sd-scripts itself failed.
     """
     from ._sample_files import sample_files
@@ -277,6 +284,7 @@ def sample_checkpoints(
     argv = build_argv(cfg, device)
     with _engine_session(cfg, device, ending=lambda: False, log=log, append_log=True) as engine:
         probe = Probe(_to_caller(emit), lambda: False, started_at, engine.logging.restore)
+        require(engine.train_network, ("sampling",))  # before the folder is touched or a model loaded
         sampler = CheckpointSampler(prepare_samples(cfg, fresh=False), probe.emit, engine.generator)
         try:
             sample_files(engine.train_network, engine.args(argv), files, sampler, base_first=cfg.sample_at_first)
@@ -304,12 +312,14 @@ def validate_checkpoints(
         log: The file sd-scripts' own output goes to (None: the console).
 
     Raises:
+        EngineError: This sd-scripts cannot validate (``_compat.require``), before a model is loaded.
         TrainingError: sd-scripts itself failed.
     """
     argv = build_argv(cfg, device)
     spec = validation_spec(cfg, folder)
     assert spec is not None
     with _engine_session(cfg, device, ending=lambda: False, log=log, append_log=True) as engine:
+        require(engine.train_network, ("validation",))  # before a model is loaded
         try:
             validate_files(engine.train_network, engine.args(argv), files, spec, engine.generators, report)
         except BaseException as e:

@@ -21,8 +21,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .._errors import EngineError
 from ._after_save import AfterSave
+from ._compat import require
 from ._held_out import BatchContext
 from ._hooks import AtomicState, GuardedSave, install_hooks
 from ._probe import Probe
@@ -167,24 +167,18 @@ class _Hooks:
 
 
 _TRAINER_CLASSES: dict[int, type] = {}
-_HOOKS = ("get_tokenize_strategy", "post_process_network", "process_batch", "sample_images", "train")
 
 
 def trainer_class(train_network: ModuleType) -> type:
     """A ``NetworkTrainer`` subclass whose hooks hand over to a :class:`RunParts` (one class per engine module).
 
     Raises:
-        EngineError: This sd-scripts' ``NetworkTrainer`` lacks a method spyke-lora overrides.
+        EngineError: This sd-scripts lacks a method spyke-lora overrides or calls (``_compat.NEEDS``).
     """
     key = id(train_network)
     if key in _TRAINER_CLASSES:
         return _TRAINER_CLASSES[key]
-    missing = [name for name in _HOOKS if not hasattr(train_network.NetworkTrainer, name)]
-    if missing:
-        raise EngineError(
-            f"this sd-scripts ({train_network.__file__}) has no NetworkTrainer.{', '.join(missing)}: it is not a "
-            f"version spyke-lora can drive; use the vendored v0.10.1 (unset $SPYKE_LORA_SD_SCRIPTS / sd_scripts_dir)"
-        )
+    require(train_network, ("train",))  # the hooks overridden here, and what a stop's save calls
     attributes = {"_train_code": train_network.NetworkTrainer.train.__code__, "_train_util": train_network.train_util}
     made = type("SpykeTrainer", (_Hooks, train_network.NetworkTrainer), attributes)
     _TRAINER_CLASSES[key] = made
