@@ -338,16 +338,20 @@ def _compare(args: argparse.Namespace) -> int:
     """Write the sheet, print its path, every warning, the ranking, and the held-out figures with the recommended
     checkpoint when the run has them. Exit status 0 even with warnings: they are for a person to look at (errors,
     such as no samples, exit 2)."""
-    from ._compare import ColourHistogramScorer, review, sheet_layout, write_sheet
+    from ._compare import ColourHistogramScorer, check_sheet_folder, review, sheet_layout, write_sheet
 
     try:
         sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
+        check_sheet_folder(args.run_dir, args.out)  # and a folder the sheet cannot be written to
         scorer = ColourHistogramScorer() if args.rank else None
         rv = review(args.run_dir, args.name, train_images=args.train_images, scorer=scorer)
-        path = write_sheet(rv, args.out, args.cell)
+        path = write_sheet(rv, args.out, args.cell) if rv.columns else None
     except ConfigError as e:  # no samples, a bad folder: said as it is, not as an "invalid configuration"
         raise SpykeLoraError("; ".join(e.problems)) from None
-    print(f"contact sheet: {path}")
+    if path is not None:
+        print(f"contact sheet: {path}")
+    else:
+        print("contact sheet: none (the run has held-out figures and no samples; see the table below)")
     images, checked = sum(s.images for s in rv.steps), len(rv.train_images)
     print(
         f"{len(rv.steps)} steps x {len(rv.columns)} prompt/CFG columns, {images} images, {checked} training images checked for copies"

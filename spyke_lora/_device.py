@@ -97,6 +97,7 @@ class DeviceFacts:
     mps_available: bool
     cuda_available: bool
     cuda_device: str | None  # the first GPU's name
+    cuda_devices: int | None = None  # how many CUDA GPUs torch sees (CUDA_VISIBLE_DEVICES); None: 1 if available
 
 
 def device_facts() -> DeviceFacts:
@@ -113,7 +114,22 @@ def device_facts() -> DeviceFacts:
         mps_available=bool(mps_backend is not None and sys.platform == "darwin" and mps_backend.is_available()),
         cuda_available=cuda,
         cuda_device=torch.cuda.get_device_name(0) if cuda else None,
+        cuda_devices=int(torch.cuda.device_count()) if cuda else 0,
     )
+
+
+def visible_gpus(facts: DeviceFacts) -> int:
+    """How many CUDA GPUs a run's processes can be given, one each.
+
+    Args:
+        facts: The machine's facts.
+
+    Returns:
+        ``cuda_devices``; 1 when it was not counted and CUDA is available; 0 without CUDA.
+    """
+    if not facts.cuda_available:
+        return 0
+    return facts.cuda_devices if facts.cuda_devices is not None else 1
 
 
 def available_devices() -> tuple[bool, bool]:

@@ -166,8 +166,9 @@ def _engine_checkout(
         commit = _engine.engine_commit(sd_dir)
     except EngineError as e:
         problems.append(str(e))
-    if sd_dir is not None and commit != _engine.PINNED_COMMIT:
-        warnings.append(f"sd-scripts at {sd_dir} is not the tested {_engine.PINNED_VERSION}; results may differ")
+    note = _engine.commit_note(commit) if sd_dir is not None else None
+    if note is not None:
+        warnings.append(f"sd-scripts at {sd_dir}: {note}")
     return sd_dir, commit
 
 

@@ -29,9 +29,10 @@ from ._review import Review, review
 from ._rows import Cell, StepSummary
 from ._sample_checks import BROKEN, PathLike, References, SampleWarning, check_sample, open_image, to_array
 from ._scorers import ColourHistogramScorer, Scorer, score_order, score_steps
-from ._sheet import SheetLayout, contact_sheet, figure_lines, sheet_layout, write_sheet
+from ._sheet import SheetLayout, check_sheet_folder, contact_sheet, figure_lines, sheet_layout, write_sheet
 
 __all__ = [
+    "check_sheet_folder",
     "BROKEN",
     "Cell",
     "ColourHistogramScorer",

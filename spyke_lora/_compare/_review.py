@@ -142,7 +142,10 @@ def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
             continue  # a line cut short by a kill
         entries[key] = {**entries.get(key, {}), **item}  # keeps the first position, takes the newest values
     if not entries:
-        raise ConfigError(f"{manifest} lists no samples yet; sample the run's files with `spyke-lora sample`")
+        raise ConfigError(
+            f"{manifest} lists no samples yet; sample the run's files with `spyke-lora sample`, or train with "
+            "`sample_prompts` set"
+        )
     return [{**item, "_key": key} for key, item in entries.items()]
 
 

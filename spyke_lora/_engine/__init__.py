@@ -17,6 +17,7 @@ Everything else in the package speaks in :class:`~spyke_lora.TrainConfig`, the d
 * ``_state``: saved training states and resuming;
 * ``_host``, ``_process``, ``_engine_log``: hosting sd-scripts in this process and leaving nothing behind;
 * ``_held_out``: the held-out validation loss, during a run and of files on disk;
+* ``_captions``: a folder's captions as sd-scripts reads and trains them (its own ``read_caption``);
 * ``_dataset``: sd-scripts' own step math; ``_sample_files``, ``_lora_weights``: sampling files on disk;
   ``_diffusers``, ``_random_model``.
 """
@@ -33,13 +34,18 @@ from ._argv import (
     sample_prompts_text,
     sd_scripts_argv,
 )
+from ._captions import CaptionRead, CaptionReader, caption_reader
 from ._channel import CHANNEL_ENV, KEY_ENV, SPEC_ENV, WORKER_MODULE
+from ._compat import OLDEST_COMMIT, commit_note
 from ._context import Outcome, RunContext
 from ._dataset import Folder, StepCount, count_steps, dataset_folders, image_extensions
 from ._diffusers import diffusers_pipeline
 from ._engine_log import engine_output
+from ._file_identity import FileCheck, check_recorded, checkpoint_identity
 from ._held_out import append_validation, validation_manifest_path
-from ._host import PINNED_COMMIT, PINNED_VERSION, engine_commit, host_for, locate_engine
+from ._host import PINNED_COMMIT, PINNED_VERSION, engine_commit, engine_problems, host_for, locate_engine
+from ._image_files import glob_images
+from ._lookups import LYCORIS_WORKS, NameFindings, name_findings
 from ._lora_weights import load_lora_weights, lora_alphas
 from ._outputs import (
     existing_outputs,
@@ -55,12 +61,21 @@ from ._state import SavedState, find_states, resolve_resume
 __all__ = [
     "CHANNEL_ENV",
     "KEY_ENV",
+    "LYCORIS_WORKS",
     "SPEC_ENV",
     "WORKER_MODULE",
     "append_validation",
+    "FileCheck",
+    "check_recorded",
+    "checkpoint_identity",
+    "CaptionRead",
+    "CaptionReader",
+    "caption_reader",
+    "OLDEST_COMMIT",
     "PINNED_COMMIT",
     "PINNED_VERSION",
     "Folder",
+    "NameFindings",
     "Outcome",
     "RunContext",
     "SavedState",
@@ -73,17 +88,21 @@ __all__ = [
     "dataset_toml_text",
     "device_choice",
     "diffusers_pipeline",
+    "commit_note",
     "engine_commit",
+    "engine_problems",
     "engine_output",
     "existing_outputs",
     "find_states",
     "free_memory",
+    "glob_images",
     "host_for",
     "image_extensions",
     "launched_run",
     "load_lora_weights",
     "locate_engine",
     "lora_alphas",
+    "name_findings",
     "parse_argv",
     "preserved_random_state",
     "resolve_resume",

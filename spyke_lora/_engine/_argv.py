@@ -51,7 +51,8 @@ _MANAGED: dict[str, str] = {
 }
 _NEVER = 10**9  # an epoch interval no run reaches
 # Options only CUDA can run.
-_CUDA_ONLY = ("full_fp16", "full_bf16", "fp8_base")
+_CUDA_ONLY = ("full_fp16", "full_bf16", "fp8_base", "fp8_base_unet")
+_FP8 = ("fp8_base", "fp8_base_unet")  # train_network.py l.829-833: fp8 needs fp16 or bf16 mixed precision
 
 
 def dataset_toml_path(cfg: TrainConfig) -> Path:
@@ -244,6 +245,12 @@ def _check_extra_args(cfg: TrainConfig, device: DeviceChoice) -> None:
             problems.append(f"`extra_args.{key}` cannot be set: {_MANAGED[key]}")
         if key in _CUDA_ONLY and cfg.extra_args[key] and device.device != "cuda":
             raise DeviceError(f"`extra_args.{key}` needs CUDA and this run is on {device.device!r}; remove it")
+        if key in _FP8 and cfg.extra_args[key] and device.mixed_precision not in ("fp16", "bf16"):
+            problems.append(
+                f"`extra_args.{key}` needs fp16 or bf16 mixed precision (sd-scripts asserts it once the model is "
+                f"loaded), and `mixed_precision` is {device.mixed_precision!r}; set mixed_precision = 'bf16' (or "
+                f"'fp16'), or remove {key}"
+            )
     if device.device == "mps" and "max_data_loader_n_workers" in cfg.extra_args:
         problems.append(
             "`extra_args.max_data_loader_n_workers` cannot be set on mps: workers start with `spawn` there, which "

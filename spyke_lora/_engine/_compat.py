@@ -167,11 +167,17 @@ def require(train_network: ModuleType, features: Iterable[str]) -> None:
     since = "; ".join(f"{n.name} came with {n.since}" for n in missing)
     file = getattr(train_network, "__file__", "train_network.py")
     raise EngineError(
-        f"this sd-scripts ({file}) has no {what}, which {' and '.join(features)} need(s): it is not a version "
+        f"this sd-scripts ({file}) has no {what}, which {_needing(missing, features)}: it is not a version "
         f"spyke-lora can drive ({since}). spyke-lora supports sd-scripts from {OLDEST_COMMIT[:7]} (2025-06-15) to "
         f"{PINNED_VERSION} ({PINNED_COMMIT[:7]}); update that checkout (`git checkout {PINNED_VERSION}` there), or "
         f"use the vendored {PINNED_VERSION} (unset $SPYKE_LORA_SD_SCRIPTS / sd_scripts_dir)"
     )
+
+
+def _needing(missing: list[Need], features: list[str]) -> str:
+    """The run's features that the missing needs block, in words: "validation needs", "train and sampling need"."""
+    blocked = [f for f in features if any(f in need.features for need in missing)]
+    return f"{' and '.join(blocked)} {'needs' if len(blocked) == 1 else 'need'}"
 
 
 def vae_is_cast(trainer: Any, args: Any) -> bool:

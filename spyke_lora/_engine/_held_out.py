@@ -48,6 +48,7 @@ from typing import Any
 
 from .._config import TrainConfig, repeats_from_folder_name
 from ._base_weights import merge_base_weights
+from ._compat import vae_is_cast
 from ._file_identity import checkpoint_identity
 from ._lora_weights import load_lora_weights, lora_alphas
 from ._process import DeviceGenerator, preserved_random_state
@@ -269,7 +270,7 @@ def validate_files(
     strategy_base.LatentsCachingStrategy.set_strategy(trainer.get_latents_caching_strategy(args))
     accelerator = train_util.prepare_accelerator(args)
     weight_dtype, _ = train_util.prepare_dtype(args)
-    vae_dtype = (torch.float32 if args.no_half_vae else weight_dtype) if trainer.cast_vae(args) else None
+    vae_dtype = (torch.float32 if args.no_half_vae else weight_dtype) if vae_is_cast(trainer, args) else None
     _, text_encoder, vae, unet = trainer.load_target_model(args, weight_dtype, accelerator)
     module = importlib.import_module(args.network_module)
     merge_base_weights(args, module, (text_encoder, vae, unet), weight_dtype, accelerator)  # as train() does

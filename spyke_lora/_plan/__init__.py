@@ -20,6 +20,7 @@ from .._preflight import (
     RUN_RULES,
     CheckContext,
     bytes_per_file,
+    caption_example,
     count_captions,
     list_images,
     run_rules,
@@ -94,7 +95,8 @@ def _only_spyke_lora_errors(doing: str) -> Iterator[None]:
 def _assemble(ctx: CheckContext, warnings: tuple[str, ...]) -> Plan:
     """The :class:`Plan` of a context whose checks passed."""
     cfg, device, count, state = ctx.run_cfg, ctx.device, ctx.count, ctx.resumed.value
-    captions = {f.folder: count_captions(f) for f in ctx.dataset.value}
+    captions = {f.folder: count_captions(f, cfg) for f in ctx.dataset.value}
+    shown = {f.folder: caption_example(f, cfg) for f in ctx.dataset.value}
     files = len(ctx.checkpoints) + 1
     return Plan(
         device=device.device,
@@ -104,7 +106,8 @@ def _assemble(ctx: CheckContext, warnings: tuple[str, ...]) -> Plan:
         model_family=ctx.model.value,
         argv=tuple(_engine.build_argv(cfg, device, state.path if state else None)),
         subsets=tuple(
-            SubsetPlan(s.folder, s.images, captions.get(s.folder, 0), s.repeats, s.is_reg) for s in count.subsets
+            SubsetPlan(s.folder, s.images, captions.get(s.folder, 0), s.repeats, s.is_reg, shown.get(s.folder, ""))
+            for s in count.subsets
         ),
         batches_per_epoch=count.batches_per_epoch,
         steps_per_epoch=count.steps_per_epoch,
@@ -138,7 +141,7 @@ def _validation_plan(ctx: CheckContext) -> ValidationPlan | None:
     if held_out is None:  # validation_split: the images sd-scripts' own split holds out of train_dir
         paths = count.held_out
         return ValidationPlan(cfg.train_dir, len(paths), steps, seed, paths, cfg.validation_split)
-    paths = tuple(sorted(list_images(held_out.folder, ctx.extensions)))
+    paths = tuple(sorted(list_images(held_out.folder, ctx.extensions, ctx.cfg.sd_scripts_dir)))
     return ValidationPlan(held_out.folder, len(paths), steps, seed, paths)
 
 

@@ -21,8 +21,8 @@ unit test in ``tests/unit/test_preflight.py``. The order of a list is the order 
 
 from __future__ import annotations
 
-from . import _base_model, _device, _folders, _held_out, _memory, _outputs, _resume, _settings
-from ._captions import count_captions
+from . import _base_model, _compat, _device, _folders, _held_out, _memory, _names, _outputs, _resume, _settings
+from ._captions import caption_example, count_captions
 from ._context import CheckContext, Derived, Findings, FolderContext, FolderRule, Rule, list_images, names
 from ._folders import FOLDER_RULES, check_folder, folder_findings
 from ._images import STRUCTURE_CHECKS
@@ -43,6 +43,7 @@ __all__ = [
     "FolderRule",
     "Rule",
     "bytes_per_file",
+    "caption_example",
     "check_folder",
     "count_captions",
     "folder_findings",
@@ -55,28 +56,41 @@ __all__ = [
 # The checks of a run's inputs, in the order their messages are listed. They read files and headers only.
 INPUT_RULES: list[Rule] = [
     _device.check_processes_on_mps,
+    _device.check_processes_per_gpu,
     _device.check_corrections,
     _base_model.check_base_model,
+    _base_model.check_unet_and_vae,
     _base_model.check_sd2,
     _settings.check_tensorboard,
     _settings.check_tokenizer_cache_dir,
+    _settings.check_gradient_accumulation,
+    _names.check_names,
+    _names.check_option_files,
     _folders.check_dataset,
+    _folders.check_repeats,
+    _folders.check_same_folders,
     _folders.check_dataset_folders,
     _held_out.check_held_out,
     _held_out.check_split,
     _resume.check_resume,
+    _outputs.check_output_dir,
     _outputs.check_existing_outputs,
 ]
 
 # The checks of the run itself, once the inputs passed: they read sd-scripts' step count and the memory plan.
 RUN_RULES: list[Rule] = [
+    _settings.check_steps,
     _memory.check_memory_limit,
     _memory.check_memory_budget,
     _resume.check_steps_left,
     _settings.check_alpha,
     _settings.check_flip_aug,
     _settings.check_save_interval,
+    _settings.check_warmup,
+    _settings.check_learning_rates,
+    _settings.check_output_name,
     _settings.check_sample_prompts,
+    _compat.check_engine,
     _outputs.check_disk,
 ]
 

@@ -150,7 +150,7 @@ def check_caption_files(folder: FolderContext, found: Findings) -> None:
     if missing:
         add(
             f"{len(missing)} caption file(s) in {folder.where} are missing: {names(missing)}; sd-scripts would train "
-            f"on the folder's class token {folder.folder.class_tokens!r} instead"
+            f"on {_class_token(folder)} instead"
         )
     empty = [c.path for c in captions if c.unreadable == "0 bytes"]
     if empty:

@@ -7,10 +7,18 @@ import collections
 import os
 
 from .. import _engine
-from .._config import TrainConfig, repeats_from_folder_name
-from ._captions import check_caption_files, check_trigger_first
+from .._config import TrainConfig, kohya_parent_problem, repeats_from_folder_name
+from ._captions import check_caption_files, check_caption_lines, check_trigger_first
 from ._context import CheckContext, Findings, FolderContext, FolderRule, names
-from ._images import check_broken_images, check_exact_size, check_extensions, check_small_images
+from ._image_content import check_bit_depth, check_large_images, check_orientation, check_transparency
+from ._images import (
+    check_broken_images,
+    check_case_extensions,
+    check_exact_size,
+    check_extensions,
+    check_small_images,
+    check_unreadable_images,
+)
 from ._rules import run_rule
 
 __all__ = [
@@ -51,12 +59,19 @@ def check_stems(folder: FolderContext, found: Findings) -> None:
 # The checks of one folder that exists and has images, in the order their messages are listed.
 FOLDER_RULES: list[FolderRule] = [
     check_repeats_name,
+    check_case_extensions,
     check_stems,
+    check_unreadable_images,
     check_broken_images,
     check_extensions,
+    check_orientation,
+    check_bit_depth,
     check_exact_size,
     check_small_images,
+    check_large_images,
+    check_transparency,
     check_caption_files,
+    check_caption_lines,
     check_trigger_first,
 ]
 
@@ -79,7 +94,13 @@ def folder_findings(folder: _engine.Folder, cfg: TrainConfig, image_extensions: 
         return found
     context = FolderContext(folder, cfg, image_extensions)
     if not context.images:
-        found.problem(f"{where} folder {str(path)!r} has no images ({', '.join(sorted(context.extensions))})")
+        run_rule(check_case_extensions, context, found)  # images sd-scripts skips for their extension's case
+        field = where.strip("`") if where in ("`train_dir`", "`reg_dir`") else None
+        parent = kohya_parent_problem(field, path) if field else None  # the folder above `10_name`: offer it
+        if parent is not None and not found.problems:
+            found.problem(parent)
+        elif not found.problems:
+            found.problem(f"{where} folder {str(path)!r} has no images ({', '.join(sorted(context.extensions))})")
         return found
     for rule in FOLDER_RULES:
         run_rule(rule, context, found)

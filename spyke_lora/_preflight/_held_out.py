@@ -26,11 +26,11 @@ def check_held_out(ctx: CheckContext, found: Findings) -> None:
 def _check_twins(ctx: CheckContext, found: Findings) -> None:
     """A held-out image that is also a training image (the same bytes, under any name) is not held out: one problem
     per such image, naming both files."""
-    held = sorted(list_images(ctx.held_out.folder, ctx.extensions))
+    held = sorted(list_images(ctx.held_out.folder, ctx.extensions, ctx.cfg.sd_scripts_dir))
     sizes = {image.stat().st_size for image in held}  # the same bytes have the same size: hash only those
     trained: dict[str, Path] = {}
     for folder in ctx.dataset.value:
-        for image in sorted(list_images(folder.folder, ctx.extensions)):
+        for image in sorted(list_images(folder.folder, ctx.extensions, ctx.cfg.sd_scripts_dir)):
             if image.stat().st_size in sizes:
                 trained.setdefault(sha256(image), image)
     for image in held:
@@ -48,7 +48,7 @@ def check_split(ctx: CheckContext, found: Findings) -> None:
     cfg = ctx.cfg
     if not cfg.validation_split or cfg.train_dir is None:
         return
-    n = len(list_images(cfg.train_dir, ctx.extensions))
+    n = len(list_images(cfg.train_dir, ctx.extensions, cfg.sd_scripts_dir))
     if not n:
         return
     split = cfg.validation_split

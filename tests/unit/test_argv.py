@@ -13,7 +13,9 @@ import struct
 import sys
 from pathlib import Path
 
-from spyke_lora import TrainConfig
+import pytest
+
+from spyke_lora import ConfigError, DeviceError, TrainConfig
 from spyke_lora._device import DeviceChoice, choose_device
 from spyke_lora._engine import build_argv
 
@@ -188,3 +190,14 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:  # regenerate the gol
     EXPECTED.parent.mkdir(exist_ok=True)
     EXPECTED.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     print(f"wrote {len(golden)} cases to {EXPECTED}")
+
+
+@pytest.mark.parametrize("key", ["fp8_base", "fp8_base_unet"])
+def test_fp8_is_refused_off_cuda_and_without_mixed_precision(tmp_path, key):
+    _models(tmp_path)
+    cfg = _config(tmp_path, extra_args={key: True})
+    with pytest.raises(DeviceError, match=f"`extra_args.{key}` needs CUDA and this run is on 'mps'"):
+        build_argv(cfg, DEVICES["mps"])
+    with pytest.raises(ConfigError, match=f"`extra_args.{key}` needs fp16 or bf16 mixed precision.*'no'"):
+        build_argv(cfg, DEVICES["cuda-no"])
+    assert f"--{key}" in build_argv(cfg, DEVICES["cuda-bf16"])

@@ -285,14 +285,7 @@ def test_compare_read_only_out_from_the_cli(tmp_path, capsys, monkeypatch):
     assert err.startswith("spyke-lora: error: ") and "is a file" in err and "invalid configuration" not in err
 
 
-NEEDS_REVIEW_CHANGE = pytest.mark.xfail(
-    strict=True, reason="_compare/_review.py's 'lists no samples yet' message does not name sample_prompts yet"
-)
-
-
-@pytest.mark.parametrize(
-    "layout", ["empty-folder", pytest.param("empty-manifest", marks=NEEDS_REVIEW_CHANGE), "wrong-name"]
-)
+@pytest.mark.parametrize("layout", ["empty-folder", "empty-manifest", "wrong-name"])
 def test_compare_without_samples_says_what_is_missing_and_how_to_make_them(tmp_path, capsys, layout):
     run = tmp_path / "run"
     run.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spyke_lora import SpykeLoraWarning
+from spyke_lora import ConfigError, SpykeLoraWarning, plan
 from spyke_lora._engine import _compat, _host
 from spyke_lora._engine._compat import (
     OLDEST_COMMIT,
@@ -21,6 +21,8 @@ from spyke_lora._engine._compat import (
     vae_is_cast,
 )
 from spyke_lora._errors import EngineError
+
+from .conftest import write_images
 
 
 def _git(folder: Path, *args: str) -> str:
@@ -255,4 +257,18 @@ def test_plan_time_problems_of_an_old_checkout_name_what_is_missing_without_load
         problems = _host.engine_problems(good.replace(sd_scripts_dir=sd, validation_split=0.3))
     (problem,) = problems
     assert f"this sd-scripts ({sd / 'train_network.py'}) has no NetworkTrainer.get_tokenize_strategy" in problem
-    assert "which train and validation and sampling need(s)" in problem and "on_step_start" in problem
+    assert "which train and validation and sampling need:" in problem and "on_step_start" in problem
+
+
+def test_plan_refuses_what_the_engine_cannot_do_before_loading(good, monkeypatch):
+    """plan() says what train() would refuse: a feature the hosted sd-scripts lacks (here a need no sd-scripts
+    meets, for held-out validation only), naming it and the commit that brought it."""
+    absent = _compat.Need("NetworkTrainer.no_such_hook", "abc1234 (2099-01-01)", ("validation",), lambda tn: False)
+    monkeypatch.setattr(_compat, "NEEDS", (*_compat.NEEDS, absent))
+    assert plan(good).total_steps > 0  # no validation: the need does not apply
+    val = good.train_dir.parent / "val" / "1_spyke_plasma_v1"
+    write_images(val, 2, "spyke_plasma_v1, red disc", start=40)  # other pixels than the training images
+    with pytest.raises(ConfigError) as e:
+        plan(good.replace(validation_dir=val))
+    (problem,) = [p for p in e.value.problems if "no_such_hook" in p]
+    assert "which validation needs:" in problem and "came with abc1234 (2099-01-01)" in problem

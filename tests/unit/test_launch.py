@@ -1,6 +1,7 @@
 """Multi-process runs without the engine: Launch's checks and flags, plan()'s step math for a world size, MPS
 refused, and the caller's side of the protocol driven by fake workers (real processes, real sockets)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from spyke_lora import ConfigError, Launch, MemoryBudget, NonFiniteLoss, TrainingError, WorkerFailed, plan
+from spyke_lora._device import visible_gpus
 from spyke_lora._launch import _Driver, _root_cause, launch_command, resolve_launch, worker_environment
 from spyke_lora.events import StepEnded
 
-from .conftest import MPS_MAC
+from .conftest import CUDA_BOX, MPS_MAC
 
 
 def test_a_launch_is_one_process_unless_asked():
@@ -239,3 +241,30 @@ def test_a_first_ctrl_c_in_the_caller_stops_every_rank_after_the_step_then_is_ra
     # go on after TrainStarted; stop (not abort) after the StepEnded the Ctrl-C came in
     assert json.loads((tmp_path / "answers.json").read_text()) == [[False, False], [True, False]]
     assert "stopping every rank after this step (Ctrl-C again to abort at once)" in capsys.readouterr().err
+
+
+def test_more_processes_than_visible_gpus_are_refused(good, machine, monkeypatch):
+    one_gpu = machine(dataclasses.replace(CUDA_BOX, cuda_devices=1))
+    cfg = good.replace(device="cuda", mixed_precision="bf16")
+    budget = MemoryBudget(10**12, "injected")
+    assert plan(cfg, memory_budget=budget).device == "cuda"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ConfigError, match=r"puts 2 processes on this machine but torch sees 1 CUDA GPU\(s\) "
+                       r"\(CUDA_VISIBLE_DEVICES='0'\).*set processes = 1"):  # fmt: skip
+        plan(cfg, processes=2, memory_budget=budget)
+    assert one_gpu.cuda_devices == 1
+    machine(dataclasses.replace(CUDA_BOX, cuda_devices=2))
+    assert plan(cfg, processes=2, memory_budget=budget).total_steps > 0  # one GPU each: fine
+    with pytest.raises(ConfigError, match="puts 4 processes on this machine but torch sees 2 CUDA GPU"):
+        plan(cfg, processes=4, memory_budget=budget)
+    # two machines of 2 processes each: only this machine's share counts
+    two_machines = Launch(
+        processes=4, num_machines=2, machine_rank=0, main_process_ip="10.0.0.1", main_process_port=29500
+    )
+    assert plan(cfg, launch=two_machines, memory_budget=budget).total_steps > 0
+
+
+def test_visible_gpus_counts_what_torch_sees():
+    assert visible_gpus(CUDA_BOX) == 1  # not counted: the one device_facts names
+    assert visible_gpus(dataclasses.replace(CUDA_BOX, cuda_devices=3)) == 3
+    assert visible_gpus(MPS_MAC) == 0

@@ -9,6 +9,7 @@ what changed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -187,7 +188,8 @@ def outcomes(root: Path) -> dict[str, dict]:
     found = {}
     for name, make in CASES.items():
         (root / name).mkdir()
-        found[name] = outcome(root / name, make)
+        with contextlib.chdir(root / name):  # a relative path (a dataset TOML's image_dir) resolves in the case
+            found[name] = outcome(root / name, make)
     return found
 
 

@@ -81,7 +81,7 @@ def missing_caption(cfg):
 
 def empty_caption(cfg):
     (cfg.train_dir / "img000.txt").write_text("  \n")
-    return cfg, "caption file(s) in `train_dir` are empty", cfg.train_dir / "img000.txt"
+    return cfg, "caption file(s) in `train_dir` have no text", cfg.train_dir / "img000.txt"
 
 
 def wrong_size_without_buckets(cfg):
@@ -478,3 +478,13 @@ def test_findings_and_contexts():
     assert (found.problems, found.warnings) == (["a", "p"], ["w", "v"])
     assert Derived("sd1").problems == ()
     assert names(list(range(7))) == "0, 1, 2, 3, 4 ... and 2 more"
+
+
+def test_reg_dir_above_a_kohya_folder_offers_the_folder_inside(good):
+    parent = good.train_dir.parent / "reg"  # holds reg/1_person, has no image of its own
+    with pytest.raises(ConfigError) as e:
+        plan(good.replace(reg_dir=parent, reg_repeats=1))
+    assert any(
+        "`reg_dir` " in p and "holds the kohya dataset folder '1_person' instead of being one" in p
+        and f"set `reg_dir = {str(parent / '1_person')!r}`" in p for p in e.value.problems
+    ), e.value.problems  # fmt: skip
