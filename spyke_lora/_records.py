@@ -77,7 +77,13 @@ class RunRecorder:
                 history = [e for e in recorded if e["event"] == "StepEnded"]
                 validations = [e for e in recorded if e["event"] == "ValidationEnded"]
                 if history:
-                    loss_chart(history, self.paths["loss_chart"], title=self.cfg.output_name, validations=validations)
+                    loss_chart(
+                        history,
+                        self.paths["loss_chart"],
+                        title=self.cfg.output_name,
+                        validations=validations,
+                        memory_budget_bytes=event.memory_budget_bytes,
+                    )
         except OSError as e:
             self.enabled = False
             warn_caller(f"could not write the run records in {self.cfg.output_dir}: {e}; training goes on without them")
@@ -372,6 +378,8 @@ def _show(value: Any) -> str:
 _DPI = 100  # `size` is in pixels: the figure is size / 100 inches at 100 dots per inch
 _GREY, _BLUE, _RED, _ORANGE = "#aaaaaa", "#1f5fbf", "#d62728", "#ff7f0e"
 _SAGE = "#7a9e7a"  # the memory line: a muted green, apart from the loss per step's grey and the other colours
+_BUDGET = "#4d6b4d"  # the device's memory budget: a darker green, dashed, on the memory axis
+_HEADROOM = 1.15  # the memory axis ends 15 % above the higher of the peak and the budget: neither is on the edge
 
 
 def loss_chart(
@@ -381,13 +389,16 @@ def loss_chart(
     title: str = "",
     size: tuple[int, int] = (800, 400),
     validations: Sequence[ValidationEnded | dict[str, Any]] = (),
+    memory_budget_bytes: int | None = None,
 ) -> Path | None:
     """Draw a run's losses as a PNG line chart.
 
     The loss per step (grey), its running average (blue), the held-out validation loss of each pass (orange dots), a
     red line at each step whose loss was NaN or infinite, and, when the steps recorded it, the memory in use on the
-    training device (a thin muted green line, in GiB, on a second y axis at the right). Drawn with matplotlib's
-    object API and Agg canvas: the caller's pyplot and backend are left alone.
+    training device (a thin muted green line, in GiB, on a second y axis at the right) under the device's memory
+    budget (a dashed line: how close the run came to swapping). That axis runs from zero to 15 % above the higher of
+    the two, and the legend sits below the plot, so that no line is hidden under it. Drawn with matplotlib's object
+    API and Agg canvas: the caller's pyplot and backend are left alone.
 
     Args:
         history: the steps, as :class:`~spyke_lora.StepEnded` events or their JSON (a run's ``events.jsonl``).
@@ -395,13 +406,17 @@ def loss_chart(
         title: the chart's title.
         size: width and height in pixels.
         validations: the validation passes, as :class:`~spyke_lora.ValidationEnded` events or their JSON.
+        memory_budget_bytes: the device's memory budget the run was planned against
+            (:attr:`~spyke_lora.TrainEnded.memory_budget_bytes`), drawn when the steps recorded their memory.
 
     Returns:
         The file written; None when ``path`` is a file object.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    figure = _loss_figure(history, title=title, size=size, validations=validations)
+    figure = _loss_figure(
+        history, title=title, size=size, validations=validations, memory_budget_bytes=memory_budget_bytes
+    )
     FigureCanvasAgg(figure)  # the figure's canvas: Agg, whatever backend the caller's pyplot uses
     if hasattr(path, "write"):
         figure.savefig(path, format="png", dpi=_DPI)
@@ -418,6 +433,7 @@ def _loss_figure(
     title: str,
     size: tuple[int, int],
     validations: Sequence[ValidationEnded | dict[str, Any]] = (),
+    memory_budget_bytes: int | None = None,
 ) -> Figure:
     """The chart as a matplotlib figure, not drawn yet (what :func:`loss_chart` saves; the tests look into it)."""
     from matplotlib.figure import Figure
@@ -460,20 +476,40 @@ def _loss_figure(
     memory = [(h.get("memory_bytes") if isinstance(h, dict) else h.memory_bytes) for h in history]  # old records: none
     if any(m is not None for m in memory):
         right = axes.twinx()  # its own y axis at the right, sharing the steps
-        right.plot(
-            steps,
-            [m / 2**30 if m is not None else math.nan for m in memory],
-            color=_SAGE,
-            linewidth=0.8,
-            marker=marker,
-            markersize=3,
-            label="memory (GiB)",
-        )
-        right.set_ylabel("memory in use, GiB")
-        right.set_ylim(bottom=0)  # from zero: a flat 5.2 GiB is not drawn as a swing
-        axes.set_zorder(right.get_zorder() + 1)  # the loss curves and the legend over the memory line
+        _memory_lines(right, steps, memory, memory_budget_bytes, marker)
+        axes.set_zorder(right.get_zorder() + 1)  # the loss curves over the memory line
         axes.patch.set_visible(False)  # (the loss axes' white background would hide it)
         more_handles, more_labels = right.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    axes.legend(handles, labels, loc="upper right")  # one legend for both axes
+    # one legend for both axes, below the plot (constrained layout makes room): over the plot it would hide the
+    # lines that reach the top, as the memory line and the loss of the first steps do
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize="small")
     return figure
+
+
+def _memory_lines(
+    right: Any, steps: list[int], memory: list[int | None], budget: int | None, marker: str | None
+) -> None:
+    """The memory in use on ``right`` (GiB), the budget dashed above it, from zero to 15 % above the higher."""
+    right.plot(
+        steps,
+        [m / 2**30 if m is not None else math.nan for m in memory],
+        color=_SAGE,
+        linewidth=0.8,
+        marker=marker,
+        markersize=3,
+        label="memory (GiB)",
+    )
+    top = max(m for m in memory if m is not None)
+    if budget is not None and budget > 0:
+        right.axhline(
+            budget / 2**30,
+            color=_BUDGET,
+            linestyle="--",
+            linewidth=1.0,
+            label=f"memory budget ({budget / 2**30:.1f} GiB)",
+        )
+        top = max(top, budget)
+    right.set_ylabel("memory in use, GiB")
+    # from zero: a flat 5.2 GiB is not drawn as a swing; and room above, so the top line is not on the frame
+    right.set_ylim(0, top * _HEADROOM / 2**30 if top > 0 else 1.0)

@@ -65,6 +65,7 @@ class _Session:
         self.meter: PeakMeter | None = None  # the run's peak memory (TrainEnded.peak_memory_bytes)
         self.measured_peak: int | None = None  # a multi-process run's: rank 0's own meter (the caller's is idle)
         self.predicted_peak: int | None = None
+        self.memory_budget: int | None = None  # what plan() measured the device's budget at (the loss chart's line)
         self.stop_reason: str | None = None
         self.ended = False
 
@@ -100,7 +101,7 @@ class _Session:
         if self.started is not None and not self.ended:
             self.ended = True
             peak = self.peak()
-            self.emit(TrainEnded(status, steps, final_path, peak, self.predicted_peak))  # type: ignore[arg-type]
+            self.emit(TrainEnded(status, steps, final_path, peak, self.predicted_peak, self.memory_budget))  # type: ignore[arg-type]
             if peak is not None and self.predicted_peak and peak > UNDERESTIMATE * self.predicted_peak:
                 warn_caller(
                     f"the run's peak memory {gib(peak)} was {peak / self.predicted_peak - 1:.0%} above the "
@@ -217,6 +218,7 @@ def _plan_record_run(
     recorder = _recorder(cfg, device, state, launch)
     session = _Session((recorder, *own) if launch.main_machine else own, let_go)
     session.predicted_peak = checked.memory.peak_bytes if checked.memory is not None else None
+    session.memory_budget = checked.memory.budget_bytes if checked.memory is not None else None
     # 3. the run, in this process or in launch.world_size workers, its peak memory measured
     context = _engine.RunContext(
         cfg, device, session.emit, session.stop_requested, started_at, state, engine_log_path(engine_log, cfg)

@@ -229,6 +229,7 @@ class LiveLossChart:
         self.notebook = in_notebook() if notebook is None else notebook
         self.history: list[StepEnded] = []
         self.validations: list[ValidationEnded] = []
+        self.memory_budget: int | None = None  # the device's budget, drawn dashed once the run's end reports it
         self._handle: Any = None
         self.draws = 0
 
@@ -241,6 +242,7 @@ class LiveLossChart:
         elif isinstance(event, ValidationEnded):
             self.validations.append(event)
         elif isinstance(event, TrainEnded) and self.history:
+            self.memory_budget = event.memory_budget_bytes
             self._draw()
 
     def png(self) -> bytes:
@@ -248,7 +250,9 @@ class LiveLossChart:
         from ._records import loss_chart
 
         buffer = io.BytesIO()
-        loss_chart(self.history, buffer, size=self.size, validations=self.validations)
+        loss_chart(
+            self.history, buffer, size=self.size, validations=self.validations, memory_budget_bytes=self.memory_budget
+        )
         return buffer.getvalue()
 
     def save(self, path: str) -> None:
@@ -259,7 +263,9 @@ class LiveLossChart:
         """
         from ._records import loss_chart
 
-        loss_chart(self.history, path, size=self.size, validations=self.validations)
+        loss_chart(
+            self.history, path, size=self.size, validations=self.validations, memory_budget_bytes=self.memory_budget
+        )
 
     def _draw(self) -> None:
         self.draws += 1

@@ -117,6 +117,9 @@ class TrainEnded:
     # Measurements, not what happened: two events that differ only in them compare equal.
     peak_memory_bytes: int | None = dataclasses.field(default=None, compare=False)
     predicted_peak_bytes: int | None = dataclasses.field(default=None, compare=False)
+    # the device's memory budget the run was planned against (plan().memory.budget_bytes, memory_limit applied):
+    # the loss chart's dashed line; None when it could not be read
+    memory_budget_bytes: int | None = dataclasses.field(default=None, compare=False)
 
 
 # the type of every event above: what a callback receives

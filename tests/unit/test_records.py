@@ -128,6 +128,12 @@ def near(pixels, xy, colour, *, radius=2, tolerance=60):
     return bool((np.abs(patch - rgb).sum(axis=2) <= tolerance).any())
 
 
+def legend_texts(figure):
+    """The entries of the chart's one legend (the figure's, below the plot)."""
+    (legend,) = figure.legends
+    return [t.get_text() for t in legend.get_texts()]
+
+
 def test_loss_chart_draws_both_lines_and_marks_a_nan(tmp_path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -144,11 +150,7 @@ def test_loss_chart_draws_both_lines_and_marks_a_nan(tmp_path):
     FigureCanvasAgg(figure).draw()
     (axes,) = figure.axes
     assert (axes.get_xlabel(), axes.get_ylabel(), axes.get_title()) == ("step", "loss", "spyke")
-    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
-        "loss per step",
-        "running average",
-        "non-finite loss",
-    ]
+    assert legend_texts(figure) == ["loss per step", "running average", "non-finite loss"]
     loss, average, marker = axes.get_lines()
     assert math.isnan(loss.get_ydata()[5]) and list(average.get_ydata()) == [0.5] * 10  # a gap at the NaN step
     assert list(marker.get_xdata()) == [6, 6] and marker.get_color() == _RED
@@ -177,11 +179,7 @@ def test_loss_chart_draws_the_held_out_loss_of_each_validation_pass(tmp_path):
     figure = _loss_figure(history, title="", size=(800, 400), validations=passes)
     FigureCanvasAgg(figure).draw()
     (axes,) = figure.axes
-    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
-        "loss per step",
-        "running average",
-        "held-out loss",
-    ]
+    assert legend_texts(figure) == ["loss per step", "running average", "held-out loss"]
     held_out = axes.get_lines()[2]
     assert (list(held_out.get_xdata()), list(held_out.get_ydata())) == ([2, 4], [0.9, 0.8])
     assert held_out.get_color() == _ORANGE
@@ -237,13 +235,8 @@ def test_loss_chart_draws_the_memory_in_use_on_a_second_axis():
     (line,) = right.get_lines()
     assert list(line.get_xdata()) == [1, 2, 3, 4] and line.get_label() == "memory (GiB)"
     assert np.allclose(line.get_ydata(), [1.0, 1.5, math.nan, 2.0], equal_nan=True)
-    assert len(axes.get_lines()) == 3 and right.get_legend() is None  # the loss curves as they were; one legend
-    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
-        "loss per step",
-        "running average",
-        "held-out loss",
-        "memory (GiB)",
-    ]
+    assert len(axes.get_lines()) == 3 and axes.get_legend() is right.get_legend() is None  # one legend, the figure's
+    assert legend_texts(figure) == ["loss per step", "running average", "held-out loss", "memory (GiB)"]
     # as read back from NAME.events.jsonl: the same line
     recorded = [event_to_json(e) for e in history]
     (again,) = _loss_figure(recorded, title="", size=(800, 400)).axes[1].get_lines()
@@ -257,10 +250,94 @@ def test_loss_chart_without_memory_has_one_axis(tmp_path):
     recorded = [event_to_json(e) for e in history]
     old = [{k: v for k, v in record.items() if k != "memory_bytes"} for record in recorded]  # before the field
     for steps in (history, recorded, old):
-        (axes,) = _loss_figure(steps, title="", size=(800, 400)).axes
-        assert [t.get_text() for t in axes.get_legend().get_texts()] == [
-            "loss per step",
-            "running average",
-            "non-finite loss",
-        ]
+        figure = _loss_figure(steps, title="", size=(800, 400))
+        assert len(figure.axes) == 1
+        assert legend_texts(figure) == ["loss per step", "running average", "non-finite loss"]
     assert loss_chart(old, tmp_path / "loss.png") == tmp_path / "loss.png"
+
+
+def memory_history(peak_gib, steps=8):
+    """``steps`` steps whose memory in use climbs to ``peak_gib`` at the last step; the loss falls from 1.0."""
+    return [
+        StepEnded(i, steps, 1, 1.0 / i, 0.5, 1e-4, None, float(i), int(peak_gib * 2**30 * i / steps))
+        for i in range(1, steps + 1)
+    ]
+
+
+def drawn_boxes(figure):
+    """The figure drawn on Agg: its renderer, and the window extents (pixels) of the plot and of its legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (legend,) = figure.legends
+    return renderer, figure.axes[0].get_window_extent(renderer), legend.get_window_extent(renderer)
+
+
+def test_loss_chart_gives_the_memory_line_headroom_and_draws_the_budget_dashed():
+    """Issue 24: the memory axis ended at the peak, so the line ran along the top edge, under the legend. Now it
+    ends 15 % above the higher of the peak and the budget, the budget is a dashed line at its value, and the legend
+    is outside the plot (its box does not meet the plot's)."""
+    from spyke_lora._records import _BUDGET, _HEADROOM, _loss_figure
+
+    gib = 2**30
+    for peak, budget in ((5.0, 6 * gib), (7.0, 6 * gib)):  # under the budget, and over it (a run that swapped)
+        history = memory_history(peak)
+        figure = _loss_figure(history, title="spyke", size=(800, 400), memory_budget_bytes=budget)
+        renderer, plot, legend = drawn_boxes(figure)
+        axes, right = figure.axes
+        memory, budget_line = right.get_lines()
+        assert memory.get_label() == "memory (GiB)" and np.isclose(max(memory.get_ydata()), peak)
+        assert list(budget_line.get_ydata()) == [6.0, 6.0] and budget_line.get_linestyle() == "--"
+        assert budget_line.get_color() == _BUDGET and budget_line.get_label() == "memory budget (6.0 GiB)"
+        bottom, top = right.get_ylim()
+        assert bottom == 0 and np.isclose(top, max(peak, 6.0) * _HEADROOM)  # the higher line is 15 % below the top
+        # in pixels: the peak and the budget are well inside the frame, not on it
+        top_px = plot.y1
+        for value in (peak, 6.0):
+            y = right.transData.transform((history[-1].step, value))[1]
+            assert top_px - y >= 0.1 * plot.height
+        assert not legend.overlaps(plot) and legend.y1 <= plot.y0  # the legend below the plot, covering no line
+        assert legend_texts(figure)[-2:] == ["memory (GiB)", "memory budget (6.0 GiB)"]
+        assert axes.get_zorder() > right.get_zorder()  # the loss curves over the memory lines
+
+
+def test_loss_chart_without_a_budget_still_leaves_headroom_and_a_budget_without_memory_is_not_drawn():
+    from spyke_lora._records import _HEADROOM, _loss_figure
+
+    figure = _loss_figure(memory_history(5.0), title="", size=(800, 400))  # an older record: no budget
+    (memory,) = figure.axes[1].get_lines()
+    assert np.isclose(figure.axes[1].get_ylim()[1], 5.0 * _HEADROOM)
+    # no memory recorded: no memory axis, and so no budget line on one
+    figure = _loss_figure(chart_history(), title="", size=(800, 400), memory_budget_bytes=6 * 2**30)
+    assert len(figure.axes) == 1 and "memory budget" not in " ".join(legend_texts(figure))
+
+
+def test_the_run_records_and_the_live_chart_draw_the_budget_the_run_ends_with(tmp_path):
+    """TrainEnded carries plan()'s budget: NAME.loss.png (drawn from the recorded events) and LiveLossChart use it."""
+    from spyke_lora._records import RunRecorder, read_events
+
+    gib = 2**30
+    cfg = TrainConfig(base_model=tmp_path / "m", train_dir=tmp_path / "1_x", output_dir=tmp_path, output_name="r")
+    recorder = RunRecorder(cfg, "true", {})
+    live = callbacks.LiveLossChart(every=100, notebook=False)
+    ended = TrainEnded("completed", 8, None, 5 * gib, 5 * gib, memory_budget_bytes=6 * gib)
+    for event in [TrainStarted(8, "cpu", "no", tmp_path), *memory_history(5.0), ended]:
+        recorder(event)
+        live(event)
+    (recorded_end,) = [e for e in read_events(tmp_path / "r.events.jsonl") if e["event"] == "TrainEnded"]
+    assert recorded_end["memory_budget_bytes"] == 6 * gib
+    assert (tmp_path / "r.loss.png").stat().st_size > 0 and live.memory_budget == 6 * gib
+    with Image.open(io.BytesIO(live.png())) as image:
+        assert image.size == (800, 400)
+    # what the recorder drew is the figure of those events with the budget: the dashed line's pixels are there
+    pixels = np.asarray(Image.open(tmp_path / "r.loss.png").convert("RGB")).astype(int)
+    from spyke_lora._records import _BUDGET, _loss_figure
+
+    figure = _loss_figure(memory_history(5.0), title="r", size=(800, 400), memory_budget_bytes=6 * gib)
+    drawn_boxes(figure)
+    right = figure.axes[1]
+    x, y = right.transData.transform((4.5, 6.0))
+    dashes = [near(pixels, (round(x) + dx, round(400 - y)), _BUDGET, radius=1) for dx in range(-60, 60)]
+    assert 0.3 < sum(dashes) / len(dashes) < 0.95  # a dashed line: drawn, with gaps
