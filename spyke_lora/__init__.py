@@ -42,6 +42,7 @@ from ._errors import (  # noqa: E402
 )
 from ._iter_events import EventStream, iter_events  # noqa: E402
 from ._launch import Launch  # noqa: E402
+from ._likeness import Likeness, LikenessCell, LikenessCopy, LikenessEncoders, LikenessRow, likeness  # noqa: E402
 from ._memory import MemoryBudget, MemoryPlan  # noqa: E402
 from ._pipeline import diffusers_pipeline  # noqa: E402
 from ._plan import Plan, SubsetPlan, ValidationPlan, plan  # noqa: E402
@@ -76,6 +77,11 @@ __all__ = [
     "EventStream",
     "HeldOutLoss",
     "Launch",
+    "Likeness",
+    "LikenessCell",
+    "LikenessCopy",
+    "LikenessEncoders",
+    "LikenessRow",
     "MemoryBudget",
     "MemoryPlan",
     "NonFiniteLoss",
@@ -109,6 +115,7 @@ __all__ = [
     "doctor",
     "events",
     "iter_events",
+    "likeness",
     "loss_chart",
     "plan",
     "rank_checkpoints",

@@ -24,6 +24,7 @@ def sample(
     callbacks: Iterable[Callback] | Callback = (),
     *,
     engine_log: str | os.PathLike[str] | None = "auto",
+    base_only: bool = False,
 ) -> tuple[SampleSaved, ...]:
     """Sample LoRA files already on disk, exactly as a training run with ``cfg`` samples its own.
 
@@ -39,6 +40,8 @@ def sample(
         cfg: the config to sample with; ``cfg.sample_at_first`` adds the base model alone as step 0.
         callbacks: one callable or several, given every :class:`~spyke_lora.SampleSaved` event.
         engine_log: as for :func:`~spyke_lora.train`.
+        base_only: sample the base model alone (step 0: the same prompts and seeds with no LoRA) and none of the
+            files, which give the network's shape only: the floor :func:`~spyke_lora.likeness` compares with.
 
     Returns:
         The :class:`~spyke_lora.SampleSaved` events, in order.
@@ -49,12 +52,12 @@ def sample(
     """
     with _engine.preserved_random_state():
         try:
-            return _sample(checkpoints, cfg, callbacks, engine_log)
+            return _sample(checkpoints, cfg, callbacks, engine_log, base_only)
         finally:
             _engine.free_memory()
 
 
-def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[SampleSaved, ...]:
+def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log, base_only=False) -> tuple[SampleSaved, ...]:
     started_at = time.perf_counter()
     callbacks = (callbacks,) if callable(callbacks) else tuple(callbacks)
     files = _files(checkpoints, cfg)
@@ -70,7 +73,9 @@ def _sample(checkpoints, cfg: TrainConfig, callbacks, engine_log) -> tuple[Sampl
         for callback in callbacks:
             callback(event)
 
-    _engine.sample_checkpoints(cfg, plan, files, emit, started_at, engine_log_path(engine_log, cfg))
+    _engine.sample_checkpoints(
+        cfg, plan, files, emit, started_at, engine_log_path(engine_log, cfg), base_only=base_only
+    )
     return tuple(made)
 
 

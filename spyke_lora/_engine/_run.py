@@ -263,9 +263,10 @@ def sample_checkpoints(
     emit: Callable[[Event], None],
     started_at: float,
     log: Path | None = None,
+    base_only: bool = False,
 ) -> None:
     """Sample LoRA files on disk with ``cfg``'s prompts, CFG scales and seed, into ``cfg.output_dir``, with
-    sd-scripts' own sampler.
+    sd-scripts' own sampler (``base_only``: the base model alone, as step 0, and none of the files).
 
     Args:
         cfg: The run's config (prompts, scales, seed, base model, output).
@@ -287,7 +288,14 @@ def sample_checkpoints(
         require(engine.train_network, ("sampling",))  # before the folder is touched or a model loaded
         sampler = CheckpointSampler(prepare_samples(cfg, fresh=False), probe.emit, engine.generator)
         try:
-            sample_files(engine.train_network, engine.args(argv), files, sampler, base_first=cfg.sample_at_first)
+            sample_files(
+                engine.train_network,
+                engine.args(argv),
+                files,
+                sampler,
+                base_first=cfg.sample_at_first,
+                base_only=base_only,
+            )
         except BaseException as e:
             engine.failure(e, " while sampling", probe.callback_error)
             raise

@@ -27,8 +27,10 @@ def sample_files(
     sampler: CheckpointSampler,
     *,
     base_first: bool,
+    base_only: bool = False,
 ) -> None:
-    """Sample each ``(step, file)`` with ``sampler``'s spec; ``base_first``: the base model alone first (step 0)."""
+    """Sample each ``(step, file)`` with ``sampler``'s spec; ``base_first``: the base model alone first (step 0);
+    ``base_only``: the base model alone and no file (the files give the network's shape only)."""
     import torch
 
     train_util = train_network.train_util
@@ -61,10 +63,10 @@ def sample_files(
     network.to(device, dtype=torch.float32)  # as in training: the LoRA in fp32, the model in the weight dtype
     reference = lora_alphas(first_weights)
     with torch.no_grad():
-        if base_first:
+        if base_first or base_only:
             network.set_multiplier(0.0)  # adds exactly zero: the base model's own images
             sampler.sample(0, None)
             network.set_multiplier(1.0)
-        for step, path in files:
+        for step, path in [] if base_only else files:
             load_lora_weights(network, path, files[0][1], reference)
             sampler.sample(step, path)

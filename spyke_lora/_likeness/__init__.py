@@ -16,6 +16,40 @@ Imports go one way: this package uses ``_compare`` (it scores the cells of :func
 data.
 """
 
+from ._models import (
+    DEFAULT_CLIP,
+    DEFAULT_DINO,
+    ClipEncoder,
+    DinoEncoder,
+    Encoder,
+    ImageEncoder,
+    LikenessEncoders,
+    load_clip,
+    load_dino,
+    scoring_device,
+)
+from ._recommend import recommend
 from ._rows import Kind, Likeness, LikenessCell, LikenessCopy, LikenessRow
+from ._score import COPY_CAP, clip_t_prompt, likeness
 
-__all__ = ["Kind", "Likeness", "LikenessCell", "LikenessCopy", "LikenessRow"]
+__all__ = [
+    "COPY_CAP",
+    "DEFAULT_CLIP",
+    "DEFAULT_DINO",
+    "ClipEncoder",
+    "DinoEncoder",
+    "Encoder",
+    "LikenessEncoders",
+    "ImageEncoder",
+    "Kind",
+    "Likeness",
+    "LikenessCell",
+    "LikenessCopy",
+    "LikenessRow",
+    "clip_t_prompt",
+    "likeness",
+    "load_clip",
+    "load_dino",
+    "recommend",
+    "scoring_device",
+]
