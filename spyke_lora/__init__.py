@@ -43,6 +43,7 @@ from ._errors import (  # noqa: E402
 from ._iter_events import EventStream, iter_events  # noqa: E402
 from ._launch import Launch  # noqa: E402
 from ._likeness import Likeness, LikenessCell, LikenessCopy, LikenessEncoders, LikenessRow, likeness  # noqa: E402
+from ._likeness import likeness_chart  # noqa: E402
 from ._memory import MemoryBudget, MemoryPlan  # noqa: E402
 from ._pipeline import diffusers_pipeline  # noqa: E402
 from ._plan import Plan, SubsetPlan, ValidationPlan, plan  # noqa: E402
@@ -116,6 +117,7 @@ __all__ = [
     "events",
     "iter_events",
     "likeness",
+    "likeness_chart",
     "loss_chart",
     "plan",
     "rank_checkpoints",

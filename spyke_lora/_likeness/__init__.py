@@ -28,6 +28,7 @@ from ._models import (
     load_dino,
     scoring_device,
 )
+from ._chart import likeness_chart
 from ._recommend import recommend
 from ._rows import Kind, Likeness, LikenessCell, LikenessCopy, LikenessRow
 from ._score import COPY_CAP, clip_t_prompt, likeness
@@ -48,6 +49,7 @@ __all__ = [
     "LikenessRow",
     "clip_t_prompt",
     "likeness",
+    "likeness_chart",
     "load_clip",
     "load_dino",
     "recommend",
