@@ -2,8 +2,8 @@
 
 1. Candidates: the checkpoint rows whose file is on disk, with samples, none broken and none a copy of a training
    image (when every candidate copies, the ones with the fewest copies stay, and the reason says so).
-2. Prompt fidelity kept: a candidate's CLIP-T is not below the base model's by more than ``Z`` standard errors of
-   the difference (without base samples: below the best candidate's). When none keeps it, the one with the highest
+2. Prompt fidelity kept: a candidate's CLIP-T is not below the base model's by more than ``FIDELITY_MARGIN`` and
+   ``Z`` standard errors of the difference (without base samples: the best candidate's). When none keeps it, the one with the highest
    CLIP-T is named, and the reason says every file loses prompt fidelity.
 3. Among those, the highest DINO; every one whose DINO is within ``Z`` standard errors of the difference of it is
    "too close to tell apart" with the run's number of samples, and the earliest of them is recommended (fewer steps:
@@ -19,9 +19,13 @@ from collections.abc import Sequence
 
 from ._rows import LikenessRow
 
-__all__ = ["Z", "recommend"]
+__all__ = ["FIDELITY_MARGIN", "Z", "recommend"]
 
 Z = 2.0  # two standard errors of a difference: about a 95% interval
+# CLIP-T lower than the base model's by less than this is prompt fidelity kept, however many samples: the DreamBooth
+# paper's methods differ by 0.005-0.05 (DreamBooth on SD 0.305, Textual Inversion 0.255), and a trained subject
+# replacing the class word's picture costs some CLIP-T by design
+FIDELITY_MARGIN = 0.02
 
 
 def _se_diff(a: float | None, b: float | None) -> float:
@@ -81,7 +85,7 @@ def recommend(
     faithful = [
         r
         for r in clean
-        if not (floor - (r.clip_t or 0.0) > 0 and _apart(r.clip_t or 0.0, r.clip_t_se, floor, floor_se))
+        if not (floor - (r.clip_t or 0.0) > FIDELITY_MARGIN and _apart(r.clip_t or 0.0, r.clip_t_se, floor, floor_se))
     ]
     if not faithful:
         pick = max(clean, key=lambda r: (r.clip_t or 0.0, -(r.step or 0)))
