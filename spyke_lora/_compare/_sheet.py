@@ -10,7 +10,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -23,7 +23,15 @@ from ._sample_checks import PathLike, open_image, to_array
 if TYPE_CHECKING:  # pragma: no cover
     from ._scorers import Scorer
 
-__all__ = ["SheetLayout", "check_sheet_folder", "contact_sheet", "figure_lines", "sheet_layout", "write_sheet"]
+__all__ = [
+    "LikenessFigures",
+    "SheetLayout",
+    "check_sheet_folder",
+    "contact_sheet",
+    "figure_lines",
+    "sheet_layout",
+    "write_sheet",
+]
 
 BACKGROUND = (255, 255, 255)
 LETTERBOX = (40, 40, 40)
@@ -34,6 +42,33 @@ BROKEN_COLOUR = (214, 39, 40)  # black, uniform, NaN, unreadable
 DUPLICATE_COLOUR = (255, 127, 14)  # near-duplicate
 RECOMMENDED_COLOUR = (44, 140, 44)  # the step of the lowest held-out loss with samples not broken
 PROMPT_LINES = 4  # header lines for the prompt (then one for the CFG scale)
+
+
+class LikenessRowFigures(Protocol):
+    """One row's likeness figures, as the sheet reads them (a :class:`~spyke_lora.LikenessRow` is one)."""
+
+    @property
+    def step(self) -> int | None: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def dino(self) -> float | None: ...
+    @property
+    def clip_i(self) -> float | None: ...
+    @property
+    def clip_t(self) -> float | None: ...
+    @property
+    def copies(self) -> Sequence[object]: ...
+
+
+class LikenessFigures(Protocol):
+    """What the sheet draws of a run's likeness: a :class:`~spyke_lora.Likeness` is one. Read as plain data, so
+    ``_compare`` never imports ``_likeness`` (which imports it)."""
+
+    @property
+    def rows(self) -> Sequence[LikenessRowFigures]: ...
+    @property
+    def base(self) -> LikenessRowFigures | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +216,7 @@ def _paste(sheet, path: Path, box: tuple[int, int, int, int]) -> bool:
     return True
 
 
-def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
+def _draw_sheet(rv: Review, out: Path, cell: int, likeness: LikenessFigures | None = None) -> Path:
     from PIL import Image, ImageDraw
 
     steps = [s.step for s in rv.steps]
@@ -240,7 +275,7 @@ def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
         if summary.score is not None:
             text = f"score {summary.score:.3f}" + (f" (#{rank[summary.step]})" if summary.step in rank else "")
             y = _draw_lines(draw, (x0 + gap, y + 4), [text], small, TEXT, small_line)
-        figures = figure_lines(rv, summary)
+        figures = figure_lines(rv, summary, likeness)
         if figures:
             wrapped = [part for text in figures for part in _wrap(draw, text, small, x1 - x0 - 2 * gap, 2)]
             y = _draw_lines(draw, (x0 + gap, y + 4), wrapped, small, TEXT, small_line)
@@ -262,10 +297,12 @@ def _draw_sheet(rv: Review, out: Path, cell: int) -> Path:
     return out
 
 
-def figure_lines(rv: Review, summary: StepSummary) -> list[str]:
-    """The held-out figures written under a row's label: ``held-out 1.0678``, then one line per class folder:
-    ``drift +0.0040`` (``drift LABEL +0.0040`` with several folders), or ``LABEL 1.2040`` (the raw loss, on the base
-    model's row or without a base-model figure on that folder); none without figures."""
+def figure_lines(rv: Review, summary: StepSummary, likeness: LikenessFigures | None = None) -> list[str]:
+    """The figures written under a row's label: the held-out figures, ``held-out 1.0678``, then one line per class
+    folder: ``drift +0.0040`` (``drift LABEL +0.0040`` with several folders), or ``LABEL 1.2040`` (the raw loss, on
+    the base model's row or without a base-model figure on that folder); then, with a ``likeness``, the step's
+    likeness figures: ``DINO 0.712, CLIP-I 0.803`` and ``CLIP-T 0.305, 0 copies`` (``likeness: no samples`` for a
+    step it scored none of); none without figures."""
     lines = []
     if summary.held_out_loss is not None:
         lines.append(f"held-out {_number(summary.held_out_loss, '.4f')}")
@@ -276,7 +313,25 @@ def figure_lines(rv: Review, summary: StepSummary) -> list[str]:
             lines.append(f"drift {label + ' ' if several else ''}{_number(drift[label], '+.4f')}")
         else:
             lines.append(f"{label} {_number(loss, '.4f')}")
+    if likeness is not None:
+        lines += _likeness_lines(likeness, summary.step)
     return lines
+
+
+def _likeness_lines(likeness: LikenessFigures, step: int) -> list[str]:
+    """The likeness figures of ``step`` (0: the base model's row), none when the likeness has no such row."""
+    row = likeness.base if step == 0 else next((r for r in likeness.rows if r.step == step), None)
+    if row is None:
+        return []
+    if not row.samples or row.dino is None:
+        return ["likeness: no samples"]
+    copies = len(row.copies)
+    figures = [f"DINO {_number(row.dino, '.3f')}"]
+    if row.clip_i is not None:
+        figures.append(f"CLIP-I {_number(row.clip_i, '.3f')}")
+    second = [f"CLIP-T {_number(row.clip_t, '.3f')}"] if row.clip_t is not None else []
+    second.append(f"{copies} cop{'y' if copies == 1 else 'ies'}")
+    return [", ".join(figures), ", ".join(second)]
 
 
 def _number(value: float, spec: str) -> str:
@@ -316,6 +371,7 @@ def contact_sheet(
     cell: int = 256,
     train_images: PathLike | Sequence[PathLike] | None = None,
     scorer: Scorer | None = None,
+    likeness: LikenessFigures | None = None,
 ) -> Path:
     """Draw a run's samples as one PNG: a row per checkpoint, a column per prompt and CFG scale.
 
@@ -333,6 +389,8 @@ def contact_sheet(
         cell: a sample's square, in px (64 at least).
         train_images: image files or folders to look for near-duplicates in (see :func:`review`).
         scorer: ranks the steps; their scores and ranks are drawn on the rows.
+        likeness: the run's :class:`~spyke_lora.Likeness` (:func:`~spyke_lora.likeness`): each row shows its DINO,
+            CLIP-I, CLIP-T and copies too (:func:`figure_lines`).
 
     Returns:
         The PNG's path.
@@ -344,7 +402,7 @@ def contact_sheet(
     sheet_layout(1, 1, cell)  # refuses a bad cell size before any work
     check_sheet_folder(run_dir, out)  # and a folder it cannot write
     rv = review(run_dir, name, train_images=train_images, scorer=scorer)
-    return write_sheet(rv, out, cell)
+    return write_sheet(rv, out, cell, likeness=likeness)
 
 
 def check_sheet_folder(run_dir: PathLike, out: PathLike | None) -> None:
@@ -385,13 +443,14 @@ def _check_folder(folder: Path) -> None:
         )
 
 
-def write_sheet(rv: Review, out: PathLike | None, cell: int) -> Path:
+def write_sheet(rv: Review, out: PathLike | None, cell: int, *, likeness: LikenessFigures | None = None) -> Path:
     """Draw a review as the contact sheet.
 
     Args:
         rv: what :func:`review` found.
         out: the PNG file, or a folder for it; None: ``RUN_DIR/NAME.contact-sheet.png``.
         cell: a sample's square, in px.
+        likeness: the run's likeness figures, drawn under each row's label (:func:`figure_lines`).
 
     Returns:
         The PNG's path.
@@ -404,4 +463,4 @@ def write_sheet(rv: Review, out: PathLike | None, cell: int) -> Path:
     if path.is_dir():
         path = path / f"{rv.name}.contact-sheet.png"
     _check_folder(path.absolute().parent)
-    return _draw_sheet(rv, path.absolute(), cell)
+    return _draw_sheet(rv, path.absolute(), cell, likeness)
