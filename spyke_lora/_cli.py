@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ._config import TrainConfig, tomllib
 from ._errors import ConfigError, SpykeLoraError, SpykeLoraWarning, TrainingError
@@ -332,6 +332,12 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-images", type=Path, metavar="DIR", help=text)
     text = "also rank the checkpoints by colour palette (a weak signal; see docs/choosing.md)"
     p.add_argument("--rank", action="store_true", help=text)
+    text = "also score every checkpoint for likeness (DINO, CLIP-I, CLIP-T, copies) and recommend one file"
+    p.add_argument("--likeness", action="store_true", help=text)
+    p.add_argument("--dino", metavar="MODEL", help="DINO model folder or hub id (implies --likeness)")
+    p.add_argument("--clip", metavar="MODEL", help="CLIP model folder or hub id (implies --likeness)")
+    text = "the word the trigger stands for in the CLIP-T prompt (default: the run's class folder's name)"
+    p.add_argument("--class-word", metavar="WORD", help=text)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -344,6 +350,7 @@ def _compare(args: argparse.Namespace) -> int:
         sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
         check_sheet_folder(args.run_dir, args.out)  # and a folder the sheet cannot be written to
         scorer = ColourHistogramScorer() if args.rank else None
+        encoders = _likeness_encoders(args)  # a missing model is refused before the sheet is written
         rv = review(args.run_dir, args.name, train_images=args.train_images, scorer=scorer)
         path = write_sheet(rv, args.out, args.cell) if rv.columns else None
     except ConfigError as e:  # no samples, a bad folder: said as it is, not as an "invalid configuration"
@@ -368,7 +375,33 @@ def _compare(args: argparse.Namespace) -> int:
         print(table)
     if rv.recommendation:
         print(rv.recommendation)
+    if encoders is not None:
+        _print_likeness(args, encoders)
     return 0
+
+
+def _likeness_encoders(args: argparse.Namespace) -> Any:
+    """``--likeness`` (or ``--dino``/``--clip``): the DINO and CLIP encoders, loaded; else None."""
+    if not (args.likeness or args.dino or args.clip):
+        return None
+    from ._likeness import DEFAULT_CLIP, DEFAULT_DINO, LikenessEncoders, load_clip, load_dino
+
+    return LikenessEncoders(load_dino(args.dino or DEFAULT_DINO), load_clip(args.clip or DEFAULT_CLIP))
+
+
+def _print_likeness(args: argparse.Namespace, encoders: Any) -> None:
+    """``compare --likeness``: the likeness table (base, every checkpoint, the character's own images) and the file
+    recommended by it."""
+    from ._likeness import likeness
+
+    try:
+        found = likeness(
+            args.run_dir, name=args.name, train_images=args.train_images, class_word=args.class_word, encoders=encoders
+        )
+    except ConfigError as e:
+        raise SpykeLoraError("; ".join(e.problems)) from None
+    print(f"likeness (DINO {found.dino_model}, CLIP {found.clip_model}; docs/choosing.md):")
+    print(found.table())
 
 
 def _deploy_arguments(p: argparse.ArgumentParser) -> None:

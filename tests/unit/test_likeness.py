@@ -409,3 +409,31 @@ def test_a_folder_that_is_not_a_model_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"`dino` model '.*empty' is a folder without a complete model"):
         load_dino(str(tmp_path / "empty"), device="cpu")
+
+
+def test_compare_likeness_prints_the_table_and_the_file_recommended(tmp_path, models, capsys):
+    from spyke_lora._cli import main
+
+    run = fake_run(tmp_path)
+    dino, clip = models
+    assert (
+        main(["compare", str(run), "--train-images", str(run / "train"), "--dino", str(dino), "--clip", str(clip)]) == 0
+    )
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    at = lines.index(f"likeness (DINO {dino}, CLIP {clip}; docs/choosing.md):")
+    header = lines[at + 1].split()
+    assert header[:7] == ["step", "held-out", "drift", "DINO", "CLIP-I", "CLIP-T", "copies"]
+    assert lines[at + 2].split()[0] == "base"
+    assert lines[-1].startswith("recommended: step ") and lines[-1].endswith(".safetensors")
+    found = score(run, models)
+    assert lines[at + 1 :] == found.table().splitlines()
+
+
+def test_compare_with_a_missing_model_is_refused_before_the_sheet_is_written(tmp_path, capsys):
+    from spyke_lora._cli import main
+
+    run = fake_run(tmp_path)
+    assert main(["compare", str(run), "--train-images", str(run / "train"), "--dino", str(tmp_path / "no")]) == 2
+    assert "is not a folder on this machine" in capsys.readouterr().err
+    assert not (run / f"{NAME}.contact-sheet.png").exists()
