@@ -48,11 +48,123 @@ from ._errors import (
 )
 from .events import Event
 
-__all__ = ["Launch", "end_processes", "launch_command", "run_processes", "worker_environment"]
+__all__ = [
+    "AloneOnRankZero",
+    "Launch",
+    "alone_on_rank_zero",
+    "end_processes",
+    "launch_command",
+    "run_processes",
+    "worker_environment",
+]
 
 _ERRORS = {c.__name__: c for c in (DeployError, DeviceError, EngineError, OutputInUse, TrainingError, SpykeLoraError)}
 _LAST_LINES = 20
 _ENDING_GRACE_S = 60.0  # after the launcher ends or a worker dies, how long the rest may take to say their last word
+
+
+# What rank 0 does alone after each saved file, bounded from above: a sampler step of SD1.5 at 512 px takes well under
+# a second on any CUDA GPU sd-scripts supports (about 0.1 s on an H100, 0.4 s on a T4), a held-out image one forward
+# pass. The bound is 1 s per sampler step at 512 px (scaled by the pixels) and 1 s per held-out image, times 3.
+_SAMPLER_STEP_S_AT_512 = 1.0
+_HELD_OUT_IMAGE_S = 1.0
+_TIMEOUT_MARGIN = 3
+_GLOO_TIMEOUT_MIN = 30  # torch's default process-group timeout (gloo; NCCL's is 10 min)
+_NCCL_TIMEOUT_MIN = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class AloneOnRankZero:
+    """What rank 0 of a multi-process run does alone after each saved file while the other ranks wait for it at
+    their next collective, and how long they are let wait (accelerate's process-group timeout, sd-scripts'
+    ``--ddp_timeout``).
+
+    Attributes:
+        samples: Sample images per saved file.
+        held_out_images: Held-out images per validation pass.
+        bound_s: The conservative bound on that work, in seconds (CUDA).
+        ddp_timeout: The minutes to pass as ``--ddp_timeout`` (CUDA; None on the CPU, where sd-scripts applies
+            none, or when ``extra_args`` sets it).
+        given: ``extra_args.ddp_timeout`` when the caller set it.
+        device: The run's device.
+    """
+
+    samples: int
+    held_out_images: int
+    bound_s: float
+    ddp_timeout: int | None
+    given: int | None
+    device: str
+
+    def line(self) -> str:
+        """The plan's line: what rank 0 does alone, and how long the others wait for it, and why."""
+        work = " and ".join(
+            part
+            for part in (
+                f"samples {self.samples} images" if self.samples else "",
+                f"validates {self.held_out_images} held-out images" if self.held_out_images else "",
+            )
+            if part
+        )
+        head = f"  rank 0 {work} alone after each saved file"
+        if self.device != "cuda":
+            return (
+                f"{head}; the other ranks wait for it up to gloo's {_GLOO_TIMEOUT_MIN} min (sd-scripts sets a "
+                f"collective timeout, ddp_timeout, only with several CUDA GPUs): a prompt list rank 0 cannot sample "
+                f"within that ends the run"
+            )
+        bound = (
+            f"at most about {_minutes(self.bound_s)} at a conservative {_SAMPLER_STEP_S_AT_512:g} s per sampler "
+            f"step at 512 px"
+        )
+        if self.given is not None:
+            short = (
+                ""
+                if self.given * 60 >= self.bound_s * _TIMEOUT_MARGIN
+                else (", under 3x that bound: raise it, or remove it to let spyke-lora set it")
+            )
+            return f"{head} ({bound}); the other ranks wait up to {self.given} min (extra_args.ddp_timeout){short}"
+        return (
+            f"{head} ({bound}); the other ranks wait up to {self.ddp_timeout} min for it (ddp_timeout, set from "
+            f"this plan: NCCL's own {_NCCL_TIMEOUT_MIN} min could end the run on a long prompt list)"
+        )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def alone_on_rank_zero(
+    device: str,
+    samples: int,
+    sample_steps: int,
+    sample_px: int,
+    held_out_images: int,
+    given: Any = None,
+) -> AloneOnRankZero | None:
+    """How long a multi-process run's other ranks must be let wait for rank 0's sampling and validation.
+
+    Args:
+        device: The run's device ("cuda", "cpu").
+        samples: Sample images per saved file (prompts x CFG scales).
+        sample_steps: Sampler steps per image.
+        sample_px: The samples' size (their longer side), in px.
+        held_out_images: Held-out images per validation pass (0: none).
+        given: ``extra_args.ddp_timeout``, when the caller set it (minutes).
+
+    Returns:
+        None when rank 0 does nothing alone; otherwise the bound and the timeout to set: the bound times 3, in whole
+        minutes, never under NCCL's 10 min or gloo's 30 min defaults (30).
+    """
+    if not samples and not held_out_images:
+        return None
+    bound = (
+        samples * sample_steps * _SAMPLER_STEP_S_AT_512 * (sample_px / 512) ** 2 + held_out_images * _HELD_OUT_IMAGE_S
+    )
+    minutes = max(_GLOO_TIMEOUT_MIN, -(-int(bound * _TIMEOUT_MARGIN) // 60))
+    chosen = given if isinstance(given, int) and not isinstance(given, bool) else None
+    timeout = minutes if device == "cuda" and chosen is None else None
+    return AloneOnRankZero(samples, held_out_images, bound, timeout, chosen, device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -210,6 +210,8 @@ def _plan_record_run(
     # 1. plan: every check first, so a refused run loads and writes nothing
     checked = plan(cfg, resume=resume, launch=launch)
     cfg = cfg.replace(gradient_checkpointing=checked.gradient_checkpointing)  # "auto" as the memory plan resolved it
+    if checked.alone is not None and checked.alone.ddp_timeout is not None:  # rank 0 samples alone: let the rest wait
+        cfg = cfg.replace(extra_args={**cfg.extra_args, "ddp_timeout": checked.alone.ddp_timeout})
     state = _engine.resolve_resume(cfg, checked.resume_from, launch.world_size) if checked.resume_from else None
     device = _engine.device_choice(cfg)
     _announce(cfg, device, checked, launch)

@@ -61,6 +61,10 @@ class LossWindow:
         """A micro-batch's loss tensor (read only at the step's end: no device sync per micro-batch)."""
         self._micro.append(loss.detach())
 
+    def at_step_start(self) -> bool:
+        """Whether no micro-batch of the current optimizer step has been seen yet."""
+        return not self._micro
+
     def end_step(self, mean: Callable[[float], float] | None = None) -> float:
         """The step's loss (its micro-batches' mean; ``mean`` averages it over the ranks), recorded."""
         losses = [float(t.item()) for t in self._micro]
@@ -190,7 +194,16 @@ class Probe:
         self.raise_if_stopping()
 
     def before_micro_batch(self, accelerator: Any) -> None:
-        """A stop point before each micro-batch; the learning rates its step will use."""
+        """A stop point before each micro-batch; the learning rates its step will use.
+
+        In a multi-process run the ranks agree again before a step's first micro-batch: rank 0 delivers the
+        save-time events (``CheckpointSaved``, ``ValidationEnded``, ``SampleSaved``) and may be Ctrl-C'd while it
+        samples *after* the step's agreement, so a ``Stop`` given then must be shared before the next step starts,
+        or every rank trains one step more than one process does (the final file must be the step the callback
+        saw). Every rank starts the same optimizer steps, so every rank makes this call the same number of times.
+        """
+        if self._ranks is not None and self.losses.at_step_start():
+            self._agree()
         self.raise_if_stopping()
         self.learning_rates.read(accelerator)
 

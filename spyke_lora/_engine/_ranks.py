@@ -96,8 +96,11 @@ def frozen_models_unwrapped(accelerator: Any) -> None:
 def alone_on_this_rank() -> Iterator[None]:
     """While one rank samples or validates on its own: accelerate's ``PartialState`` (what sd-scripts' sampler and
     ``wait_for_everyone`` read) says one process, not distributed, so the sampler samples every prompt and a barrier
-    does not wait for ranks that are not there. Put back afterwards; nothing changes with one process."""
+    does not wait for ranks that are not there, and ``AcceleratorState``'s own copy of the count (what
+    ``accelerator.num_processes`` reads) says one process too. Put back afterwards; nothing changes with one
+    process."""
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
     shared = PartialState._shared_state
@@ -105,8 +108,18 @@ def alone_on_this_rank() -> Iterator[None]:
     if count <= 1:
         yield
         return
+    # AcceleratorState keeps its own copy of the count (made when the Accelerator was created), and that copy is
+    # what ``accelerator.num_processes`` reads: sd-scripts' latent caching splits the images by it
+    # (``i % accelerator.num_processes != accelerator.process_index``, train_util l.1148-1185), so rank 0 alone
+    # must see one process there too, or it caches 1/N of the held-out latents and misses the rest.
+    accelerator_shared = AcceleratorState._shared_state
+    accelerator_count = accelerator_shared.get("num_processes")
     shared["num_processes"], shared["distributed_type"] = 1, DistributedType.NO
+    if accelerator_count is not None:
+        accelerator_shared["num_processes"] = 1
     try:
         yield
     finally:
         shared["num_processes"], shared["distributed_type"] = count, kind
+        if accelerator_count is not None:
+            accelerator_shared["num_processes"] = accelerator_count

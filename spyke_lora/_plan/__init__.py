@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from .. import _engine
 from .._config import TrainConfig
 from .._errors import ConfigError, SpykeLoraError
-from .._launch import Launch, resolve_launch
+from .._launch import AloneOnRankZero, Launch, alone_on_rank_zero, resolve_launch
 from .._memory import MemoryBudget
 from .._preflight import (
     INPUT_RULES,
@@ -95,6 +95,10 @@ def _only_spyke_lora_errors(doing: str) -> Iterator[None]:
 def _assemble(ctx: CheckContext, warnings: tuple[str, ...]) -> Plan:
     """The :class:`Plan` of a context whose checks passed."""
     cfg, device, count, state = ctx.run_cfg, ctx.device, ctx.count, ctx.resumed.value
+    validation = _validation_plan(ctx)
+    alone = _alone(ctx, validation)
+    if alone is not None and alone.ddp_timeout is not None:  # CUDA: the other ranks wait this long for rank 0
+        cfg = cfg.replace(extra_args={**cfg.extra_args, "ddp_timeout": alone.ddp_timeout})
     captions = {f.folder: count_captions(f, cfg) for f in ctx.dataset.value}
     shown = {f.folder: caption_example(f, cfg) for f in ctx.dataset.value}
     files = len(ctx.checkpoints) + 1
@@ -121,11 +125,28 @@ def _assemble(ctx: CheckContext, warnings: tuple[str, ...]) -> Plan:
         sample_summary=_sample_summary(cfg),
         resume_from=state.path if state else None,
         resume_step=ctx.done,
-        validation=_validation_plan(ctx),
+        validation=validation,
         memory=ctx.memory,
+        alone=alone,
         launch=ctx.launch,
         train_batch_size=cfg.train_batch_size,
         gradient_accumulation_steps=int(cfg.extra_args.get("gradient_accumulation_steps", 1) or 1),
+    )
+
+
+def _alone(ctx: CheckContext, validation: ValidationPlan | None) -> AloneOnRankZero | None:
+    """What rank 0 of a multi-process run samples and validates alone after each file (None: one process, or
+    nothing), and the collective timeout that lets the other ranks wait for it."""
+    cfg = ctx.cfg
+    if not ctx.launch.multi_process:
+        return None
+    held_out = validation.images if validation is not None else 0
+    if held_out and cfg.max_validation_steps:
+        held_out = min(held_out, cfg.max_validation_steps * cfg.train_batch_size)
+    samples = len(cfg.sample_prompts) * len(cfg.sample_cfg_scales)
+    size = cfg.sample_size or cfg.resolution
+    return alone_on_rank_zero(
+        ctx.device.device, samples, cfg.sample_steps, size, held_out, cfg.extra_args.get("ddp_timeout")
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .._launch import Launch
+from .._launch import AloneOnRankZero, Launch
 from .._memory import MemoryPlan
 from ._text import PlanText
 
@@ -72,6 +72,7 @@ class Plan(PlanText):
     launch: Launch = Launch()  # the run's processes and machines (train(cfg, processes=N)); one process by default
     train_batch_size: int = 1  # the batch of one process (per device)
     gradient_accumulation_steps: int = 1
+    alone: AloneOnRankZero | None = None  # a multi-process run: rank 0's sampling/validation alone, the ranks' timeout
 
     @property
     def processes(self) -> int:

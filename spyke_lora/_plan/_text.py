@@ -49,6 +49,7 @@ class PlanText:
             f"  batch {p.train_batch_size} per process x {processes} processes{accumulation} = "
             f"{p.effective_batch} images per step; each process takes ceil({batches} / {processes}) = "
             f"{-(-batches // processes)} of an epoch's {batches} batches",
+            *([p.alone.line()] if p.alone is not None else []),
         ]
 
     def _resume_lines(self) -> list[str]:

@@ -13,7 +13,14 @@ import pytest
 
 from spyke_lora import ConfigError, Launch, MemoryBudget, NonFiniteLoss, TrainingError, WorkerFailed, plan
 from spyke_lora._device import visible_gpus
-from spyke_lora._launch import _Driver, _root_cause, launch_command, resolve_launch, worker_environment
+from spyke_lora._launch import (
+    _Driver,
+    _root_cause,
+    alone_on_rank_zero,
+    launch_command,
+    resolve_launch,
+    worker_environment,
+)
 from spyke_lora.events import StepEnded
 
 from .conftest import CUDA_BOX, MPS_MAC
@@ -268,3 +275,33 @@ def test_visible_gpus_counts_what_torch_sees():
     assert visible_gpus(CUDA_BOX) == 1  # not counted: the one device_facts names
     assert visible_gpus(dataclasses.replace(CUDA_BOX, cuda_devices=3)) == 3
     assert visible_gpus(MPS_MAC) == 0
+
+
+def test_rank_zero_alone_sets_the_collective_timeout_on_cuda_and_says_it_on_the_cpu():
+    spyke = alone_on_rank_zero("cuda", samples=9, sample_steps=30, sample_px=512, held_out_images=4)
+    assert spyke.bound_s == 9 * 30 * 1.0 + 4 * 1.0 and spyke.ddp_timeout == 30  # 3 x 274 s: under the 30 min floor
+    assert "rank 0 samples 9 images and validates 4 held-out images alone after each saved file" in spyke.line()
+    assert "the other ranks wait up to 30 min for it (ddp_timeout, set from this plan" in spyke.line()
+    long = alone_on_rank_zero("cuda", samples=150, sample_steps=30, sample_px=768, held_out_images=0)
+    assert long.bound_s == 150 * 30 * 2.25 and long.ddp_timeout == -(-int(long.bound_s * 3) // 60) == 507
+    assert "validates" not in long.line()
+    cpu = alone_on_rank_zero("cpu", samples=9, sample_steps=30, sample_px=512, held_out_images=4)
+    assert cpu.ddp_timeout is None and "gloo's 30 min" in cpu.line() and "only with several CUDA GPUs" in cpu.line()
+    given = alone_on_rank_zero("cuda", samples=150, sample_steps=30, sample_px=768, held_out_images=0, given=60)
+    assert given.ddp_timeout is None and "wait up to 60 min (extra_args.ddp_timeout), under 3x" in given.line()
+    assert alone_on_rank_zero("cuda", samples=0, sample_steps=30, sample_px=512, held_out_images=0) is None
+
+
+def test_a_cuda_plan_of_several_processes_passes_the_timeout_to_sd_scripts(good, machine):
+    machine(dataclasses.replace(CUDA_BOX, cuda_devices=2))
+    cfg = good.replace(
+        device="cuda", mixed_precision="bf16", sample_prompts=("a",) * 20, sample_steps=30, sample_size=512
+    )
+    budget = MemoryBudget(10**12, "injected")
+    two = plan(cfg, processes=2, memory_budget=budget)
+    minutes = two.alone.ddp_timeout
+    assert minutes == max(30, -(-int((20 * len(cfg.sample_cfg_scales) * 30) * 3) // 60))
+    assert two.argv[two.argv.index("--ddp_timeout") + 1] == str(minutes)
+    assert f"the other ranks wait up to {minutes} min for it (ddp_timeout, set from this plan" in str(two)
+    one = plan(cfg, memory_budget=budget)
+    assert one.alone is None and "--ddp_timeout" not in one.argv  # one process: the command line is as before
