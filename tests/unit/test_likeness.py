@@ -20,7 +20,8 @@ from PIL import Image
 
 from spyke_lora import ConfigError, LikenessEncoders, likeness
 from spyke_lora._likeness import COPY_CAP, clip_t_prompt, load_clip, load_dino
-from spyke_lora.tiny_world import write_tokenizer
+
+from ..likeness_models import build_likeness_models
 
 NAME = "spyke_plasma_v1"
 PROMPTS = ["spyke_plasma_v1, standing, full body", "spyke_plasma_v1, crouching, side view"]
@@ -86,64 +87,7 @@ def fake_run(folder: Path, steps=(0, 2, 4), *, train: int = 3, copy_at: tuple[in
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
     """A DINO (ViT, [CLS]) and a CLIP, randomly initialised from small configs, saved with their processors."""
-    import torch
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-        ViTConfig,
-        ViTImageProcessor,
-        ViTModel,
-    )
-
-    root = tmp_path_factory.mktemp("likeness-models")
-    torch.manual_seed(0)
-    dino = root / "dino"
-    vit = ViTModel(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=64,
-            patch_size=16,
-        ),
-        add_pooling_layer=False,
-    )
-    vit.save_pretrained(dino)
-    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(dino)
-
-    clip = root / "clip"
-    tokenizer_files = write_tokenizer(root / "tokenizer")
-    tokenizer = CLIPTokenizer(str(tokenizer_files / "vocab.json"), str(tokenizer_files / "merges.txt"))
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 77,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 64,
-        "patch_size": 16,
-    }
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}),
-        tokenizer=tokenizer,
-    )
-    processor.save_pretrained(clip)
-    return dino, clip
+    return build_likeness_models(tmp_path_factory.mktemp("likeness-models"))
 
 
 def score(run: Path, models, **kw):
