@@ -43,7 +43,7 @@ def build_likeness_models(root: Path) -> tuple[Path, Path]:
 
         clip = root / "clip"
         tokenizer_files = write_tokenizer(root / "tokenizer")
-        tokenizer = CLIPTokenizer(str(tokenizer_files / "vocab.json"), str(tokenizer_files / "merges.txt"))
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_files))
         text = {
             "vocab_size": len(tokenizer),
             "hidden_size": 32,

@@ -143,7 +143,11 @@ class ClipEncoder:
         rows = []
         for start in range(0, len(texts), BATCH):
             inputs = self.processor(
-                text=list(texts[start : start + BATCH]), padding=True, truncation=True, return_tensors="pt"
+                text=list(texts[start : start + BATCH]),
+                padding=True,
+                truncation=True,
+                max_length=self.model.config.text_config.max_position_embeddings,  # 77
+                return_tensors="pt",
             ).to(self.device)
             with torch.inference_mode():
                 rows.append(_normalised(self.model.get_text_features(**inputs)))
@@ -187,7 +191,8 @@ def _load(field: str, name: str, model_class: Any, processor_class: Any, classes
     try:
         # online, huggingface_hub draws its own progress bar for the download (left on)
         model = model_class.from_pretrained(source, local_files_only=offline)
-        processor = processor_class.from_pretrained(source, local_files_only=offline)
+        # the slow (PIL) processor, transformers 4.x's default for these models: said, so no warning is printed
+        processor = processor_class.from_pretrained(source, local_files_only=offline, use_fast=False)
     except (OSError, ValueError) as e:
         state = (
             "is not in the Hugging Face cache and the hub is off (HF_HUB_OFFLINE)"
