@@ -98,7 +98,9 @@ def likeness(
     if not _has_base(rv) and make_base:
         rv, base_note = _make_base(rv, train_images)
     elif not _has_base(rv):
-        base_note = "no base samples (step 0): make them with `spyke-lora sample --base`, or likeness(make_base=True)"
+        base_note = (
+            "no base samples (step 0): likeness(make_base=True) or `spyke-lora compare --likeness` makes them once"
+        )
     trigger, found_class = _words(rv)
     word = class_word if class_word is not None else found_class
     held_out = _held_out_images(rv)
