@@ -350,9 +350,10 @@ def _compare(args: argparse.Namespace) -> int:
         sheet_layout(1, 1, args.cell)  # a bad --cell is refused before the samples are read
         check_sheet_folder(args.run_dir, args.out)  # and a folder the sheet cannot be written to
         scorer = ColourHistogramScorer() if args.rank else None
-        encoders = _likeness_encoders(args)  # a missing model is refused before the sheet is written
+        found = _likeness(args)  # first: a missing model is refused before the sheet, the base samples made for it
         rv = review(args.run_dir, args.name, train_images=args.train_images, scorer=scorer)
-        path = write_sheet(rv, args.out, args.cell) if rv.columns else None
+        path = write_sheet(rv, args.out, args.cell, likeness=found) if rv.columns else None
+        chart = _likeness_chart(found) if found is not None else None
     except ConfigError as e:  # no samples, a bad folder: said as it is, not as an "invalid configuration"
         raise SpykeLoraError("; ".join(e.problems)) from None
     if path is not None:
@@ -375,33 +376,29 @@ def _compare(args: argparse.Namespace) -> int:
         print(table)
     if rv.recommendation:
         print(rv.recommendation)
-    if encoders is not None:
-        _print_likeness(args, encoders)
+    if found is not None:
+        print(f"likeness chart: {chart}")
+        print(f"likeness (DINO {found.dino_model}, CLIP {found.clip_model}; docs/choosing.md):")
+        print(found.table())
     return 0
 
 
-def _likeness_encoders(args: argparse.Namespace) -> Any:
-    """``--likeness`` (or ``--dino``/``--clip``): the DINO and CLIP encoders, loaded; else None."""
+def _likeness(args: argparse.Namespace) -> Any:
+    """``--likeness`` (or ``--dino``/``--clip``): the run scored (:func:`~spyke_lora.likeness`); else None."""
     if not (args.likeness or args.dino or args.clip):
         return None
-    from ._likeness import DEFAULT_CLIP, DEFAULT_DINO, LikenessEncoders, load_clip, load_dino
+    from ._likeness import DEFAULT_CLIP, DEFAULT_DINO, LikenessEncoders, likeness, load_clip, load_dino
 
-    return LikenessEncoders(load_dino(args.dino or DEFAULT_DINO), load_clip(args.clip or DEFAULT_CLIP))
+    encoders = LikenessEncoders(load_dino(args.dino or DEFAULT_DINO), load_clip(args.clip or DEFAULT_CLIP))
+    return likeness(
+        args.run_dir, name=args.name, train_images=args.train_images, class_word=args.class_word, encoders=encoders
+    )
 
 
-def _print_likeness(args: argparse.Namespace, encoders: Any) -> None:
-    """``compare --likeness``: the likeness table (base, every checkpoint, the character's own images) and the file
-    recommended by it."""
-    from ._likeness import likeness
+def _likeness_chart(found: Any) -> Path:
+    from ._likeness import likeness_chart
 
-    try:
-        found = likeness(
-            args.run_dir, name=args.name, train_images=args.train_images, class_word=args.class_word, encoders=encoders
-        )
-    except ConfigError as e:
-        raise SpykeLoraError("; ".join(e.problems)) from None
-    print(f"likeness (DINO {found.dino_model}, CLIP {found.clip_model}; docs/choosing.md):")
-    print(found.table())
+    return likeness_chart(found)
 
 
 def _deploy_arguments(p: argparse.ArgumentParser) -> None:

@@ -366,6 +366,8 @@ def test_compare_likeness_prints_the_table_and_the_file_recommended(tmp_path, mo
     out = capsys.readouterr().out
     lines = out.splitlines()
     at = lines.index(f"likeness (DINO {dino}, CLIP {clip}; docs/choosing.md):")
+    assert lines[at - 1] == f"likeness chart: {run / (NAME + '.likeness.png')}"
+    assert (run / f"{NAME}.likeness.png").is_file() and (run / f"{NAME}.contact-sheet.png").is_file()
     header = lines[at + 1].split()
     assert header[:7] == ["step", "held-out", "drift", "DINO", "CLIP-I", "CLIP-T", "copies"]
     assert lines[at + 2].split()[0] == "base"
@@ -380,4 +382,4 @@ def test_compare_with_a_missing_model_is_refused_before_the_sheet_is_written(tmp
     run = fake_run(tmp_path)
     assert main(["compare", str(run), "--train-images", str(run / "train"), "--dino", str(tmp_path / "no")]) == 2
     assert "is not a folder on this machine" in capsys.readouterr().err
-    assert not (run / f"{NAME}.contact-sheet.png").exists()
+    assert not (run / f"{NAME}.contact-sheet.png").exists() and not (run / f"{NAME}.likeness.png").exists()
