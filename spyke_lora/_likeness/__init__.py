@@ -16,6 +16,7 @@ Imports go one way: this package uses ``_compare`` (it scores the cells of :func
 data.
 """
 
+from ._chart import likeness_chart
 from ._models import (
     DEFAULT_CLIP,
     DEFAULT_DINO,
@@ -28,7 +29,6 @@ from ._models import (
     load_dino,
     scoring_device,
 )
-from ._chart import likeness_chart
 from ._recommend import recommend
 from ._rows import Kind, Likeness, LikenessCell, LikenessCopy, LikenessRow
 from ._score import COPY_CAP, clip_t_prompt, likeness
