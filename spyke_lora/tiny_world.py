@@ -6,7 +6,9 @@
 * CLIP tokenizer files (the 256 byte-level characters, no merges) in the layout sd-scripts' ``tokenizer_cache_dir``
   expects, so nothing is fetched from the Hugging Face hub;
 * a few generated images with captions: a train folder ``2_spyke_plasma_v1`` and a regularisation folder
-  ``1_person``; and two held-out images of the character, never trained on, for validation (``val/1_spyke_plasma_v1``).
+  ``1_person``; and two held-out images of the character, never trained on, for validation (``val/1_spyke_plasma_v1``);
+* on request (:func:`build_likeness_models`), a small random DINO (ViT) and CLIP of the real architectures, saved with
+  their processors, for :func:`~spyke_lora.likeness` to load as it loads the real ones (their figures mean nothing).
 
 Nothing here is downloaded.
 """
@@ -22,7 +24,7 @@ from typing import Any
 from ._config import TrainConfig
 from ._files import cache_dir
 
-__all__ = ["TinyWorld", "build_tiny_world", "cache_dir"]
+__all__ = ["TinyWorld", "build_likeness_models", "build_tiny_world", "cache_dir"]
 
 TRIGGER = "spyke_plasma_v1"
 # Bump when the way the model, tokenizer or images are made changes: the cache key follows it.
@@ -117,6 +119,52 @@ def build_tiny_world(
     output_dir = root / "output"
     output_dir.mkdir(parents=True, exist_ok=True)
     return TinyWorld(model, tokenizers, train_dir, reg_dir, output_dir, resolution, validation_dir)
+
+
+def build_likeness_models(root: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """A small random DINO (transformers' ``ViTModel``, 64 px, patch 16) and CLIP (``CLIPModel``, 64 px, the tiny
+    world's tokenizer) saved with their image processors in ``root/dino`` and ``root/clip``: the folders
+    :func:`~spyke_lora.likeness` takes as ``dino=`` and ``clip=``, loaded with ``from_pretrained`` as the real models
+    are. The weights are random (seeded, the caller's random state left alone): the figures show the code at work,
+    not a likeness. Safe to call again: folders already made are reused.
+
+    Args:
+        root: the folder to write them in.
+
+    Returns:
+        The DINO folder and the CLIP folder.
+    """
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    root = Path(root).absolute()
+    dino, clip = root / "dino", root / "clip"
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if not (dino / "preprocessor_config.json").is_file():
+            model = ViTModel(ViTConfig(**small, image_size=64, patch_size=16))  # with its pooler, as dino-vits16
+            model.save_pretrained(dino)
+            ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(dino)
+        if not (clip / "preprocessor_config.json").is_file():
+            words = write_tokenizer(root / "tokenizer")
+            tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=77)
+            ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+            text = {**small, **ids, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+            vision = {**small, "image_size": 64, "patch_size": 16}
+            CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
+            images = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+            CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(clip)
+    return dino, clip
 
 
 def write_tokenizer(folder: Path) -> Path:

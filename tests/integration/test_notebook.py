@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import PIL.Image
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).parents[2] / "examples" / "train_spyke.ipynb"
@@ -40,7 +41,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     cells = {i: c for i, c in enumerate(nb.cells) if c.cell_type == "code"}
     assert not [o for c in cells.values() for o in c.outputs if o.output_type == "error"]
-    doctor, plan_cell, train_cell, figures_cell, samples_cell, sheet_cell, deploy_cell, runs_cell = (
+    doctor, plan_cell, train_cell, figures_cell, samples_cell, sheet_cell, likeness_cell, deploy_cell, runs_cell = (
         cells[i] for i in sorted(cells)[1:]
     )
 
@@ -97,11 +98,26 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     assert all(re.fullmatch(r"\s*\d+\s+\d+\.\d{4}\s+[+-]\d+\.\d{4}", row) for row in table[1:]), table
     assert len(texts(figures_cell, "image/png")) == 1
 
-    # samples: 2 prompts x 2 CFG scales for the files of steps 3 and 6 (the final file is step 6's weights)
-    assert len(texts(samples_cell, "image/png")) == 8
-    assert "step 3: spyke_plasma_v1, standing in a forest @ CFG 5" in "".join(texts(samples_cell, "stream"))
+    # samples: 2 prompts x 2 CFG scales for the base model (step 0, sample_at_first) and the files of steps 3 and 6
+    # (the final file is step 6's weights)
+    assert len(texts(samples_cell, "image/png")) == 12
+    printed = "".join(texts(samples_cell, "stream"))
+    assert "step 0: spyke_plasma_v1, standing in a forest @ CFG 5" in printed
+    assert "step 3: spyke_plasma_v1, standing in a forest @ CFG 5" in printed
     assert len(texts(sheet_cell, "image/png")) == 1  # the contact sheet
-    assert "8 samples, 0 warning(s)" in "".join(texts(sheet_cell, "stream"))
+    assert "12 samples, 0 warning(s)" in "".join(texts(sheet_cell, "stream"))
+
+    # likeness (issue 24): the table with the base and ceiling rows, the chart, the sheet with the figures
+    table = "".join(o.text for o in likeness_cell.outputs if o.output_type == "stream" and o.name == "stdout")
+    rows = table.splitlines()
+    assert rows[0].split()[:7] == ["step", "held-out", "drift", "DINO", "CLIP-I", "CLIP-T", "copies"], rows
+    steps = [row.lstrip("* ").split()[0] for row in rows[1:-1]]
+    assert steps == ["base", "3", "6", "own"], rows  # "own images": the ceiling
+    assert rows[-1].startswith("recommended: step ") and ".safetensors" in rows[-1]
+    assert len(texts(likeness_cell, "image/png")) == 2  # the chart and the sheet
+    with PIL.Image.open(run / "spyke_plasma_v1.likeness.png") as chart:
+        assert chart.size == (800, 600)
+    assert (run / "spyke_plasma_v1.likeness-sheet.png").is_file()
     installed = "".join(texts(deploy_cell, "stream"))
     assert installed.startswith("installed spyke_plasma_v1.safetensors (step 6, sha256 ")
     assert (tmp_path / "notebook-output" / "ComfyUI" / "models" / "loras" / "spyke_plasma_v1.safetensors").is_file()
