@@ -12,7 +12,9 @@ regularisation set generated with SD1.5 looks like), a caption file for each, an
 images whose alpha band the preflight now reads).
 
 In each child: ``import spyke_lora``, one ``plan()`` (it imports sd-scripts, about 6 s, reported as "first"), then
-``--calls`` more ``plan()`` calls timed one by one ("warm": the cost a notebook user pays for each re-plan).
+``--calls`` more ``plan()`` calls timed one by one ("warm": the cost a notebook user pays for each re-plan), then
+``--calls`` more with the preflight's image-scan cache emptied before each (every image scanned afresh, as the first
+call does, but with sd-scripts already imported; a tree without that cache scans afresh on every call anyway).
 Files are read once before timing, so every call reads from the page cache.
 
     .venv/bin/python benchmarks/plan_time.py --repo . --repo /tmp/plan-before [--runs 3] [--calls 5] [--alpha]
@@ -108,7 +110,15 @@ t = time.perf_counter(); plan(cfg); first = time.perf_counter() - t
 warm = []
 for _ in range(int(sys.argv[3])):
     t = time.perf_counter(); plan(cfg); warm.append(time.perf_counter() - t)
-print(json.dumps({"first": first, "warm": warm}))
+cold = []  # the engine imported, but no image scanned before (a tree without the scan cache: the same as warm)
+for _ in range(int(sys.argv[3])):
+    try:
+        from spyke_lora._preflight import _images
+        _images._SCAN_CACHE.clear()
+    except (ImportError, AttributeError):
+        pass
+    t = time.perf_counter(); plan(cfg); cold.append(time.perf_counter() - t)
+print(json.dumps({"first": first, "warm": warm, "cold": cold}))
 """
 
 
@@ -121,7 +131,7 @@ def main() -> None:
     parser.add_argument("--alpha", action="store_true", help="the training images are RGBA PNG cut-outs")
     args = parser.parse_args()
     config = build(args.folder, args.alpha)
-    results: dict[Path, dict[str, list[float]]] = {repo: {"first": [], "warm": []} for repo in args.repo}
+    results: dict[Path, dict[str, list[float]]] = {repo: {"first": [], "warm": [], "cold": []} for repo in args.repo}
     for _ in range(args.runs):
         for repo in args.repo:
             out = subprocess.run(
@@ -133,15 +143,20 @@ def main() -> None:
             timing = json.loads(out.stdout.strip().splitlines()[-1])
             results[repo]["first"].append(timing["first"])
             results[repo]["warm"] += timing["warm"]
+            results[repo]["cold"] += timing["cold"]
     base = statistics.median(results[args.repo[0]]["warm"])
     dataset = f"{TRAIN} {'RGBA PNG cut-outs' if args.alpha else 'JPEGs'} + {REG} PNGs"
     print(f"plan() on {dataset}, {args.runs} runs x {args.calls} warm calls per tree\n")
-    print("| tree | first call (s), median | warm call (s), median | warm / first tree's |")
-    print("|---|---|---|---|")
+    print(
+        "| tree | first call (s), median | warm call (s), median | warm / first tree's | re-plan, every image "
+        "scanned afresh (s), median |"
+    )
+    print("|---|---|---|---|---|")
     for repo, timing in results.items():
         warm = statistics.median(timing["warm"])
         first = statistics.median(timing["first"])
-        print(f"| {repo} | {first:.2f} | {warm:.3f} | {warm / base:.2f} |")
+        cold = statistics.median(timing["cold"])
+        print(f"| {repo} | {first:.2f} | {warm:.3f} | {warm / base:.2f} | {cold:.3f} |")
 
 
 if __name__ == "__main__":

@@ -424,3 +424,22 @@ def test_no_raw_exception_leaves_plan_for_any_of_these(good, tmp_path):
     for name in ("img000.png", "img001.png", "img002.png", "img000.Png"):
         assert name in message
     assert len(info.value.problems) >= 5
+
+
+def test_an_unchanged_image_is_scanned_once_per_process_and_a_changed_one_again(tmp_path, monkeypatch):
+    from spyke_lora._preflight import _images
+
+    image = tmp_path / "cut.png"
+    pixels = np.zeros((8, 8, 4), np.uint8)
+    pixels[..., 3] = 255
+    Image.fromarray(pixels, "RGBA").save(image)
+    scanned = []
+    real = _images._scan
+    monkeypatch.setattr(_images, "_scan", lambda path, alpha_mask=False: scanned.append(path) or real(path, alpha_mask))
+    assert not _images.cached_scan(image).transparent
+    assert not _images.cached_scan(image).transparent and len(scanned) == 1  # the same file: its scan kept
+    assert _images.cached_scan(image, alpha_mask=True) is not None and len(scanned) == 2  # another question
+    pixels[0, 0, 3] = 0
+    Image.fromarray(pixels, "RGBA").save(image)  # rewritten: another size or mtime
+    os.utime(image, ns=(1, 1))
+    assert _images.cached_scan(image).transparent and len(scanned) == 3
