@@ -8,12 +8,17 @@ checks of one dataset folder (its images and captions) are :data:`FOLDER_RULES`,
 
 A rule is a function ``check_x(ctx, found) -> None`` in its group's module:
 
-- ``_device``: the device policy's corrections, what the device cannot run;
-- ``_base_model``: the base model's header;
-- ``_settings``: config values that need this machine (a package, a folder) or deserve a warning;
-- ``_folders``: the dataset's folders (and :data:`FOLDER_RULES`); ``_images``, ``_captions``: a folder's files;
+- ``_device``: the device policy's corrections, what the device cannot run (processes per GPU);
+- ``_base_model``: the base model's header (inpainting, no VAE);
+- ``_settings``: config values that need this machine (a package, a folder) or deserve a warning, the step count;
+- ``_names``: names and files sd-scripts resolves only after loading (modules, optimizers, schedulers, option files);
+- ``_compat``: what this sd-scripts checkout cannot do (an older commit);
+- ``_folders``: the dataset's folders (and :data:`FOLDER_RULES`); ``_images`` (the files sd-scripts lists and
+  opens), ``_image_content`` (orientation, bit depth, transparency, size), ``_captions``: a folder's files;
 - ``_held_out``: ``validation_dir`` and ``validation_split``;
-- ``_resume``, ``_outputs`` (earlier files, disk space), ``_memory``.
+- ``_resume``, ``_outputs`` (the output folder, earlier files, disk space), ``_memory``.
+
+Every rule runs inside ``_rules.run_rule``: a rule that raises becomes a problem naming the check.
 
 A new check: write the function in its group's module, add it to the list here (or to ``FOLDER_RULES``), and add a
 unit test in ``tests/unit/test_preflight.py``. The order of a list is the order of the messages.

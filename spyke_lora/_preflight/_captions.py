@@ -9,7 +9,7 @@ will train. What it does with a file, and what the checks say:
   warning for regularisation images (kohya means them to train on their class token);
 - not UTF-8 (UTF-16 or UTF-32 from a Windows editor, Latin-1/cp1252 bytes): ``UnicodeDecodeError`` (l.1960): a
   problem naming the encoding found, or the byte that fails;
-- 0 bytes: ``AssertionError: caption file is empty`` (l.1963): a problem;
+- 0 bytes: ``AssertionError: caption file is empty`` (l.1964): a problem;
 - only whitespace or blank lines: it trains on ``""`` (``lines[0].strip()``), not the class token: a problem for
   training images, a warning for regularisation images;
 - a blank first line before the text: it trains on ``""`` too (without ``enable_wildcard``): a problem;
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from .. import _engine
 from .._config import TrainConfig
@@ -141,31 +143,40 @@ def _class_token(folder: FolderContext) -> str:
     return f"the folder's class token {tokens!r}" if tokens else "an empty caption '' (the subset has no class_tokens)"
 
 
+def _once_each(items: Iterable[Any]) -> list[Any]:
+    """Each item once, in its first place (two images of one stem, ``a.png`` and ``a.jpg``, share ``a.txt``)."""
+    return list(dict.fromkeys(items))
+
+
+def _tokens(count: int) -> str:
+    return "token" if count == 1 else f"{count} tokens"
+
+
 def check_caption_files(folder: FolderContext, found: Findings) -> None:
     """Captions that are missing (the class token is trained), that sd-scripts cannot read (not UTF-8, 0 bytes:
     it stops), or that have no text (``""`` is trained)."""
     captions, reg = read_captions(folder), folder.folder.is_reg
     add = found.warning if reg else found.problem
-    missing = [c.path for c in captions if c.missing]
+    missing = _once_each(c.path for c in captions if c.missing)  # images of one stem share it
     if missing:
         add(
             f"{len(missing)} caption file(s) in {folder.where} are missing: {names(missing)}; sd-scripts would train "
             f"on {_class_token(folder)} instead"
         )
-    empty = [c.path for c in captions if c.unreadable == "0 bytes"]
+    empty = _once_each(c.path for c in captions if c.unreadable == "0 bytes")
     if empty:
         found.problem(
             f"{len(empty)} caption file(s) in {folder.where} are empty (0 bytes), which stops sd-scripts "
             f"(AssertionError: caption file is empty): {names(empty)}; fix: write the caption, or delete the file to "
             f"train the image on {_class_token(folder)}"
         )
-    bad = [f"{c.path} ({c.unreadable})" for c in captions if c.unreadable and c.unreadable != "0 bytes"]
+    bad = _once_each(f"{c.path} ({c.unreadable})" for c in captions if c.unreadable and c.unreadable != "0 bytes")
     if bad:
         found.problem(
             f"{len(bad)} caption file(s) in {folder.where} are not UTF-8, the only encoding sd-scripts reads "
             f"captions in: {names(bad)}; fix: save them as UTF-8 (in Notepad: Save as, Encoding UTF-8)"
         )
-    blank = [c.path for c in captions if c.blank and not c.lines]
+    blank = _once_each(c.path for c in captions if c.blank and not c.lines)
     if blank:
         add(
             f"{len(blank)} caption file(s) in {folder.where} have no text (only whitespace or blank lines): "
@@ -245,7 +256,8 @@ def check_trigger_first(folder: FolderContext, found: Findings) -> None:
     if off:
         found.warning(
             f"{len(off)} caption(s) in {folder.where} do not start with the trigger {trigger!r} (keep_tokens = "
-            f"{reader.keep_tokens} keeps the first token in place while the rest is shuffled): {names(off)}"
+            f"{reader.keep_tokens} keeps the first {_tokens(reader.keep_tokens)} in place while the rest is shuffled): "
+            f"{names(off)}"
         )
 
 

@@ -435,7 +435,7 @@ _UNREADABLE = {
     "empty": ("cannot be decoded", "replace or remove them"),
     "format": (
         "cannot be decoded",
-        "sd-scripts cannot read HEIC/HEIF or JPEG XL (Pillow has no decoder for them here): convert them to JPEG or "
+        "sd-scripts cannot read HEIC/HEIF, AVIF or JPEG XL (Pillow has no decoder for them here): convert them to JPEG or "
         "PNG (on a Mac: `sips -s format jpeg FILE --out NEW.jpg`)",
     ),
     "unknown": ("cannot be decoded", "replace them with PNG or JPEG images, or remove them"),
