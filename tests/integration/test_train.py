@@ -91,6 +91,8 @@ def test_events_arrive_in_order(first_run):
     # not more than 15 % low (a warning would say so), and the peak holds the loaded model (over 5 GiB here)
     ended = events[-1]
     assert 5 * 2**30 < ended.peak_memory_bytes <= 1.15 * ended.predicted_peak_bytes
+    # and the budget plan() measured for it (the loss chart's dashed line): the plan's own figure
+    assert ended.memory_budget_bytes == first_run.result.memory.budget_bytes > 0
 
 
 def test_held_out_validation_follows_every_saved_file(first_run):
