@@ -11,8 +11,9 @@ and the figure is the cosine of two such vectors. Every embedding is L2-normalis
 
 An encoder is anything with ``image_embeddings(paths)`` (and, for CLIP, ``text_embeddings(texts)``) returning one
 L2-normalised row per item (:class:`ImageEncoder`, :class:`Encoder`): :func:`~spyke_lora.likeness` takes them
-injected (``encoders=``), which is how the recommendation is tested with embeddings the test chooses, and how an
-optional scorer (CCIP) plugs in. Models run on the training device (CUDA, else MPS, else the CPU), after training,
+injected (``encoders=``), which is how the recommendation is tested with embeddings the test chooses, and how
+another scorer of the same shape would plug in (CCIP's metric is a learned difference, not a cosine, and
+dghs-imgutils cannot be installed beside the pinned packages: docs/choosing.md). Models run on the training device (CUDA, else MPS, else the CPU), after training,
 never during a run.
 """
 
