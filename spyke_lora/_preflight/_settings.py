@@ -68,7 +68,9 @@ def check_save_interval(ctx: CheckContext, found: Findings) -> None:
 
 
 def check_sample_prompts(ctx: CheckContext, found: Findings) -> None:
-    """Sample prompts without the trigger show the base model, not the LoRA (the recipe's defaults name Spyke's)."""
+    """Sample prompts without the trigger show the base model, not the LoRA (the recipe's defaults name Spyke's).
+    Only with ``keep_tokens >= 1``: a run that keeps its captions' first token trains a trigger word; without it the
+    training folder's name need not be a trigger at all (a style LoRA), and the warning would be noise."""
     cfg = ctx.cfg
     triggers = {f.class_tokens for f in ctx.dataset.value if not f.is_reg and f.class_tokens}
     if not cfg.sample_prompts or len(triggers) != 1 or cfg.keep_tokens < 1:
