@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 ENGINE := vendor/sd-scripts/train_network.py
 PINNED := ae72efb92babe89ff8e70f057e42db68440e8d61
 STAMP := $(VENV)/.spyke-lora-installed
+# MKL (torch's BLAS on x86) gives bit-reproducible results only in its strict mode: the tests compare runs bit for bit
+export MKL_CBWR ?= AUTO,STRICT
 
 .PHONY: setup demo test test-unit test-integration test-mps test-gpu lint clean
 
