@@ -98,14 +98,19 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     assert all(re.fullmatch(r"\s*\d+\s+\d+\.\d{4}\s+[+-]\d+\.\d{4}", row) for row in table[1:]), table
     assert len(texts(figures_cell, "image/png")) == 1
 
-    # samples: 2 prompts x 2 CFG scales for the base model (step 0, sample_at_first) and the files of steps 3 and 6
-    # (the final file is step 6's weights)
-    assert len(texts(samples_cell, "image/png")) == 12
+    # samples: 2 prompts x 2 CFG scales for the files of steps 3 and 6 (the final file is step 6's weights); the base
+    # model's (step 0) are made by likeness() below, once
+    assert len(texts(samples_cell, "image/png")) == 8
     printed = "".join(texts(samples_cell, "stream"))
-    assert "step 0: spyke_plasma_v1, standing in a forest @ CFG 5" in printed
     assert "step 3: spyke_plasma_v1, standing in a forest @ CFG 5" in printed
     assert len(texts(sheet_cell, "image/png")) == 1  # the contact sheet
-    assert "12 samples, 0 warning(s)" in "".join(texts(sheet_cell, "stream"))
+    # the sheet's checks of what the samples show: the tiny model is random, and after 3 steps its samples can come
+    # out black (they do in MKL's strict mode on an AVX-512 CPU: tests/conftest.py), which the sheet rightly says;
+    # any other warning (a missing file, a copy, a manifest problem) fails the test
+    summary, *warned = "".join(texts(sheet_cell, "stream")).splitlines()
+    assert re.fullmatch(r"8 samples, \d+ warning\(s\)", summary), summary
+    content = ("all black", "flat", "every sample is black, flat or NaN")
+    assert all(any(word in line for word in content) for line in warned), warned
 
     # likeness (issue 24): the table with the base and ceiling rows, the chart, the sheet with the figures
     table = "".join(o.text for o in likeness_cell.outputs if o.output_type == "stream" and o.name == "stdout")

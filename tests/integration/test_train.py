@@ -530,6 +530,12 @@ def test_every_saved_file_is_sampled_by_sd_scripts_without_changing_the_lora(sam
             "seed": 1234,
             "path": f"sample/{s.path.name}",
             "checkpoint": s.checkpoint.name if s.checkpoint else None,
+            # the file's identity (issue 23): the step and hash sd-scripts stored in it when it was saved
+            **(
+                {"ss_steps": s.step, "sshs_model_hash": read_lora(s.checkpoint)[1]["sshs_model_hash"]}
+                if s.checkpoint
+                else {}
+            ),
         }
         for s in samples
     ]
