@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -100,6 +100,22 @@ def _open_rgb(path: Path) -> Any:
         raise ConfigError(f"image {str(path)!r} cannot be read ({e}); remove it or give another folder") from e
 
 
+def _embed_images(
+    paths: Sequence[Path], processor: Any, device: str, forward: Callable[[Any], Any], width: int
+) -> np.ndarray:
+    """``forward`` of the processed images, in batches of :data:`BATCH`, L2-normalised: one row per image
+    (``width`` columns; none for no image)."""
+    import torch
+
+    rows = []
+    for start in range(0, len(paths), BATCH):
+        images = [_open_rgb(p) for p in paths[start : start + BATCH]]
+        inputs = processor(images=images, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            rows.append(_normalised(forward(inputs)))
+    return np.concatenate(rows) if rows else np.zeros((0, width))
+
+
 class DinoEncoder:
     """A DINO ViT (any transformers ViT): the ``[CLS]`` token of the last hidden state, L2-normalised."""
 
@@ -108,15 +124,8 @@ class DinoEncoder:
 
     def image_embeddings(self, paths: Sequence[Path]) -> np.ndarray:
         """The ``[CLS]`` embedding of each image (``last_hidden_state[:, 0]``), L2-normalised."""
-        import torch
-
-        rows = []
-        for start in range(0, len(paths), BATCH):
-            images = [_open_rgb(p) for p in paths[start : start + BATCH]]
-            inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                rows.append(_normalised(self.model(**inputs).last_hidden_state[:, 0]))
-        return np.concatenate(rows) if rows else np.zeros((0, self.model.config.hidden_size))
+        forward = lambda inputs: self.model(**inputs).last_hidden_state[:, 0]  # noqa: E731
+        return _embed_images(paths, self.processor, self.device, forward, self.model.config.hidden_size)
 
 
 class ClipEncoder:
@@ -127,15 +136,8 @@ class ClipEncoder:
 
     def image_embeddings(self, paths: Sequence[Path]) -> np.ndarray:
         """The CLIP image embedding of each image, L2-normalised."""
-        import torch
-
-        rows = []
-        for start in range(0, len(paths), BATCH):
-            images = [_open_rgb(p) for p in paths[start : start + BATCH]]
-            inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                rows.append(_normalised(self.model.get_image_features(**inputs)))
-        return np.concatenate(rows) if rows else np.zeros((0, self.model.config.projection_dim))
+        forward = lambda inputs: self.model.get_image_features(**inputs)  # noqa: E731
+        return _embed_images(paths, self.processor, self.device, forward, self.model.config.projection_dim)
 
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         """The CLIP text embedding of each text (cut at the tokenizer's 77 tokens, as SD1.5 cuts a prompt)."""
